@@ -1,0 +1,150 @@
+"""The ``lethe`` command.
+
+``serve`` and ``models list|show|rm`` need only the API side; ``worker`` and
+``models import|pull`` load the GPU side (torch) when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from app.config import get_settings
+from app.errors import LetheError
+from app.registry import Registry
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from app.serve import serve
+
+    serve(args.host, args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.runner import run_worker
+
+    settings = get_settings()
+    queues = args.queues.split(",") if args.queues else settings.queue_names
+    run_worker(settings, queues, burst=args.burst, name=args.name)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    registry = Registry(get_settings().registry_dir)
+    if args.action == "list":
+        for m in registry.list():
+            base = (m.get("base") or {}).get("id", "-")
+            print(f"{m['id']:<24} {m['kind']:<14} {m['format']:<10} base={base}")
+    elif args.action == "show":
+        _print(registry.get(args.id))
+    elif args.action == "rm":
+        (registry.force_remove if args.force else registry.remove)(args.id)
+        print(f"removed {args.id}")
+    elif args.action == "import":
+        from worker.importer import import_model
+
+        _print(import_model(registry, Path(args.path), args.id))
+    elif args.action == "pull":
+        from worker.importer import pull_model
+
+        _print(pull_model(registry, args.hub_id, args.id))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Client: POST /generate, poll the job, save its PNGs."""
+    import httpx
+
+    body = {k: v for k, v in {
+        "prompt": args.prompt, "model": args.model, "steps": args.steps, "seed": args.seed,
+        "num_images": args.num_images, "width": args.width, "height": args.height,
+        "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+    }.items() if v is not None}
+    keys = get_settings().keys
+    headers = {"Authorization": f"Bearer {next(iter(keys))}"} if keys else {}
+    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
+        created = client.post("/generate", json=body)
+        if created.status_code != 202:
+            raise SystemExit(f"error {created.status_code}: {created.text}")
+        job_id = created.json()["id"]
+        print(f"job {job_id}", file=sys.stderr)
+        while True:
+            job = client.get(f"/jobs/{job_id}").json()
+            p = job.get("progress") or {}
+            print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
+                  f"{p.get('total', 0)}", end="", file=sys.stderr)
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                print(file=sys.stderr)
+                break
+            time.sleep(0.2)
+        if job["status"] != "succeeded":
+            raise SystemExit(f"job {job['status']}: {job.get('error')}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for image in job["result"]["images"]:
+            path = out / f"{job_id}-{image['index']}.png"
+            path.write_bytes(client.get(image["url"]).content)
+            print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lethe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API, the workers and (unless configured) Redis")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one RQ worker (jobs run in-process)")
+    p.add_argument("--queues", help="comma-separated; default LETHE_QUEUES (images,train)")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    p.add_argument("--name", help="worker name (default: random)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("models", help="the model registry")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    msub.add_parser("show").add_argument("id")
+    rm = msub.add_parser("rm")
+    rm.add_argument("id")
+    rm.add_argument("--force", action="store_true", help="also remove a base model")
+    imp = msub.add_parser("import", help="copy in a diffusers folder (checked by loading it)")
+    imp.add_argument("path")
+    imp.add_argument("--id", required=True)
+    pull = msub.add_parser("pull", help="download from a hub (machines with network only)")
+    pull.add_argument("hub_id")
+    pull.add_argument("--id", required=True)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="client: generate through a running service")
+    p.add_argument("prompt")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--out", default=".")
+    p.add_argument("--model")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--scheduler")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LetheError as exc:
+        raise SystemExit(f"lethe: {exc.message}") from None
+
+
+if __name__ == "__main__":
+    main()

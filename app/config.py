@@ -1,0 +1,60 @@
+"""Settings: one pydantic-settings class, read once, every field a ``LETHE_*`` variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LETHE_", extra="ignore")
+
+    home: Path = Field(Path("./data"), description="Data folder: registry/, outputs/, redis/.")
+    redis_url: str | None = Field(None, description="Unset: `lethe serve` embeds a Redis.")
+    api_keys: str = Field("", description="Comma-separated bearer keys; empty: open service.")
+    default_model: str = Field("tiny-sd", description="Model used when a request names none.")
+    queues: str = Field("images,train", description="Queues a `lethe worker` listens on.")
+
+    # Job lifetimes, in seconds.
+    generate_timeout_s: int = 600
+    train_timeout_s: int = 6 * 3600
+    result_ttl_s: int = 7 * 24 * 3600
+    # A running job whose worker stops heart-beating for this long is marked failed
+    # (`worker_lost`); the worker beats every third of it from a side thread.
+    heartbeat_ttl_s: int = 30
+    progress_interval_s: float = Field(0.25, description="Least time between progress writes.")
+
+    # Pipeline cache bounds, per worker.
+    cache_max_models: int = 4
+    cache_max_bytes: int = 8 * 1024**3
+
+    # Request bounds the API enforces before anything is queued.
+    max_side: int = Field(2048, description="Largest width or height any model may be asked for.")
+    max_body_bytes: int = 20 * 1024**2
+
+    device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
+    dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home / "outputs"
+
+    @property
+    def keys(self) -> set[str]:
+        return {k.strip() for k in self.api_keys.split(",") if k.strip()}
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [q.strip() for q in self.queues.split(",") if q.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

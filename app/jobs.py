@@ -1,0 +1,118 @@
+"""Job state as clients see it, read from RQ's job hash and our ``job.meta``.
+
+RQ's statuses are folded onto five: queued, running, succeeded, failed, canceled. A job
+that a worker stopped because of a cancel flag raises inside the worker and is stored by
+RQ as failed; ``meta["canceled"]`` tells it apart.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.registry import StartedJobRegistry
+
+from app.errors import JobNotFound
+from app.queue import cancel_key
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+_FROM_RQ = {
+    RQStatus.QUEUED: JobState.queued,
+    RQStatus.DEFERRED: JobState.queued,
+    RQStatus.SCHEDULED: JobState.queued,
+    RQStatus.STARTED: JobState.running,
+    RQStatus.FINISHED: JobState.succeeded,
+    RQStatus.FAILED: JobState.failed,
+    RQStatus.STOPPED: JobState.canceled,
+    RQStatus.CANCELED: JobState.canceled,
+}
+
+
+def fetch(connection: Redis, job_id: str) -> Job:
+    try:
+        return Job.fetch(job_id, connection=connection)
+    except (NoSuchJobError, ValueError):
+        raise JobNotFound(f"no job with id {job_id!r}") from None
+
+
+def reap_if_abandoned(connection: Redis, job: Job) -> None:
+    """Fail a running job whose worker stopped heart-beating (killed, machine lost).
+
+    RQ's workers only sweep these every few minutes; doing it when a client looks makes the
+    time to `failed` the heartbeat TTL, not the sweep interval.
+    """
+    if job.get_status(refresh=False) == RQStatus.STARTED and job.origin:
+        StartedJobRegistry(job.origin, connection=connection).cleanup()
+        job.refresh()
+
+
+def state_of(job: Job) -> JobState:
+    status = job.get_status(refresh=False)
+    if job.meta.get("canceled") and status in (RQStatus.FAILED, RQStatus.CANCELED):
+        return JobState.canceled
+    return _FROM_RQ.get(status, JobState.queued) if status else JobState.queued
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() + ("Z" if value.tzinfo is None else "") if value else None
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The public view of a job (``JobPublic``)."""
+    state = state_of(job)
+    meta = job.meta
+    error = None
+    if state == JobState.failed:
+        error = meta.get("error") or _error_from_exc(job)
+    elif state == JobState.canceled:
+        error = {"code": "canceled", "message": "the job was canceled"}
+    result = job.return_value() if state == JobState.succeeded else None
+    return {
+        "id": job.id,
+        "type": meta.get("type", "unknown"),
+        "status": state.value,
+        "progress": meta.get("progress"),
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "ended_at": _iso(job.ended_at),
+        "params": (job.kwargs or {}).get("params"),
+        "result": result,
+        "error": error,
+        "links": {"self": f"/jobs/{job.id}"},
+    }
+
+
+def _error_from_exc(job: Job) -> dict[str, str]:
+    text = job.latest_result().exc_string if job.latest_result() else ""
+    text = text or ""
+    if "AbandonedJobError" in text:
+        return {
+            "code": "worker_lost",
+            "message": "the worker running this job stopped (killed or lost) before it finished",
+        }
+    if "JobTimeoutException" in text:
+        return {"code": "timeout", "message": "the job ran past its time limit"}
+    # Never a traceback to the client: the worker log has it.
+    return {"code": "job_failed", "message": "the job failed; see the worker log"}
+
+
+def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
+    """Cancel a job: a queued one never runs, a running one stops at its next step."""
+    connection.set(cancel_key(job.id), "1", ex=ttl_s)
+    status = job.get_status(refresh=True)
+    if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
+        job.meta["canceled"] = True
+        job.save_meta()
+        job.cancel()

@@ -1,0 +1,191 @@
+"""The model registry: a folder of models, each whole or absent.
+
+``$LETHE_HOME/registry/<model-id>/`` holds ``manifest.json`` beside an ordinary diffusers
+folder (a base model) or a ``unet_delta.safetensors`` (an edited one). A model is written
+into a hidden staging folder and renamed into place, so a reader never sees half of one.
+No torch here: the API reads the registry, the worker writes and loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from app.errors import InvalidParams, ModelExists, ModelNotFound, ModelProtected
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MANIFEST = "manifest.json"
+KINDS = ("text-to-image", "upscaler", "classifier")
+_STAGING = ".staging"
+_TRASH = ".trash"
+
+
+def validate_model_id(model_id: str, field: str = "model") -> str:
+    if not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id):
+        raise InvalidParams(
+            f"`{field}` must match {MODEL_ID_RE.pattern} (lower-case letters, digits, '.', '_', "
+            f"'-'; at most 64 characters), got {model_id!r}"
+        )
+    return model_id
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` but the manifest, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): file_digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def combined_digest(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]}\n".encode())
+    return h.hexdigest()
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Registry:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path(self, model_id: str) -> Path:
+        return self.root / validate_model_id(model_id)
+
+    def exists(self, model_id: str) -> bool:
+        return MODEL_ID_RE.match(model_id or "") is not None and (
+            self.root / model_id / MANIFEST
+        ).is_file()
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        validate_model_id(model_id)
+        try:
+            return json.loads((self.root / model_id / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ModelNotFound(f"`model` {model_id!r} is not in the registry") from None
+
+    def list(self) -> list[dict[str, Any]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for child in sorted(self.root.iterdir()):
+            # Hidden folders are staging and trash: never a model.
+            if child.name.startswith(".") or not (child / MANIFEST).is_file():
+                continue
+            out.append(json.loads((child / MANIFEST).read_text()))
+        return out
+
+    def children(self, model_id: str) -> list[str]:
+        return [m["id"] for m in self.list() if (m.get("base") or {}).get("id") == model_id]
+
+    @contextmanager
+    def create(self, model_id: str, manifest: dict[str, Any]) -> Iterator[Path]:
+        """Yield a staging folder to fill; on success it appears as ``<model_id>`` whole.
+
+        The manifest gets id, created_at and file digests added here, after the caller
+        has written every file.
+        """
+        validate_model_id(model_id)
+        if manifest.get("kind") not in KINDS:
+            raise InvalidParams(f"`kind` must be one of {KINDS}, got {manifest.get('kind')!r}")
+        if self.exists(model_id):
+            raise ModelExists(f"a model with id {model_id!r} exists already")
+        staging = self.root / _STAGING / f"{model_id}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            files = folder_digests(staging)
+            full = {
+                "id": model_id,
+                "created_at": utcnow(),
+                **manifest,
+                "files": files,
+                "digest": combined_digest(files),
+            }
+            (staging / MANIFEST).write_text(json.dumps(full, indent=2))
+            _fsync_tree(staging)
+            target = self.root / model_id
+            try:
+                # mkdir is the lock: rename(2) would replace an empty folder silently.
+                target.mkdir()
+            except FileExistsError:
+                raise ModelExists(f"a model with id {model_id!r} exists already") from None
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def update_manifest(self, model_id: str, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into a manifest (metrics, reports), replacing the file atomically."""
+        manifest = self.get(model_id)
+        manifest.update(fields)
+        tmp = self.root / model_id / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.root / model_id / MANIFEST)
+        return manifest
+
+    def remove(self, model_id: str) -> None:
+        """Remove a derived model. Base models and models others derive from stay."""
+        manifest = self.get(model_id)
+        if not manifest.get("base"):
+            raise ModelProtected(
+                f"`model` {model_id!r} is a base model; only derived (edited) models can be "
+                "deleted over the API (use `lethe models rm --force` on the host)"
+            )
+        self._remove_checked(model_id)
+
+    def force_remove(self, model_id: str) -> None:
+        self.get(model_id)
+        self._remove_checked(model_id)
+
+    def _remove_checked(self, model_id: str) -> None:
+        children = self.children(model_id)
+        if children:
+            raise ModelProtected(f"`model` {model_id!r} is the base of {children}; remove those first")
+        trash = self.root / _TRASH / f"{model_id}-{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / model_id, trash)  # gone from listings in one step
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def import_folder(
+        self, source: Path, model_id: str, manifest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Copy a model folder in whole; the caller has checked that it loads."""
+        source = Path(source)
+        if not source.is_dir():
+            raise InvalidParams(f"`path` must be a folder, got {str(source)!r}")
+        with self.create(model_id, manifest) as staging:
+            for item in source.iterdir():
+                if item.name == MANIFEST:
+                    continue
+                dest = staging / item.name
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+        return self.get(model_id)
+
+
+def _fsync_tree(folder: Path) -> None:
+    # Data reaches the disk before the rename that publishes it.
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,99 @@
+"""Request and response bodies, named by role (``GenerateCreate``, ``JobPublic``, ...)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
+
+
+class _Strict(BaseModel):
+    # An unknown field is a typo the user wants to hear about, not silently ignore.
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateCreate(_Strict):
+    prompt: str = Field(..., min_length=1, max_length=1000, examples=["a red circle"])
+    negative_prompt: str | None = Field(None, max_length=1000)
+    model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
+    num_images: int = Field(1, ge=1, le=8)
+    steps: int | None = Field(None, ge=1, le=500, description="Default: the model's.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    width: int | None = Field(None, ge=8, le=2048, description="Multiple of 8.")
+    height: int | None = Field(None, ge=8, le=2048, description="Multiple of 8.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: random.")
+    scheduler: Scheduler | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    fraction: float
+    stage: str
+
+
+class JobLinks(BaseModel):
+    self: str
+
+
+class JobCreated(BaseModel):
+    id: str
+    type: str
+    status: str
+    links: JobLinks
+
+
+class JobPublic(BaseModel):
+    id: str
+    type: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: Progress | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    params: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    links: JobLinks
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    kind: str
+    format: str
+    base: dict[str, Any] | None = None
+    edit: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    defaults: dict[str, Any] | None = None
+    created_at: str
+    digest: str
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    redis: bool | None = None
+    workers: int | None = None
+    detail: str | None = None

@@ -1,0 +1,145 @@
+"""Loading registry models into diffusers pipelines, and the LRU cache that keeps them.
+
+A worker keeps its pipelines in memory between jobs: loading a model costs far more than a
+few denoising steps. The cache is bounded both by count and by the bytes of the tensors
+it holds; the least recently used pipeline goes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+log = logging.getLogger("lethe.worker.pipelines")
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Runtime:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                           else ("cpu" if device == "auto" else device))
+        if dtype == "auto":
+            dt = torch.float16 if dev.type == "cuda" else torch.float32
+        else:
+            dt = getattr(torch, dtype)
+        return cls(dev, dt)
+
+
+def pipeline_bytes(pipe: DiffusionPipeline) -> int:
+    """Bytes of every parameter and buffer the pipeline's modules hold."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
+
+
+def with_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
+    """A pipeline sharing every module of ``pipe`` with its own fresh scheduler.
+
+    A scheduler holds per-run state (timesteps, step index), so concurrent or consecutive
+    requests must never share one; building the pipeline object itself is cheap.
+    """
+    scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    return pipe.__class__(**{**pipe.components, "scheduler": scheduler})
+
+
+def load_pipeline(path: Path, runtime: Runtime) -> DiffusionPipeline:
+    pipe = DiffusionPipeline.from_pretrained(
+        path, torch_dtype=runtime.dtype, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe, "safety_checker", None) is None and hasattr(pipe, "register_to_config"):
+        # Models without a safety checker are normal here; stop diffusers' warning per call.
+        pipe.register_to_config(requires_safety_checker=False)
+    return pipe.to(runtime.device)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+class PipelineCache:
+    """LRU of loaded pipelines keyed by model id, bounded by ``max_models`` and ``max_bytes``."""
+
+    def __init__(self, loader: Callable[[str], DiffusionPipeline], max_models: int,
+                 max_bytes: int):
+        self._loader = loader
+        self.max_models, self.max_bytes = max_models, max_bytes
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def get(self, key: str) -> tuple[DiffusionPipeline, bool]:
+        """Return (pipeline, was_cached)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.stats.hits += 1
+                return self._items[key][0], True
+            t0 = time.perf_counter()
+            pipe = self._loader(key)
+            size = pipeline_bytes(pipe)
+            self.stats.loads += 1
+            log.info("loaded %s (%.1f MB) in %.2fs", key, size / 1e6, time.perf_counter() - t0)
+            self._items[key] = (pipe, size)
+            self._evict(keep=key)
+            return pipe, False
+
+    def _evict(self, keep: str) -> None:
+        while len(self._items) > 1 and (
+            len(self._items) > self.max_models or self.bytes > self.max_bytes
+        ):
+            oldest = next(iter(self._items))
+            if oldest == keep:
+                break
+            self._items.pop(oldest)
+            self.stats.evictions += 1
+            log.info("evicted %s from the pipeline cache", oldest)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

@@ -1,0 +1,64 @@
+"""Progress reporting and cooperative cancellation for a running job.
+
+RQ's stop command cannot reach a job that runs inside the worker process, so a job stops
+itself: the step callback reads the cancel flag (one Redis GET) at every step and raises.
+Progress goes to ``job.meta``, written at most every ``interval_s`` so a fast loop does not
+turn into a stream of Redis writes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis import Redis
+from rq.job import Job
+
+from app.queue import cancel_key
+
+
+class JobCanceled(Exception):
+    """Raised inside a job at the step after its cancel flag was set."""
+
+
+class Reporter:
+    def __init__(self, job: Job | None, connection: Redis | None, interval_s: float = 0.25):
+        self.job, self.connection, self.interval_s = job, connection, interval_s
+        self._last_write = 0.0
+
+    def canceled(self) -> bool:
+        if self.job is None or self.connection is None:
+            return False
+        return bool(self.connection.exists(cancel_key(self.job.id)))
+
+    def check(self) -> None:
+        if self.canceled():
+            raise JobCanceled(self.job.id if self.job else "")
+
+    def progress(self, step: int, total: int, stage: str, force: bool = False, **extra: Any
+                 ) -> None:
+        if self.job is None:
+            return
+        now = time.monotonic()
+        if not force and step < total and now - self._last_write < self.interval_s:
+            return
+        self._last_write = now
+        fraction = round(step / total, 4) if total else 0.0
+        self.job.meta["progress"] = {"step": step, "total": total, "fraction": fraction,
+                                     "stage": stage, **extra}
+        self.job.save_meta()
+
+    def step_callback(self, total: int, stage: str):
+        """A diffusers ``callback_on_step_end`` that reports and honours cancel."""
+
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            self.check()
+            self.progress(step + 1, total, stage)
+            return kwargs
+
+        return callback
+
+    def set_meta(self, **fields: Any) -> None:
+        if self.job is not None:
+            self.job.meta.update(fields)
+            self.job.save_meta()
