@@ -24,7 +24,7 @@ def _print(obj: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from app.serve import serve
 
-    serve(args.host, args.port)
+    serve(args.host, args.port, workers=not args.no_workers)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -38,7 +38,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     registry = Registry(get_settings().registry_dir)
     if args.action == "list":
-        for m in registry.list():
+        for m in registry.models():
             base = (m.get("base") or {}).get("id", "-")
             print(f"{m['id']:<24} {m['kind']:<14} {m['format']:<10} base={base}")
     elif args.action == "show":
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the API, the workers and (unless configured) Redis")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-workers", action="store_true",
+                   help="run only the API (workers run elsewhere, e.g. docker compose)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one RQ worker (jobs run in-process)")

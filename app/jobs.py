@@ -95,8 +95,8 @@ def describe(job: Job) -> dict[str, Any]:
 
 
 def _error_from_exc(job: Job) -> dict[str, str]:
-    text = job.latest_result().exc_string if job.latest_result() else ""
-    text = text or ""
+    latest = job.latest_result()
+    text = (latest.exc_string if latest else "") or ""
     if "AbandonedJobError" in text:
         return {
             "code": "worker_lost",

@@ -27,7 +27,7 @@ def connect(url: str, timeout_s: float = 2.0, blocking: bool = False) -> Redis:
     return Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,
-        socket_timeout=None if blocking else max(timeout_s, 5.0),
+        socket_timeout=None if blocking else timeout_s,
         health_check_interval=30,
     )
 

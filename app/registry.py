@@ -85,7 +85,7 @@ class Registry:
         except FileNotFoundError:
             raise ModelNotFound(f"`model` {model_id!r} is not in the registry") from None
 
-    def list(self) -> list[dict[str, Any]]:
+    def models(self) -> list[dict[str, Any]]:
         if not self.root.is_dir():
             return []
         out = []
@@ -97,7 +97,7 @@ class Registry:
         return out
 
     def children(self, model_id: str) -> list[str]:
-        return [m["id"] for m in self.list() if (m.get("base") or {}).get("id") == model_id]
+        return [m["id"] for m in self.models() if (m.get("base") or {}).get("id") == model_id]
 
     @contextmanager
     def create(self, model_id: str, manifest: dict[str, Any]) -> Iterator[Path]:
@@ -161,7 +161,9 @@ class Registry:
     def _remove_checked(self, model_id: str) -> None:
         children = self.children(model_id)
         if children:
-            raise ModelProtected(f"`model` {model_id!r} is the base of {children}; remove those first")
+            raise ModelProtected(
+                f"`model` {model_id!r} is the base of {children}; remove those first"
+            )
         trash = self.root / _TRASH / f"{model_id}-{uuid.uuid4().hex[:8]}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.root / model_id, trash)  # gone from listings in one step

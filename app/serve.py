@@ -1,7 +1,8 @@
 """``lethe serve``: the whole service on one machine.
 
 With no ``LETHE_REDIS_URL`` it starts the embedded Redis; then one worker process per queue
-(so a long erase never blocks generation) and the API in this process. Ctrl-C (or SIGTERM)
+(so a long erase never blocks generation) and the API in this process. ``--no-workers``
+runs the API alone, for deployments whose workers run elsewhere. Ctrl-C (or SIGTERM)
 stops the API, then the workers, then Redis.
 """
 
@@ -57,7 +58,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(host: str, port: int, settings: Settings | None = None) -> None:
+def serve(host: str, port: int, workers: bool = True, settings: Settings | None = None
+          ) -> None:
     import uvicorn
 
     settings = settings or get_settings()
@@ -70,19 +72,21 @@ def serve(host: str, port: int, settings: Settings | None = None) -> None:
     os.environ["LETHE_HOME"] = str(settings.home.resolve())
     get_settings.cache_clear()
     settings = get_settings()
-    workers: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = []
     # SIGTERM behaves like Ctrl-C so `docker stop` and `kill` shut down cleanly too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        workers = _start_workers(settings.queue_names, dict(os.environ))
-        _wait_for_worker(settings.redis_url or "", workers, timeout_s=300)
+        if workers:
+            procs = _start_workers(settings.queue_names, dict(os.environ))
+            _wait_for_worker(settings.redis_url or "", procs, timeout_s=300)
         print(f"lethe: serving on http://{host}:{port} (docs at /docs)", flush=True)
         uvicorn.run("app.main:app", host=host, port=port, log_level="info")
     except KeyboardInterrupt:
         pass
     finally:
-        print("lethe: stopping workers...", flush=True)
-        _stop(workers)
+        if procs:
+            print("lethe: stopping workers...", flush=True)
+            _stop(procs)
         if embedded:
             embedded.stop()
         print("lethe: stopped", flush=True)

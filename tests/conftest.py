@@ -183,3 +183,10 @@ def wait_job(http, job_id: str, timeout_s: float = 60, until=("succeeded", "fail
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s: {job}")
         time.sleep(0.05)
+
+
+def scratch_redis_url() -> str:
+    """The test Redis on another database: jobs queued there reach no worker."""
+    if REDIS_URL.startswith("unix://"):
+        return REDIS_URL.split("?")[0] + "?db=14"
+    return REDIS_URL.rsplit("/", 1)[0] + "/14"

@@ -12,7 +12,7 @@ from app.api.deps import RedisDep, RegistryDep, SettingsDep
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, JobNotFound
 from app.queue import enqueue
 from app.registry import Registry
-from app.schemas import GenerateCreate, JobCreated, JobPublic
+from app.schemas import GenerateCreate, JobCreated, JobLinks, JobPublic
 
 router = APIRouter(tags=["jobs"])
 
@@ -20,9 +20,8 @@ _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _created(job, job_type: str) -> JSONResponse:
-    body = JobCreated(
-        id=job.id, type=job_type, status="queued", links={"self": f"/jobs/{job.id}"}
-    )
+    body = JobCreated(id=job.id, type=job_type, status="queued",
+                      links=JobLinks(self=f"/jobs/{job.id}"))
     return JSONResponse(body.model_dump(), 202, headers={"Location": f"/jobs/{job.id}"})
 
 

@@ -10,7 +10,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("", response_model=ModelsPublic)
 def list_models(registry: RegistryDep) -> ModelsPublic:
-    data = [ModelPublic(**m) for m in registry.list()]
+    data = [ModelPublic(**m) for m in registry.models()]
     return ModelsPublic(data=data, count=len(data))
 
 

@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (Python 3.10+):
+#   make serve   install into .venv and run the service on the embedded default
+#   make test    install into .venv (with test tools) and run lint, types and tests
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; a GPU host installs its CUDA build of the same version instead
+# (TORCH="torch==2.13.0 --index-url <its wheel index>").
+TORCH ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: serve test lint install install-dev clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[worker]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(BIN)/lethe serve --host $(HOST) --port $(PORT)
+
+lint: install-dev
+	$(BIN)/ruff check app worker tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV)
