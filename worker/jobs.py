@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
 from app.errors import LetheError
 from worker.context import get_context
@@ -40,6 +41,11 @@ def job_function(fn: Callable[[dict, Reporter], dict]) -> Callable[..., dict]:
         except JobCanceled:
             reporter.set_meta(canceled=True)
             log.info("job %s canceled", job.id if job else "-")
+            raise
+        except JobTimeoutException:
+            reporter.set_meta(error={"code": "timeout",
+                                     "message": f"the job ran past its limit of {job.timeout}s"
+                                     if job else "the job ran past its time limit"})
             raise
         except LetheError as exc:
             reporter.set_meta(error={"code": exc.code, "message": exc.message})

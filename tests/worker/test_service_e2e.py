@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import start_worker, stop_worker, wait_job
+from tests.support import start_worker, stop_worker, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +124,16 @@ def test_killed_worker_fails_its_job_and_a_restarted_worker_serves(http, home, w
     assert detected_s <= 3 + 2, detected_s  # heartbeat TTL (3 s in tests) plus slack
     worker.proc = start_worker("test-main", log=home / "worker-main.log")
     assert wait_job(http, generate(http))["status"] == "succeeded"
+
+
+def test_job_past_its_timeout_fails_with_code_timeout(http, redis):
+    from app.queue import enqueue
+
+    params = {"prompt": "a", "negative_prompt": None, "model": "tiny-sd", "num_images": 1,
+              "steps": 500, "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 1,
+              "scheduler": "ddim"}
+    job = enqueue(redis, "generate", params, timeout_s=1, result_ttl_s=600)
+    done = wait_job(http, job.id, timeout_s=60)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "timeout" and "1s" in done["error"]["message"]
+    assert done["progress"]["step"] < 500
