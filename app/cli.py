@@ -56,6 +56,16 @@ def cmd_models(args: argparse.Namespace) -> None:
         _print(pull_model(registry, args.hub_id, args.id))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from worker.demo.train import DemoConfig, train_demo
+
+    cfg = DemoConfig(seed=args.seed, threads=args.threads)
+    if args.scale != 1.0:
+        cfg = cfg.scaled(args.scale)
+    for model_id, path in train_demo(Path(args.out), cfg).items():
+        print(f"{model_id}: {path}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Client: POST /generate, poll the job, save its PNGs."""
     import httpx
@@ -123,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("hub_id")
     pull.add_argument("--id", required=True)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train models")
+    p.add_argument("what", choices=["demo"], help="demo: the shapes family, from scratch")
+    p.add_argument("--out", required=True, help="folder for the trained model folders")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every step count and data size (0.01 for a smoke run)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="client: generate through a running service")
     p.add_argument("prompt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
+
 from app.config import Settings, get_settings
 from app.registry import Registry
 from worker.pipelines import PipelineCache, Runtime, load_pipeline
@@ -23,7 +25,13 @@ class WorkerContext:
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def loader(model_id: str):
-            registry.get(model_id)  # raises ModelNotFound for a model removed meanwhile
+            manifest = registry.get(model_id)  # ModelNotFound for one removed meanwhile
+            if manifest["format"] == "shapes-classifier":
+                from worker.demo.classifier import ShapesClassifier
+
+                return ShapesClassifier.from_pretrained(
+                    registry.path(model_id), torch_dtype=torch.float32
+                ).to(runtime.device).eval()
             return load_pipeline(registry.path(model_id), runtime)
 
         cache = PipelineCache(loader, settings.cache_max_models, settings.cache_max_bytes)

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from app.errors import ModelExists
 from app.registry import Registry
 from worker.tiny import save_tiny_pipeline
 
 log = logging.getLogger("lethe.worker.defaults")
+
+# The trained "shapes" family ships inside the package (worker/demo/models/<id>/).
+DEMO_DIR = Path(__file__).parent / "demo" / "models"
+_DEMO_SOURCE = "trained by `lethe train demo` (worker/demo/train.py); see worker/demo/models"
+DEMO_MANIFESTS: dict[str, dict] = {
+    "shapes-sd": {
+        "kind": "text-to-image", "format": "diffusers", "pipeline": "StableDiffusionPipeline",
+        "base": None, "source": _DEMO_SOURCE,
+        "defaults": {"steps": 30, "guidance_scale": 4.0, "width": 32, "height": 32,
+                     "scheduler": "ddim"},
+        "limits": {"max_side": 128},
+    },
+    "shapes-x4": {
+        "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",
+        "base": None, "source": _DEMO_SOURCE,
+        "defaults": {"steps": 20, "guidance_scale": 0.0, "noise_level": 20},
+        "limits": {"max_side": 256},
+    },
+    "shapes-clf": {
+        "kind": "classifier", "format": "shapes-classifier", "class": "ShapesClassifier",
+        "base": None, "source": _DEMO_SOURCE,
+    },
+}
 
 TINY_ID = "tiny-sd"
 TINY_MANIFEST = {
@@ -34,4 +59,17 @@ def ensure_default_models(registry: Registry) -> list[str]:
             log.info("registered %s", TINY_ID)
         except ModelExists:
             pass  # another worker won the race; its copy is identical
+    quality = DEMO_DIR / "quality.json"
+    for model_id, manifest in DEMO_MANIFESTS.items():
+        folder = DEMO_DIR / model_id
+        if registry.exists(model_id) or not folder.is_dir():
+            continue
+        if quality.is_file():
+            manifest = {**manifest, "metrics": json.loads(quality.read_text())}
+        try:
+            registry.import_folder(folder, model_id, manifest)
+            added.append(model_id)
+            log.info("registered %s", model_id)
+        except ModelExists:
+            pass
     return added

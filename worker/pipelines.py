@@ -56,10 +56,11 @@ class Runtime:
         return cls(dev, dt)
 
 
-def pipeline_bytes(pipe: DiffusionPipeline) -> int:
-    """Bytes of every parameter and buffer the pipeline's modules hold."""
+def pipeline_bytes(pipe: DiffusionPipeline | torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the pipeline's modules (or a module) hold."""
     total = 0
-    for component in pipe.components.values():
+    components = {"model": pipe} if isinstance(pipe, torch.nn.Module) else pipe.components
+    for component in components.values():
         if isinstance(component, torch.nn.Module):
             total += sum(t.numel() * t.element_size() for t in component.parameters())
             total += sum(t.numel() * t.element_size() for t in component.buffers())

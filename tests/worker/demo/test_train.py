@@ -1,0 +1,53 @@
+"""`lethe train demo` end to end at a tiny scale: every model it writes loads and runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+
+from app.cli import main
+from worker.demo.classifier import ShapesClassifier, to_tensor
+from worker.demo.render import Scene, render
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    main(["train", "demo", "--out", str(out), "--scale", "0.003"])
+    return out
+
+
+def test_text_to_image_folder_loads_unmodified_and_generates(trained):
+    pipe = StableDiffusionPipeline.from_pretrained(trained / "shapes-sd", local_files_only=True,
+                                                   torch_dtype=torch.float32)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 4  # 32×32 images, 8×8×4 latents
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.unet.dtype == torch.float32  # shipped as fp16, upcast on load
+    image = pipe("a red circle", num_inference_steps=2, width=32, height=32,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    assert all(f.stat().st_size < 20 * 1024**2 for f in trained.rglob("*.safetensors"))
+
+
+def test_upscaler_folder_has_the_x4_layout(trained):
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(trained / "shapes-x4",
+                                                          local_files_only=True,
+                                                          torch_dtype=torch.float32)
+    assert pipe.unet.config.in_channels == 4 + 3  # latents + low-resolution image
+    low = to_tensor(render(Scene("square", "red", "white", 0.5, 0.5, 0.3), 32)[None])
+    out = pipe(prompt="a red square", image=low, num_inference_steps=2, noise_level=20,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 128, 128, 3)
+
+
+def test_classifier_folder_loads_and_predicts(trained):
+    clf = ShapesClassifier.from_pretrained(trained / "shapes-clf", torch_dtype=torch.float32)
+    img = render(Scene("cross", "blue", "gray", 0.5, 0.5, 0.3), 32)[None]
+    verdict = clf.predict(img)[0]
+    assert set(verdict) == {"shape", "color", "background"}
+    assert clf(to_tensor(img))["features"].shape == (1, clf.config.features)
