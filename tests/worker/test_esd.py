@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from app.errors import InvalidParams
+from worker.esd import ESDConfig, ESDTrainer, apply_delta, esd_target, select_parameters
+from worker.tiny import tiny_pipeline
+
+
+def test_target_matches_the_paper_on_a_hand_computed_case():
+    eps_0, eps_c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    # c_from = c, η = 1: ε₀ − η(ε_c − ε₀) = [1 − 2, 2 − 3]
+    assert torch.equal(esd_target(eps_0, eps_c, eps_c, 1.0), torch.tensor([-1.0, -1.0]))
+    # erase_from: ε_f − (1 + η)(ε_c − ε₀) = [0 − 1.5·2, 0 − 1.5·3]
+    assert torch.equal(esd_target(eps_0, eps_c, torch.zeros(2), 0.5), torch.tensor([-3.0, -4.5]))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+def test_parameter_sets(pipe):
+    x = select_parameters(pipe.unet, "esd-x")
+    strict = select_parameters(pipe.unet, "esd-x-strict")
+    u = select_parameters(pipe.unet, "esd-u")
+    everything = select_parameters(pipe.unet, "esd-all")
+    assert x and all(".attn2." in f".{n}" for n in x)
+    assert strict and set(strict) < set(x)
+    assert all(n.split(".")[-2] in ("to_k", "to_v") for n in strict)
+    assert u and not any("attn2" in n for n in u)
+    assert any(n.startswith("conv_in") for n in u)
+    assert set(x) | set(u) <= set(everything) == {n for n, _ in pipe.unet.named_parameters()}
+
+
+def test_unknown_method_and_empty_selection_are_clear_errors(pipe):
+    with pytest.raises(InvalidParams, match="'esd-q'"):
+        select_parameters(pipe.unet, "esd-q")
+    no_attention = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+        mid_block_type=None, cross_attention_dim=32,
+    )
+    with pytest.raises(InvalidParams, match="selects no parameter"):
+        select_parameters(no_attention, "esd-x")
+
+
+def trained(pipe, method: str, iterations: int = 3) -> ESDTrainer:
+    cfg = ESDConfig(concepts=("red",), method=method, iterations=iterations,
+                    learning_rate=1e-2, ddim_steps=4, seed=1)
+    trainer = ESDTrainer(pipe, cfg)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(("method", "allowed"), [
+    ("esd-x", lambda n: ".attn2." in f".{n}"),
+    ("esd-x-strict", lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
+])
+def test_training_changes_only_the_methods_parameters_and_never_the_base(pipe, method, allowed):
+    before = copy.deepcopy(pipe.unet.state_dict())
+    trainer = trained(pipe, method)
+    after = trainer.unet.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "training changed nothing"
+    assert all(allowed(n) for n in changed), sorted(changed)[:5]
+    # θ*, the pipeline's own UNet, is bit-identical.
+    assert all(torch.equal(before[n], v) for n, v in pipe.unet.state_dict().items())
+
+
+def test_delta_on_the_base_reproduces_the_trained_unet(pipe):
+    trainer = trained(pipe, "esd-x")
+    delta = trainer.delta()
+    assert set(delta) == set(select_parameters(pipe.unet, "esd-x"))
+    rebuilt = copy.deepcopy(pipe.unet)
+    apply_delta(rebuilt, delta)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trainer.unet(x, 500, encoder_hidden_states=emb).sample
+        assert torch.equal(rebuilt(x, 500, encoder_hidden_states=emb).sample, expected)
+        assert not torch.equal(pipe.unet(x, 500, encoder_hidden_states=emb).sample, expected)
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_result(pipe):
+    straight = trained(pipe, "esd-x", iterations=4)
+    first = trained(pipe, "esd-x", iterations=2)
+    ckpt = first.checkpoint()
+    resumed = ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-x", iterations=4,
+                                         learning_rate=1e-2, ddim_steps=4, seed=1))
+    resumed.restore(ckpt)
+    assert resumed.state.iteration == 2
+    resumed.train()
+    for name, p in straight.params.items():
+        assert torch.equal(p, resumed.params[name]), name

@@ -1,0 +1,212 @@
+"""ESD: erasing a concept from a diffusion model's UNet (Gandikota et al., ICCV 2023).
+
+A frozen copy θ* of the UNet teaches a trainable θ to predict, for the concept c, noise that
+points *away* from c:
+
+    ε_θ(x_t, c, t)  →  ε_θ*(x_t, t) − η · (ε_θ*(x_t, c, t) − ε_θ*(x_t, t))      (paper, eq. 3)
+
+``erase_from`` generalises the prompt the model is trained on (c_from, default c):
+
+    ε_θ(x_t, c_from, t)  →  ε_f − (1 + η) · (ε_c − ε₀),   ε_f = ε_θ*(x_t, c_from, t)
+
+which is the paper's target when c_from = c (ε_c − (1+η)(ε_c − ε₀) = ε₀ − η(ε_c − ε₀)).
+x_t comes from the frozen model's own guided DDIM trajectory for c, stopped at a random
+step, as in the paper; the three teacher predictions are one batched call.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch import nn
+
+from app.errors import InvalidParams
+
+METHODS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
+
+
+def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eps_f: torch.Tensor,
+               eta: float) -> torch.Tensor:
+    """ε_f − (1 + η)(ε_c − ε₀); with ε_f = ε_c this is the paper's ε₀ − η(ε_c − ε₀)."""
+    return eps_f - (1 + eta) * (eps_c - eps_0)
+
+
+def _in_cross_attention(name: str) -> bool:
+    return ".attn2." in f".{name}"
+
+
+def select_parameters(unet: nn.Module, method: str) -> dict[str, nn.Parameter]:
+    """The UNet parameters a method trains, by name.
+
+    esd-x: every parameter of the cross-attention (``attn2``) modules; esd-x-strict: only
+    their key and value projections; esd-u: every Linear/Conv parameter outside ``attn2``
+    (the paper's "non-cross-attention"); esd-all: everything.
+    """
+    if method not in METHODS:
+        raise InvalidParams(f"`method` must be one of {list(METHODS)}, got {method!r}")
+    chosen: dict[str, nn.Parameter] = {}
+    for module_name, module in unet.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            cross = _in_cross_attention(name)
+            if method == "esd-all":
+                keep = True
+            elif method == "esd-x":
+                keep = cross
+            elif method == "esd-x-strict":
+                keep = cross and (".to_k." in name or ".to_v." in name)
+            else:  # esd-u
+                keep = not cross and isinstance(module, (nn.Linear, nn.Conv2d))
+            if keep:
+                chosen[name] = param
+    if not chosen:
+        raise InvalidParams(
+            f"`method` {method!r} selects no parameter of this UNet (it has no "
+            f"{'cross-attention' if 'x' in method else 'matching'} layers)"
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class ESDConfig:
+    concepts: tuple[str, ...]
+    method: str = "esd-x"
+    iterations: int = 1000
+    learning_rate: float = 1e-5
+    negative_guidance: float = 1.0  # η
+    erase_from: str | None = None
+    ddim_steps: int = 50
+    start_guidance: float = 3.0  # guidance of the frozen model's trajectory to x_t
+    seed: int = 0
+    # Each concept is trained inside these prompts ("{}" is the concept), so that its
+    # rephrasings are erased too, not only the bare word.
+    templates: tuple[str, ...] = ("{}",)
+    height: int = 32
+    width: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ESDState:
+    iteration: int
+    losses: list[float]
+
+
+def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+class ESDTrainer:
+    """Train a copy of ``pipe.unet`` to forget ``cfg.concepts``; ``pipe`` itself is unchanged."""
+
+    def __init__(self, pipe: Any, cfg: ESDConfig):
+        self.pipe, self.cfg = pipe, cfg
+        self.frozen: UNet2DConditionModel = pipe.unet  # θ*: never written to
+        self.unet: UNet2DConditionModel = copy.deepcopy(pipe.unet).train()
+        self.unet.requires_grad_(False)
+        self.params = select_parameters(self.unet, cfg.method)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.learning_rate)
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(cfg.ddim_steps)
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.device = self.frozen.device
+        self.dtype = self.frozen.dtype
+        prompts = [t.format(c) for c in cfg.concepts for t in cfg.templates]
+        self.targets = [(c, t.format(c)) for c in cfg.concepts for t in cfg.templates]
+        self.emb = dict(zip(prompts, encode_prompts(pipe, prompts), strict=True))
+        self.emb[""] = encode_prompts(pipe, [""])[0]
+        if cfg.erase_from:
+            self.emb_from = encode_prompts(pipe, [cfg.erase_from])[0]
+        self.state = ESDState(0, [])
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        f = self.pipe.vae_scale_factor
+        return (1, self.frozen.config.in_channels, self.cfg.height // f, self.cfg.width // f)
+
+    @torch.no_grad()
+    def trajectory(self, cond: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t after ``stop`` guided DDIM steps of the frozen model, and its timestep."""
+        x = torch.randn(self._latent_shape(), generator=self.generator).to(self.device,
+                                                                           self.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        uncond = self.emb[""][None]
+        g = self.cfg.start_guidance
+        for t in self.scheduler.timesteps[:stop]:
+            eps_u, eps_c = self.frozen(torch.cat([x, x]), t,
+                                       encoder_hidden_states=torch.cat([uncond, cond])
+                                       ).sample.chunk(2)
+            x = self.scheduler.step(eps_u + g * (eps_c - eps_u), t, x).prev_sample
+        return x, self.scheduler.timesteps[stop]
+
+    def step(self) -> float:
+        cfg = self.cfg
+        i = self.state.iteration
+        _, prompt = self.targets[i % len(self.targets)]
+        cond = self.emb[prompt][None]
+        stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=self.generator))
+        x_t, t = self.trajectory(cond, stop)
+        from_emb = self.emb_from[None] if cfg.erase_from else cond
+        with torch.no_grad():
+            eps_0, eps_c, eps_f = self.frozen(
+                torch.cat([x_t] * 3), t,
+                encoder_hidden_states=torch.cat([self.emb[""][None], cond, from_emb]),
+            ).sample.chunk(3)
+            target = esd_target(eps_0, eps_c, eps_f, cfg.negative_guidance)
+        pred = self.unet(x_t, t, encoder_hidden_states=from_emb).sample
+        loss = nn.functional.mse_loss(pred.float(), target.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.state.iteration += 1
+        self.state.losses.append(loss.item())
+        return loss.item()
+
+    def train(self, on_step: Callable[[int, float], None] | None = None) -> ESDState:
+        """Run to ``cfg.iterations``; ``on_step(iteration, loss)`` may raise to stop."""
+        while self.state.iteration < self.cfg.iterations:
+            loss = self.step()
+            if on_step:
+                on_step(self.state.iteration, loss)
+        return self.state
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """The trained parameters only: what an edited model stores."""
+        return {name: p.detach().to(torch.float16 if self.dtype == torch.float16 else p.dtype)
+                .cpu().contiguous() for name, p in self.params.items()}
+
+    # Checkpoints: the trained parameters and Adam's state, to resume a killed job.
+    def checkpoint(self) -> dict[str, Any]:
+        return {"iteration": self.state.iteration, "losses": self.state.losses,
+                "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "time": time.time()}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in ckpt["params"].items():
+                self.params[k].copy_(v)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
+
+
+def apply_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """Load an edit's tensors into ``unet`` in place (names as ``select_parameters`` gives)."""
+    params = dict(unet.named_parameters())
+    missing = sorted(set(delta) - set(params))
+    if missing:
+        raise InvalidParams(f"the delta names parameters this UNet lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in delta.items():
+            params[name].copy_(value.to(params[name].dtype))
