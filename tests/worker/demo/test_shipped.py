@@ -46,7 +46,7 @@ def test_classifier_is_right_on_fresh_renders(ctx):
     scenes = [sample_scene(rng) for _ in range(300)]
     verdicts = clf.predict(np.stack([render(s, 32) for s in scenes]))
     for key in ("shape", "color"):
-        accuracy = np.mean([v[key] == getattr(s, key) for v, s in zip(verdicts, scenes)])
+        accuracy = np.mean([v[key] == getattr(s, key) for v, s in zip(verdicts, scenes, strict=True)])
         assert accuracy >= 0.98, (key, accuracy)
 
 
@@ -81,5 +81,5 @@ def test_upscaler_beats_bicubic(ctx):
     bic = np.stack([np.asarray(Image.fromarray(lo).resize((128, 128), Image.BICUBIC))
                     for lo in low])
     assert up.shape == (4, 128, 128, 3)
-    assert np.mean([psnr(a, b) for a, b in zip(up, hires)]) > np.mean(
-        [psnr(a, b) for a, b in zip(bic, hires)])
+    assert np.mean([psnr(a, b) for a, b in zip(up, hires, strict=True)]) > np.mean(
+        [psnr(a, b) for a, b in zip(bic, hires, strict=True)])
