@@ -46,7 +46,8 @@ def test_classifier_is_right_on_fresh_renders(ctx):
     scenes = [sample_scene(rng) for _ in range(300)]
     verdicts = clf.predict(np.stack([render(s, 32) for s in scenes]))
     for key in ("shape", "color"):
-        accuracy = np.mean([v[key] == getattr(s, key) for v, s in zip(verdicts, scenes, strict=True)])
+        pairs = zip(verdicts, scenes, strict=True)
+        accuracy = np.mean([v[key] == getattr(s, key) for v, s in pairs])
         assert accuracy >= 0.98, (key, accuracy)
 
 
