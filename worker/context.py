@@ -26,6 +26,12 @@ class WorkerContext:
 
         def loader(model_id: str):
             manifest = registry.get(model_id)  # ModelNotFound for one removed meanwhile
+            if manifest["format"] == "delta":
+                from worker.variants import build_variant, load_delta
+
+                base_id = manifest["base"]["id"]
+                base, _ = cache.get(base_id)  # cached base: no disk read of its weights
+                return build_variant(base, load_delta(registry.path(model_id)), base_id)
             if manifest["format"] == "shapes-classifier":
                 from worker.demo.classifier import ShapesClassifier
 

@@ -73,8 +73,12 @@ def with_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
     A scheduler holds per-run state (timesteps, step index), so concurrent or consecutive
     requests must never share one; building the pipeline object itself is cheap.
     """
-    scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
-    kwargs = {**pipe.components, "scheduler": scheduler}
+    return rebuild(pipe, scheduler=SCHEDULERS[name].from_config(pipe.scheduler.config))
+
+
+def rebuild(pipe: DiffusionPipeline, **replace: Any) -> DiffusionPipeline:
+    """A new pipeline object over ``pipe``'s components, with some replaced."""
+    kwargs = {**pipe.components, **replace}
     if "requires_safety_checker" in inspect.signature(pipe.__class__).parameters:
         # Keep the loaded pipeline's choice (and skip its warning on every request).
         kwargs["requires_safety_checker"] = pipe.config.get("requires_safety_checker", False)
@@ -101,15 +105,29 @@ class CacheStats:
     evictions: int = 0
 
 
+@dataclass
+class Loaded:
+    """What a loader may return instead of a bare pipeline: its true cost and its base.
+
+    An edited variant shares every unchanged tensor with its cached base, so it costs only
+    its delta; it stays usable only while the base's tensors do, so evicting a base evicts
+    its variants too.
+    """
+
+    pipe: Any
+    bytes: int
+    base: str | None = None
+
+
 class PipelineCache:
     """LRU of loaded pipelines keyed by model id, bounded by ``max_models`` and ``max_bytes``."""
 
-    def __init__(self, loader: Callable[[str], DiffusionPipeline], max_models: int,
-                 max_bytes: int):
+    def __init__(self, loader: Callable[[str], Any], max_models: int, max_bytes: int):
         self._loader = loader
         self.max_models, self.max_bytes = max_models, max_bytes
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items: OrderedDict[str, Loaded] = OrderedDict()
+        # Re-entrant: loading a variant gets its base from this same cache.
+        self._lock = threading.RLock()
         self.stats = CacheStats()
 
     def __contains__(self, key: str) -> bool:
@@ -117,36 +135,53 @@ class PipelineCache:
 
     @property
     def bytes(self) -> int:
-        return sum(size for _, size in self._items.values())
+        return sum(item.bytes for item in self._items.values())
 
-    def get(self, key: str) -> tuple[DiffusionPipeline, bool]:
+    def size_of(self, key: str) -> int:
+        return self._items[key].bytes
+
+    def get(self, key: str) -> tuple[Any, bool]:
         """Return (pipeline, was_cached)."""
         with self._lock:
             if key in self._items:
+                item = self._items[key]
+                if item.base:  # using a variant uses its base's tensors
+                    self._items.move_to_end(item.base)
                 self._items.move_to_end(key)
                 self.stats.hits += 1
-                return self._items[key][0], True
+                return item.pipe, True
             t0 = time.perf_counter()
-            pipe = self._loader(key)
-            size = pipeline_bytes(pipe)
+            loaded = self._loader(key)
+            if not isinstance(loaded, Loaded):
+                loaded = Loaded(loaded, pipeline_bytes(loaded))
             self.stats.loads += 1
-            log.info("loaded %s (%.1f MB) in %.2fs", key, size / 1e6, time.perf_counter() - t0)
-            self._items[key] = (pipe, size)
-            self._evict(keep=key)
-            return pipe, False
+            log.info("loaded %s (%.1f MB) in %.2fs", key, loaded.bytes / 1e6,
+                     time.perf_counter() - t0)
+            self._items[key] = loaded
+            self._evict(keep={key, loaded.base})
+            return loaded.pipe, False
 
-    def _evict(self, keep: str) -> None:
-        while len(self._items) > 1 and (
+    def _evict(self, keep: set) -> None:
+        while len(self._items) > len(keep & set(self._items)) and (
             len(self._items) > self.max_models or self.bytes > self.max_bytes
         ):
-            oldest = next(iter(self._items))
-            if oldest == keep:
-                break
-            self._items.pop(oldest)
-            self.stats.evictions += 1
-            log.info("evicted %s from the pipeline cache", oldest)
+            oldest = next(k for k in self._items if k not in keep)
+            self._drop(oldest)
+
+    def _drop(self, key: str) -> None:
+        self._items.pop(key, None)
+        self.stats.evictions += 1
+        log.info("evicted %s from the pipeline cache", key)
+        for other in [k for k, item in self._items.items() if item.base == key]:
+            self._drop(other)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def discard(self, key: str) -> None:
+        """Forget a model (removed from the registry) and its variants."""
+        with self._lock:
+            if key in self._items:
+                self._drop(key)
 
     def clear(self) -> None:
         with self._lock:

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.config import Settings
+from worker.context import WorkerContext
+from worker.esd import ESDConfig, ESDTrainer
+from worker.tiny import save_tiny_pipeline, tiny_pipeline
+from worker.variants import build_variant, save_delta
+
+
+@pytest.fixture(scope="module")
+def edit():
+    pipe = tiny_pipeline(seed=0)
+    trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), iterations=2, learning_rate=1e-2,
+                                         ddim_steps=4, seed=0))
+    trainer.train()
+    return pipe, trainer
+
+
+def test_variant_shares_unchanged_tensors_and_reproduces_the_edit(edit):
+    pipe, trainer = edit
+    delta = trainer.delta()
+    loaded = build_variant(pipe, delta, "base")
+    variant = loaded.pipe
+    base_params = dict(pipe.unet.named_parameters())
+    for name, p in variant.unet.named_parameters():
+        shared = p.data_ptr() == base_params[name].data_ptr()
+        assert shared == (name not in delta), name
+    assert variant.text_encoder is pipe.text_encoder and variant.vae is pipe.vae
+    assert loaded.bytes == sum(t.numel() * t.element_size() for t in delta.values())
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(variant.unet(x, 10, encoder_hidden_states=emb).sample,
+                           trainer.unet(x, 10, encoder_hidden_states=emb).sample)
+        # The base still answers as before the edit.
+        assert torch.equal(pipe.unet(x, 10, encoder_hidden_states=emb).sample,
+                           trainer.frozen(x, 10, encoder_hidden_states=emb).sample)
+
+
+def test_cache_serves_variant_from_cached_base_without_reloading_it(edit, tmp_path):
+    _, trainer = edit
+    ctx = WorkerContext.from_settings(Settings(home=tmp_path, device="cpu", dtype="float32"))
+    with ctx.registry.create("base", {"kind": "text-to-image", "format": "diffusers",
+                                      "base": None}) as staging:
+        save_tiny_pipeline(staging, seed=0)
+    manifest = {"kind": "text-to-image", "format": "delta",
+                "base": {"id": "base", "digest": ctx.registry.get("base")["digest"]}}
+    with ctx.registry.create("base-no-red", manifest) as staging:
+        save_delta(trainer.delta(), staging)
+
+    ctx.cache.get("base")
+    assert ctx.cache.stats.loads == 1
+    for _ in range(3):
+        ctx.cache.get("base-no-red")
+        ctx.cache.get("base")
+    assert ctx.cache.stats.loads == 2  # the base once, the variant once
+    assert ctx.cache.size_of("base-no-red") < ctx.cache.size_of("base") / 5
+    ctx.cache.discard("base")
+    assert "base-no-red" not in ctx.cache  # a variant never outlives its base's tensors
