@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # (`worker_lost`); the worker beats every third of it from a side thread.
     heartbeat_ttl_s: int = 30
     progress_interval_s: float = Field(0.25, description="Least time between progress writes.")
+    checkpoint_every: int = Field(50, description="ESD iterations between checkpoints.")
+    train_retries: int = Field(2, description="Times a training job whose worker died is "
+                               "re-queued; it resumes from its last checkpoint.")
 
     # Pipeline cache bounds, per worker.
     cache_max_models: int = 4

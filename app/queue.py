@@ -15,6 +15,7 @@ IMAGES, TRAIN = "images", "train"
 # Which queue and timeout setting each job type uses.
 JOB_TYPES: dict[str, dict[str, str]] = {
     "generate": {"queue": IMAGES, "func": "worker.jobs.generate", "timeout": "generate_timeout_s"},
+    "erase": {"queue": TRAIN, "func": "worker.jobs.erase", "timeout": "train_timeout_s"},
 }
 
 

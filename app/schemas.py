@@ -41,6 +41,31 @@ class GenerateCreate(_Strict):
         return v
 
 
+EraseMethod = Literal["esd-x", "esd-u", "esd-all", "esd-x-strict"]
+
+
+class EraseCreate(_Strict):
+    base_model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
+    concepts: list[str] = Field(..., min_length=1, max_length=8, examples=[["triangle"]])
+    method: EraseMethod = "esd-x"
+    iterations: int | None = Field(None, ge=1, le=100_000, description="Default: the model's.")
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    negative_guidance: float = Field(1.0, ge=0, le=100, description="η in the ESD paper.")
+    erase_from: str | None = Field(None, min_length=1, max_length=200)
+    name: str | None = Field(None, description="Registry id of the result; default derived.")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if not c.strip() or len(c) > 200:
+                raise ValueError("each concept must be 1 to 200 characters, not blank")
+        if len({c.strip().lower() for c in v}) != len(v):
+            raise ValueError("concepts must be distinct")
+        return [c.strip() for c in v]
+
+
 class Progress(BaseModel):
     step: int
     total: int

@@ -45,6 +45,9 @@ TINY_MANIFEST = {
     "defaults": {"steps": 20, "guidance_scale": 5.0, "width": 32, "height": 32,
                  "scheduler": "ddim"},
     "limits": {"max_side": 256},
+    # Small enough that an erase job on it takes seconds: for tests and smoke runs.
+    "erase_defaults": {"iterations": 20, "learning_rate": 1e-3, "ddim_steps": 10,
+                       "start_guidance": 3.0},
 }
 
 

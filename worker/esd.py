@@ -111,7 +111,8 @@ class ESDTrainer:
     def __init__(self, pipe: Any, cfg: ESDConfig):
         self.pipe, self.cfg = pipe, cfg
         self.frozen: UNet2DConditionModel = pipe.unet  # θ*: never written to
-        self.unet: UNet2DConditionModel = copy.deepcopy(pipe.unet).train()
+        # θ trains in float32 even when θ* runs in float16: Adam's small steps vanish in fp16.
+        self.unet: UNet2DConditionModel = copy.deepcopy(pipe.unet).float().train()
         self.unet.requires_grad_(False)
         self.params = select_parameters(self.unet, cfg.method)
         for p in self.params.values():
@@ -163,7 +164,7 @@ class ESDTrainer:
                 encoder_hidden_states=torch.cat([self.emb[""][None], cond, from_emb]),
             ).sample.chunk(3)
             target = esd_target(eps_0, eps_c, eps_f, cfg.negative_guidance)
-        pred = self.unet(x_t, t, encoder_hidden_states=from_emb).sample
+        pred = self.unet(x_t.float(), t, encoder_hidden_states=from_emb.float()).sample
         loss = nn.functional.mse_loss(pred.float(), target.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

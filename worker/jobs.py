@@ -19,7 +19,7 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app.errors import LetheError
+from app.errors import LetheError, ModelExists
 from worker.context import get_context
 from worker.pipelines import with_scheduler
 from worker.progress import JobCanceled, Reporter
@@ -114,3 +114,77 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
 def generate(params: dict, reporter: Reporter) -> dict:
     job = get_current_job()
     return run_generate(params, reporter, job.id if job else "local")
+
+
+def _save_checkpoint(trainer: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(trainer.checkpoint(), tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint whole
+
+
+@job_function
+def erase(params: dict, reporter: Reporter) -> dict:
+    """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
+    from worker.esd import ESDConfig, ESDTrainer
+    from worker.variants import save_delta
+
+    ctx = get_context()
+    job = get_current_job()
+    job_id = job.id if job else "local"
+    registry = ctx.registry
+    base_manifest = registry.get(params["base_model"])
+    if registry.exists(params["name"]):
+        raise ModelExists(f"`name` {params['name']!r} is taken: a model with that id exists")
+    total = params["iterations"]
+    reporter.progress(0, total, "loading", force=True)
+    pipe, _ = ctx.cache.get(params["base_model"])
+    cfg = ESDConfig(
+        concepts=tuple(params["concepts"]), method=params["method"], iterations=total,
+        learning_rate=params["learning_rate"], negative_guidance=params["negative_guidance"],
+        erase_from=params.get("erase_from"), ddim_steps=params["ddim_steps"],
+        start_guidance=params["start_guidance"], seed=params["seed"],
+        height=params["height"], width=params["width"],
+    )
+    trainer = ESDTrainer(pipe, cfg)
+    ckpt = ctx.settings.home / "checkpoints" / f"{job_id}.pt"
+    resumed_from = None
+    if ckpt.is_file():
+        trainer.restore(torch.load(ckpt, weights_only=False))
+        resumed_from = trainer.state.iteration
+        reporter.set_meta(resumed_from=resumed_from)
+        log.info("job %s resumes at iteration %d", job_id, trainer.state.iteration)
+    every = max(1, ctx.settings.checkpoint_every)
+    t0 = time.perf_counter()
+
+    def on_step(i: int, loss: float) -> None:
+        reporter.check()
+        recent = trainer.state.losses[-20:]
+        reporter.progress(i, total, "training", loss=round(sum(recent) / len(recent), 6))
+        if i % every == 0 and i < total:
+            _save_checkpoint(trainer, ckpt)
+
+    trainer.train(on_step)
+    train_s = time.perf_counter() - t0
+    reporter.progress(total, total, "saving", force=True)
+    losses = trainer.state.losses
+    edit = {k: params[k] for k in ("method", "concepts", "iterations", "learning_rate",
+                                   "negative_guidance", "erase_from", "seed", "ddim_steps",
+                                   "start_guidance")}
+    manifest = {
+        "kind": "text-to-image", "format": "delta",
+        "base": {"id": params["base_model"], "digest": base_manifest["digest"]},
+        "edit": edit | {"algorithm": "ESD (Gandikota et al., ICCV 2023)"},
+        "training": {"loss_first": losses[0] if losses else None,
+                     "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                     "seconds": round(train_s, 1), "job": job_id},
+        "defaults": base_manifest.get("defaults"), "limits": base_manifest.get("limits"),
+    }
+    with registry.create(params["name"], manifest) as staging:
+        save_delta(trainer.delta(), staging)
+    ckpt.unlink(missing_ok=True)
+    reporter.progress(total, total, "done", force=True)
+    return {"model": params["name"], "base": params["base_model"],
+            "links": {"model": f"/models/{params['name']}"},
+            "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
+            "resumed_from": resumed_from}

@@ -163,3 +163,23 @@ def test_health(client):
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
     assert "/generate" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"concepts": []}, 422, "`concepts`"),
+        ({"concepts": ["  "]}, 422, "`concepts`"),
+        ({"concepts": ["red", "Red"]}, 422, "distinct"),
+        ({"concepts": ["red"], "method": "esd-q"}, 422, "'esd-q'"),
+        ({"concepts": ["red"], "iterations": 0}, 422, "`iterations`"),
+        ({"concepts": ["red"], "learning_rate": 0}, 422, "`learning_rate`"),
+        ({"concepts": ["red"], "base_model": "nope"}, 404, "'nope'"),
+        ({"concepts": ["red"], "name": "Bad Name"}, 422, "'Bad Name'"),
+        ({"concepts": ["red"], "name": "tiny-sd"}, 409, "'tiny-sd'"),
+    ],
+)
+def test_invalid_erase_requests(client, body, status, needle):
+    r = client.post("/erase", json={"base_model": "tiny-sd", **body})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
+import secrets
 
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from app import jobs
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
-from app.errors import ImageNotFound, InvalidParams, JobNotFinished, JobNotFound
+from app.errors import ImageNotFound, InvalidParams, JobNotFinished, JobNotFound, ModelExists
 from app.queue import enqueue
-from app.registry import Registry
-from app.schemas import GenerateCreate, JobCreated, JobLinks, JobPublic
+from app.registry import Registry, validate_model_id
+from app.schemas import EraseCreate, GenerateCreate, JobCreated, JobLinks, JobPublic
 
 router = APIRouter(tags=["jobs"])
 
@@ -43,6 +44,8 @@ def resolve_generate(body: GenerateCreate, registry: Registry, default_model: st
     params["steps"] = params["steps"] or 30
     params["guidance_scale"] = 7.5 if params["guidance_scale"] is None else params["guidance_scale"]
     params["scheduler"] = params["scheduler"] or "ddim"
+    if params["seed"] is None:  # drawn here so the job's params say how to reproduce it
+        params["seed"] = secrets.randbelow(2**31)
     limit = min(int((manifest.get("limits") or {}).get("max_side", max_side)), max_side)
     for side in ("width", "height"):
         params[side] = params[side] or defaults.get("size") or 512
@@ -51,6 +54,48 @@ def resolve_generate(body: GenerateCreate, registry: Registry, default_model: st
                 f"`{side}` must be at most {limit} for model {model_id!r}, got {params[side]}"
             )
     return params
+
+
+def resolve_erase(body: EraseCreate, registry: Registry, default_model: str) -> dict:
+    base_id = body.base_model or default_model
+    manifest = registry.get(base_id)
+    if manifest["kind"] != "text-to-image" or manifest["format"] != "diffusers":
+        raise InvalidParams(
+            f"`base_model` must be a base text-to-image model, got {base_id!r} "
+            f"({manifest['kind']}, {manifest['format']})"
+        )
+    defaults = manifest.get("erase_defaults") or {}
+    params = body.model_dump()
+    params["base_model"] = base_id
+    params["iterations"] = params["iterations"] or defaults.get("iterations", 1000)
+    params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
+    params["ddim_steps"] = defaults.get("ddim_steps", 50)
+    params["start_guidance"] = defaults.get("start_guidance", 3.0)
+    gen = manifest.get("defaults") or {}
+    params["height"], params["width"] = gen.get("height", 512), gen.get("width", 512)
+    if body.name:
+        validate_model_id(body.name, "name")
+        if registry.exists(body.name):
+            raise ModelExists(f"`name` {body.name!r} is taken: a model with that id exists")
+        params["name"] = body.name
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(body.concepts).lower()).strip("-")[:30]
+        stem = f"{base_id[:24]}-no-{slug or 'concept'}"
+        name, n = stem, 2
+        while registry.exists(name):
+            name, n = f"{stem}-{n}", n + 1
+        params["name"] = name
+    return params
+
+
+@router.post("/erase", status_code=202, response_model=JobCreated)
+def create_erase(body: EraseCreate, redis: RedisDep, registry: RegistryDep,
+                 settings: SettingsDep) -> JSONResponse:
+    """Queue an ESD fine-tune; on success a new model appears in the registry (`result.model`)."""
+    params = resolve_erase(body, registry, settings.default_model)
+    job = enqueue(redis, "erase", params, timeout_s=settings.train_timeout_s,
+                  result_ttl_s=settings.result_ttl_s, retries=settings.train_retries)
+    return _created(job, "erase")
 
 
 @router.post("/generate", status_code=202, response_model=JobCreated,

@@ -1,0 +1,91 @@
+"""POST /erase end to end on the tiny model: a new model appears whole and serves at once."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support import start_worker, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def http(live_url: str, worker):
+    with httpx.Client(base_url=live_url, timeout=30) as c:
+        yield c
+
+
+def erase(http, **body) -> str:
+    r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"], **body})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def image(http, model: str, seed: int = 3) -> np.ndarray:
+    r = http.post("/generate", json={"prompt": "a red circle", "model": model, "steps": 4,
+                                     "seed": seed})
+    job = wait_job(http, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    png = http.get(job["result"]["images"][0]["url"]).content
+    return np.asarray(Image.open(io.BytesIO(png))).astype(int)
+
+
+def test_erase_writes_a_delta_model_that_serves_at_once(http):
+    job = wait_job(http, erase(http, name="tiny-no-red", learning_rate=0.05), timeout_s=120)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["model"] == "tiny-no-red"
+    assert job["progress"]["total"] == 20
+    model = http.get("/models/tiny-no-red").json()
+    assert model["format"] == "delta" and model["base"]["id"] == "tiny-sd"
+    assert model["edit"]["method"] == "esd-x" and model["edit"]["concepts"] == ["red"]
+    assert model["files"] == {"unet_delta.safetensors": model["files"]["unet_delta.safetensors"]}
+    base, edited = image(http, "tiny-sd"), image(http, "tiny-no-red")
+    assert np.abs(base - edited).mean() > 0.5  # the edit changes what the model draws
+    # A second erase under the same name is a conflict; the derived model can be deleted.
+    assert http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["blue"],
+                                     "name": "tiny-no-red"}).status_code == 409
+    assert http.delete("/models/tiny-no-red").status_code == 204
+    assert http.get("/models/tiny-no-red").status_code == 404
+
+
+def test_cancel_an_erase_leaves_no_model(http):
+    job_id = erase(http, name="tiny-canceled", iterations=5000)
+    wait_job(http, job_id, until=("running",))
+    http.delete(f"/jobs/{job_id}")
+    assert wait_job(http, job_id)["status"] == "canceled"
+    assert http.get("/models/tiny-canceled").status_code == 404
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
+    from tests.support import stop_worker
+
+    stop_worker(worker.proc)
+    victim = start_worker("test-train-victim", queues="train",
+                          log=home / "worker-train-victim.log")
+    # Checkpoints every 50 iterations (the default); 400 iterations of the tiny model.
+    job_id = erase(http, name="tiny-resumed", iterations=400)
+    seen_partial = False
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        seen_partial |= "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
+        if (job.get("progress") or {}).get("step", 0) >= 120:
+            break
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    worker.proc = start_worker("test-main", log=home / "worker-main.log")
+    done = wait_job(http, job_id, timeout_s=180)
+    assert done["status"] == "succeeded", done
+    assert not seen_partial
+    assert "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
+    # It picked up at its last checkpoint (every 50 iterations), not at iteration zero.
+    assert done["result"]["iterations"] == 400
+    assert 100 <= done["result"]["resumed_from"] < 400, done["result"]
