@@ -66,40 +66,68 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{model_id}: {path}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """Client: POST /generate, poll the job, save its PNGs."""
+def _client(url: str):
     import httpx
 
-    body = {k: v for k, v in {
+    keys = get_settings().keys
+    headers = {"Authorization": f"Bearer {sorted(keys)[0]}"} if keys else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30)
+
+
+def _submit_and_wait(client, path: str, body: dict) -> dict:
+    """POST a job, show its progress on stderr, return the finished job."""
+    created = client.post(path, json=body)
+    if created.status_code != 202:
+        raise SystemExit(f"error {created.status_code}: {created.text}")
+    job_id = created.json()["id"]
+    print(f"job {job_id}", file=sys.stderr)
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        p = job.get("progress") or {}
+        loss = f" loss {p['loss']:.4f}" if "loss" in p else ""
+        print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
+              f"{p.get('total', 0)}{loss}   ", end="", file=sys.stderr)
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            print(file=sys.stderr)
+            break
+        time.sleep(0.5 if path == "/erase" else 0.2)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job {job['status']}: {job.get('error')}")
+    return job
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Client: POST /generate, poll the job, save its PNGs."""
+    body = _drop_none({
         "prompt": args.prompt, "model": args.model, "steps": args.steps, "seed": args.seed,
         "num_images": args.num_images, "width": args.width, "height": args.height,
         "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-    }.items() if v is not None}
-    keys = get_settings().keys
-    headers = {"Authorization": f"Bearer {next(iter(keys))}"} if keys else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
-        created = client.post("/generate", json=body)
-        if created.status_code != 202:
-            raise SystemExit(f"error {created.status_code}: {created.text}")
-        job_id = created.json()["id"]
-        print(f"job {job_id}", file=sys.stderr)
-        while True:
-            job = client.get(f"/jobs/{job_id}").json()
-            p = job.get("progress") or {}
-            print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
-                  f"{p.get('total', 0)}", end="", file=sys.stderr)
-            if job["status"] in ("succeeded", "failed", "canceled"):
-                print(file=sys.stderr)
-                break
-            time.sleep(0.2)
-        if job["status"] != "succeeded":
-            raise SystemExit(f"job {job['status']}: {job.get('error')}")
+    })
+    with _client(args.url) as client:
+        job = _submit_and_wait(client, "/generate", body)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for image in job["result"]["images"]:
-            path = out / f"{job_id}-{image['index']}.png"
+            path = out / f"{job['id']}-{image['index']}.png"
             path.write_bytes(client.get(image["url"]).content)
             print(path)
+
+
+def cmd_erase(args: argparse.Namespace) -> None:
+    """Client: POST /erase, poll the job, print the new model's id."""
+    body = _drop_none({
+        "base_model": args.base_model, "concepts": args.concepts, "method": args.method,
+        "iterations": args.iterations, "learning_rate": args.learning_rate,
+        "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
+        "name": args.name, "seed": args.seed,
+    })
+    with _client(args.url) as client:
+        job = _submit_and_wait(client, "/erase", body)
+        print(job["result"]["model"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply every step count and data size (0.01 for a smoke run)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("erase", help="client: erase concepts through a running service")
+    p.add_argument("concepts", nargs="+")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-model")
+    p.add_argument("--method", choices=["esd-x", "esd-u", "esd-all", "esd-x-strict"])
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--negative-guidance", type=float)
+    p.add_argument("--erase-from")
+    p.add_argument("--name", help="registry id of the result")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("generate", help="client: generate through a running service")
     p.add_argument("prompt")

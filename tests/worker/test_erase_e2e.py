@@ -89,3 +89,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     # It picked up at its last checkpoint (every 50 iterations), not at iteration zero.
     assert done["result"]["iterations"] == 400
     assert 100 <= done["result"]["resumed_from"] < 400, done["result"]
+
+
+def test_lethe_erase_command_runs_through_the_api(live_url, worker, capsys):
+    from app.cli import main
+
+    main(["erase", "blue", "--url", live_url, "--base-model", "tiny-sd", "--iterations", "3",
+          "--name", "tiny-no-blue-cli"])
+    assert capsys.readouterr().out.strip() == "tiny-no-blue-cli"

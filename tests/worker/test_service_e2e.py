@@ -137,3 +137,11 @@ def test_job_past_its_timeout_fails_with_code_timeout(http, redis):
     assert done["status"] == "failed"
     assert done["error"]["code"] == "timeout" and "1s" in done["error"]["message"]
     assert done["progress"]["step"] < 500
+
+
+def test_generate_without_seed_draws_one_and_reports_it(http):
+    r = http.post("/generate", json={"prompt": "a blue square", "model": "tiny-sd", "steps": 2})
+    job = wait_job(http, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert isinstance(job["params"]["seed"], int)
+    assert job["result"]["images"][0]["seed"] == job["params"]["seed"]
