@@ -54,6 +54,9 @@ class EraseCreate(_Strict):
     erase_from: str | None = Field(None, min_length=1, max_length=200)
     name: str | None = Field(None, description="Registry id of the result; default derived.")
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    evaluate: bool | None = Field(
+        None, description="Measure every concept's accuracy before and after (ESD paper, "
+        "Table 2). Default: when the base model names an evaluator.")
 
     @field_validator("concepts")
     @classmethod

@@ -22,6 +22,7 @@ DEMO_MANIFESTS: dict[str, dict] = {
         "defaults": {"steps": 30, "guidance_scale": 4.0, "width": 32, "height": 32,
                      "scheduler": "ddim"},
         "limits": {"max_side": 128},
+        "evaluator": "shapes-clf",
     },
     "shapes-x4": {
         "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",

@@ -116,6 +116,29 @@ def generate(params: dict, reporter: Reporter) -> dict:
     return run_generate(params, reporter, job.id if job else "local")
 
 
+def _evaluate_erasure(ctx: Any, params: dict, trainer: Any, reporter: Reporter) -> dict:
+    """Every concept's accuracy before (cached on the base's manifest) and after the edit."""
+    from worker.demo.erasure import erasure_report
+    from worker.variants import build_variant
+
+    clf, _ = ctx.cache.get(params["evaluator"])
+    base_id = params["base_model"]
+    base, _ = ctx.cache.get(base_id)
+    guidance = (ctx.registry.get(base_id).get("defaults") or {}).get("guidance_scale", 4.0)
+    reporter.progress(0, 2, "evaluating", force=True)
+    baseline = (ctx.registry.get(base_id).get("metrics") or {}).get("erasure_baseline")
+    concepts = list(params["concepts"])
+    if not baseline or not set(concepts) <= set(baseline.get("accuracy_full_prompts", {})):
+        baseline = erasure_report(base, clf, concepts, guidance=guidance)
+        metrics = ctx.registry.get(base_id).get("metrics") or {}
+        ctx.registry.update_manifest(base_id, metrics=metrics | {"erasure_baseline": baseline})
+    reporter.check()
+    reporter.progress(1, 2, "evaluating", force=True)
+    variant = build_variant(base, trainer.delta(), base_id).pipe
+    after = erasure_report(variant, clf, concepts, guidance=guidance)
+    return {"before": baseline, "after": after, "erased": concepts}
+
+
 def _save_checkpoint(trainer: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -180,6 +203,8 @@ def erase(params: dict, reporter: Reporter) -> dict:
                      "seconds": round(train_s, 1), "job": job_id},
         "defaults": base_manifest.get("defaults"), "limits": base_manifest.get("limits"),
     }
+    if params.get("evaluate") and params.get("evaluator"):
+        manifest["metrics"] = {"erasure": _evaluate_erasure(ctx, params, trainer, reporter)}
     with registry.create(params["name"], manifest) as staging:
         save_delta(trainer.delta(), staging)
     ckpt.unlink(missing_ok=True)

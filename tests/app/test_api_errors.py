@@ -177,6 +177,7 @@ def test_health(client):
         ({"concepts": ["red"], "base_model": "nope"}, 404, "'nope'"),
         ({"concepts": ["red"], "name": "Bad Name"}, 422, "'Bad Name'"),
         ({"concepts": ["red"], "name": "tiny-sd"}, 409, "'tiny-sd'"),
+        ({"concepts": ["red"], "evaluate": True}, 422, "`evaluate`"),
     ],
 )
 def test_invalid_erase_requests(client, body, status, needle):

@@ -65,7 +65,15 @@ def resolve_erase(body: EraseCreate, registry: Registry, default_model: str) -> 
             f"({manifest['kind']}, {manifest['format']})"
         )
     defaults = manifest.get("erase_defaults") or {}
+    evaluator = manifest.get("evaluator")
+    if body.evaluate and not evaluator:
+        raise InvalidParams(
+            f"`evaluate` is true but model {base_id!r} names no evaluator (a classifier of its "
+            "domain) in its manifest"
+        )
     params = body.model_dump()
+    params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate
+    params["evaluator"] = evaluator
     params["base_model"] = base_id
     params["iterations"] = params["iterations"] or defaults.get("iterations", 1000)
     params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
