@@ -33,6 +33,7 @@ def fuzz_schema(tiny_model):
 
 OPERATIONS = [
     ("POST", "/generate"),
+    ("POST", "/erase"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/images/{index}"),
