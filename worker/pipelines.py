@@ -92,7 +92,8 @@ def load_pipeline(path: Path, runtime: Runtime) -> DiffusionPipeline:
         path, torch_dtype=runtime.dtype, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
-    if getattr(pipe, "safety_checker", None) is None and hasattr(pipe, "register_to_config"):
+    takes_flag = "requires_safety_checker" in inspect.signature(pipe.__class__).parameters
+    if takes_flag and getattr(pipe, "safety_checker", None) is None:
         # Models without a safety checker are normal here; stop diffusers' warning per call.
         pipe.register_to_config(requires_safety_checker=False)
     return pipe.to(runtime.device)

@@ -88,6 +88,8 @@ def main() -> None:
         k: float(np.mean([v[k] == getattr(s, k) for v, s in zip(verdicts, scenes, strict=True)]))
         for k in ("shape", "color", "background")} | {"n": len(scenes)}
 
+    print(report, flush=True)
+
     # 2. Prompt adherence of shapes-sd, through the worker's cache, at each guidance.
     pipe, _ = ctx.cache.get("shapes-sd")
     prompts = [f"a {c} {s}" for c, s in PROMPTS for _ in range(args.per_prompt)]
@@ -102,6 +104,7 @@ def main() -> None:
             "color": float(np.mean([x["color"] == c for x, (c, _) in zip(v, labels, strict=True)])),
         }
         samples[g] = images
+        print(f"guidance {g}: {adherence[g]}", flush=True)
     best = max(adherence, key=lambda g: adherence[g]["shape"] + adherence[g]["color"])
     report["generation"] = {"n": len(prompts), "steps": 30, "scheduler": "ddim",
                             "by_guidance": {str(g): a for g, a in adherence.items()},

@@ -72,9 +72,9 @@ class DemoConfig:
     # 0.6 and 0.35 s a step for the four recipes).
     clf_steps: int = 500
     clf_batch: int = 64
-    vae_steps: int = 1200
+    vae_steps: int = 1600
     vae_batch: int = 32
-    sd_steps: int = 2400
+    sd_steps: int = 3000
     sd_batch: int = 64
     x4_steps: int = 1500
     x4_batch: int = 16
@@ -197,6 +197,9 @@ def make_vae() -> AutoencoderKL:
         in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=16,
+        # Fully convolutional: the same weights decode 8×8 latents and 32×32 ones (the
+        # upscaler's), where a mid-block attention trained on 64 tokens would not carry over.
+        mid_block_add_attention=False,
     )
 
 
@@ -221,9 +224,10 @@ def train_vae(cfg: DemoConfig, data: Data, log: Log) -> AutoencoderKL:
     for i in range(cfg.vae_steps):
         x = vae_batch(data, rng, cfg.vae_batch)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        # Reconstruction plus a small KL term, as Stable Diffusion's VAE: latents stay
-        # near a unit Gaussian's scale without blurring the edges.
+        # Decode the posterior's mean: the diffusion models train on (and sample) means, so
+        # the decoder must be exact on them. The small KL term keeps them near a unit
+        # Gaussian's scale, as Stable Diffusion's VAE does.
+        recon = vae.decode(posterior.mode()).sample
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,7 +236,7 @@ def train_vae(cfg: DemoConfig, data: Data, log: Log) -> AutoencoderKL:
         progress.step(i, loss.item())
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(vae_batch(data, rng, 256)).latent_dist.sample()
+        z = torch.cat([vae.encode(vae_batch(data, rng, 256)).latent_dist.mode()
                        for _ in range(4)])
     # The latents' scale, measured: diffusion expects unit variance.
     vae.register_to_config(scaling_factor=float(1 / z.std()))
@@ -241,15 +245,11 @@ def train_vae(cfg: DemoConfig, data: Data, log: Log) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, images: np.ndarray, batch: int = 256
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, so training samples latents cheaply."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        dist = vae.encode(to_tensor(images[i:i + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
+def encode(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Scaled posterior means of every image: the latents both diffusion models learn."""
+    means = [vae.encode(to_tensor(images[i:i + batch])).latent_dist.mode()
+             for i in range(0, len(images), batch)]
+    return torch.cat(means) * vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------- text-to-image
@@ -277,8 +277,7 @@ def train_sd(cfg: DemoConfig, data: Data, vae: AutoencoderKL, tokenizer, log: Lo
              ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     torch.manual_seed(cfg.seed + 3)
     rng = np.random.default_rng(cfg.seed + 3)
-    mean, std = encode(vae, data.images)
-    scale = vae.config.scaling_factor
+    latents_all = encode(vae, data.images)
     text_encoder, unet = make_text_encoder(tokenizer), make_unet()
     noise_sched = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
@@ -289,8 +288,8 @@ def train_sd(cfg: DemoConfig, data: Data, vae: AutoencoderKL, tokenizer, log: Lo
     unet.train()
     text_encoder.train()
     for i in range(cfg.sd_steps):
-        idx = torch.from_numpy(rng.integers(len(mean), size=cfg.sd_batch))
-        latents = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * scale
+        idx = torch.from_numpy(rng.integers(len(latents_all), size=cfg.sd_batch))
+        latents = latents_all[idx]
         forms = rng.choice(len(PROMPT_FORMS), size=cfg.sd_batch, p=PROMPT_WEIGHTS)
         ids = torch.from_numpy(data.prompt_ids[idx.numpy(), forms])
         noise = torch.randn_like(latents)
@@ -327,8 +326,7 @@ def train_upscaler(cfg: DemoConfig, data: Data, vae: AutoencoderKL,
                    text_encoder: CLIPTextModel, log: Log) -> UNet2DConditionModel:
     torch.manual_seed(cfg.seed + 4)
     rng = np.random.default_rng(cfg.seed + 4)
-    mean, std = encode(vae, data.hires, batch=32)
-    scale = vae.config.scaling_factor
+    mean = encode(vae, data.hires, batch=32)
     # Two degraded inputs per image: as often bicubic as BSR.
     low = torch.stack([to_tensor(np.stack([degrade(img, rng) for img in data.hires]))
                        for _ in range(2)], dim=1)  # M×2×3×32×32
@@ -351,12 +349,11 @@ def train_upscaler(cfg: DemoConfig, data: Data, vae: AutoencoderKL,
         n = cfg.x4_batch
         idx = rng.integers(len(mean), size=n)
         ys, xs = rng.integers(0, mean.shape[-1] - c + 1, size=(2, n))
-        m = torch.stack([mean[idx[k], :, ys[k]:ys[k] + c, xs[k]:xs[k] + c] for k in range(n)])
-        s = torch.stack([std[idx[k], :, ys[k]:ys[k] + c, xs[k]:xs[k] + c] for k in range(n)])
+        latents = torch.stack([mean[idx[k], :, ys[k]:ys[k] + c, xs[k]:xs[k] + c]
+                               for k in range(n)])
         variant = rng.integers(2, size=n)
         lr_img = torch.stack([low[idx[k], variant[k], :, ys[k]:ys[k] + c, xs[k]:xs[k] + c]
                               for k in range(n)])
-        latents = (m + s * torch.randn_like(m)) * scale
         # Noise levels: mostly small (inference uses ~20), sometimes up to the maximum.
         level = torch.from_numpy(np.where(rng.random(n) < 0.7, rng.integers(0, 60, n),
                                           rng.integers(0, MAX_NOISE_LEVEL + 1, n)))
