@@ -20,7 +20,7 @@ from PIL import Image
 
 from worker.context import get_context
 from worker.defaults import ensure_default_models
-from worker.demo.classifier import ShapesClassifier, to_tensor
+from worker.demo.classifier import ShapesClassifier
 from worker.demo.degrade import bicubic
 from worker.demo.render import COLORS, SHAPES, render, sample_scene
 from worker.pipelines import with_scheduler
@@ -52,7 +52,8 @@ def upscale(pipe: StableDiffusionUpscalePipeline, images: np.ndarray, prompts: l
     out = []
     for i in range(0, len(images), batch):
         with torch.inference_mode():
-            up = pipe(prompt=prompts[i:i + batch], image=to_tensor(images[i:i + batch]),
+            up = pipe(prompt=prompts[i:i + batch],
+                      image=[Image.fromarray(im) for im in images[i:i + batch]],
                       num_inference_steps=steps, guidance_scale=0.0, noise_level=20,
                       output_type="np",
                       generator=torch.Generator("cpu").manual_seed(seed + i)).images

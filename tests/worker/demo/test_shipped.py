@@ -10,7 +10,6 @@ from PIL import Image
 from app.registry import Registry
 from worker.context import WorkerContext
 from worker.defaults import DEMO_DIR, ensure_default_models
-from worker.demo.classifier import to_tensor
 from worker.demo.degrade import bicubic
 from worker.demo.quality import psnr
 from worker.demo.render import render, sample_scene
@@ -75,7 +74,8 @@ def test_upscaler_beats_bicubic(ctx):
     hires = np.stack([render(s, 128) for s in scenes])
     low = np.stack([bicubic(h) for h in hires])
     with torch.inference_mode():
-        up = pipe(prompt=[s.prompt("color") for s in scenes], image=to_tensor(low),
+        up = pipe(prompt=[s.prompt("color") for s in scenes],
+                  image=[Image.fromarray(lo) for lo in low],
                   num_inference_steps=20, guidance_scale=0.0, noise_level=20, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     up = (up * 255).round().astype(np.uint8)

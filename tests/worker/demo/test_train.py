@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+from PIL import Image
 
 from app.cli import main
 from worker.demo.classifier import ShapesClassifier, to_tensor
@@ -39,7 +40,7 @@ def test_upscaler_folder_has_the_x4_layout(trained):
                                                           local_files_only=True,
                                                           torch_dtype=torch.float32)
     assert pipe.unet.config.in_channels == 4 + 3  # latents + low-resolution image
-    low = to_tensor(render(Scene("square", "red", "white", 0.5, 0.5, 0.3), 32)[None])
+    low = Image.fromarray(render(Scene("square", "red", "white", 0.5, 0.5, 0.3), 32))
     out = pipe(prompt="a red square", image=low, num_inference_steps=2, noise_level=20,
                output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 128, 128, 3)
