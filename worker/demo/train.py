@@ -16,6 +16,7 @@ Each lands as an ordinary diffusers folder (fp16 safetensors) in ``out/<model-id
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -252,6 +253,33 @@ def encode(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Te
     return torch.cat(means) * vae.config.scaling_factor
 
 
+UPSCALER_SCALING_FACTOR = 0.08333
+
+
+def rescale_latents(vae: AutoencoderKL, scaling_factor: float) -> AutoencoderKL:
+    """A copy of ``vae`` with the given ``scaling_factor`` and latents scaled to match.
+
+    The copy's latents are k = old / new ``scaling_factor`` times the original's, so
+    latents × scaling_factor, what a diffusion model sees, are unchanged, and so are images.
+
+    ``StableDiffusionUpscalePipeline`` sets its VAE's ``scaling_factor`` to 0.08333 (that of
+    Stability's x4 upscaler) whatever the folder says. Scaling the encoder's mean (and the
+    log-variance by 2·ln k) up by k and the decoder's first 1×1 convolution down by k is an
+    exact reparametrisation, so with k = scaling_factor / 0.08333 the upscaler sees exactly
+    the latents its UNet trained on.
+    """
+    k = vae.config.scaling_factor / scaling_factor
+    vae = copy.deepcopy(vae)
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:c] *= k
+        vae.quant_conv.bias[:c] *= k
+        vae.quant_conv.bias[c:] += 2 * math.log(k)
+        vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return vae
+
+
 # ---------------------------------------------------------------- text-to-image
 
 
@@ -408,8 +436,9 @@ def train_demo(out: Path, cfg: DemoConfig | None = None, log: Log = print) -> di
         scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(paths["shapes-sd"], safe_serialization=True)
+    x4_vae = rescale_latents(vae, UPSCALER_SCALING_FACTOR)
     StableDiffusionUpscalePipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=x4_unet,
+        vae=x4_vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=x4_unet,
         low_res_scheduler=DDPMScheduler(**LOW_RES_SCHEDULE),
         scheduler=DDIMScheduler(**SD_SCHEDULE), max_noise_level=MAX_NOISE_LEVEL,
     ).save_pretrained(paths["shapes-x4"], safe_serialization=True)

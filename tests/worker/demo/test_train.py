@@ -52,3 +52,20 @@ def test_classifier_folder_loads_and_predicts(trained):
     verdict = clf.predict(img)[0]
     assert set(verdict) == {"shape", "color", "background"}
     assert clf(to_tensor(img))["features"].shape == (1, clf.config.features)
+
+
+def test_rescaled_vae_keeps_images_and_scaled_latents():
+    from worker.demo.train import UPSCALER_SCALING_FACTOR, make_vae, rescale_latents
+
+    torch.manual_seed(0)
+    vae = make_vae().eval()
+    vae.register_to_config(scaling_factor=1.1)
+    copy = rescale_latents(vae, UPSCALER_SCALING_FACTOR)
+    assert copy.config.scaling_factor == UPSCALER_SCALING_FACTOR  # what the pipeline demands
+    assert vae.config.scaling_factor == 1.1  # the original is untouched
+    x = to_tensor(render(Scene("circle", "red", "gray", 0.5, 0.5, 0.3), 32)[None])
+    with torch.no_grad():
+        z, z2 = vae.encode(x).latent_dist.mode(), copy.encode(x).latent_dist.mode()
+        torch.testing.assert_close(z2 * UPSCALER_SCALING_FACTOR, z * 1.1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(copy.decode(z2).sample, vae.decode(z).sample,
+                                   rtol=1e-4, atol=1e-4)
