@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     home: Path = Field(Path("./data"), description="Data folder: registry/, outputs/, redis/.")
     redis_url: str | None = Field(None, description="Unset: `lethe serve` embeds a Redis.")
     api_keys: str = Field("", description="Comma-separated bearer keys; empty: open service.")
-    default_model: str = Field("shapes-sd", description="Model used when a request names none.")
+    # tiny-sd until the trained shapes-sd ships in worker/demo/models (then: shapes-sd).
+    default_model: str = Field("tiny-sd", description="Model used when a request names none.")
     queues: str = Field("images,train", description="Queues a `lethe worker` listens on.")
 
     # Job lifetimes, in seconds.

@@ -89,6 +89,15 @@ def live_url(tiny_model: str):
         yield server.url
 
 
+@pytest.fixture
+def http(live_url: str, worker):
+    """A real HTTP client of the live API, with the session's worker running."""
+    import httpx
+
+    with httpx.Client(base_url=live_url, timeout=30) as c:
+        yield c
+
+
 class WorkerHandle:
     """The session's worker; a test that kills it puts its replacement here."""
 

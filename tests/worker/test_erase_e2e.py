@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,12 +14,6 @@ from PIL import Image
 from tests.support import start_worker, wait_job
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def http(live_url: str, worker):
-    with httpx.Client(base_url=live_url, timeout=30) as c:
-        yield c
 
 
 def erase(http, **body) -> str:

@@ -7,19 +7,12 @@ import os
 import signal
 import time
 
-import httpx
 import pytest
 from PIL import Image
 
 from tests.support import start_worker, stop_worker, wait_job
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def http(live_url: str, worker):
-    with httpx.Client(base_url=live_url, timeout=30) as c:
-        yield c
 
 
 def generate(http, **body) -> str:
