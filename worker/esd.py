@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +89,6 @@ class ESDConfig:
     templates: tuple[str, ...] = ("{}",)
     height: int = 32
     width: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -443,7 +444,5 @@ def train_demo(out: Path, cfg: DemoConfig | None = None, log: Log = print) -> di
         scheduler=DDIMScheduler(**SD_SCHEDULE), max_noise_level=MAX_NOISE_LEVEL,
     ).save_pretrained(paths["shapes-x4"], safe_serialization=True)
     (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    import shutil
-
     shutil.rmtree(tok_dir, ignore_errors=True)
     return paths
