@@ -116,7 +116,8 @@ def generate(params: dict, reporter: Reporter) -> dict:
     return run_generate(params, reporter, job.id if job else "local")
 
 
-def _evaluate_erasure(ctx: Any, params: dict, trainer: Any, reporter: Reporter) -> dict:
+def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
+                      delta: dict[str, torch.Tensor], reporter: Reporter) -> dict:
     """Every concept's accuracy before (cached on the base's manifest) and after the edit."""
     from worker.demo.erasure import erasure_report
     from worker.variants import build_variant
@@ -124,17 +125,17 @@ def _evaluate_erasure(ctx: Any, params: dict, trainer: Any, reporter: Reporter) 
     clf, _ = ctx.cache.get(params["evaluator"])
     base_id = params["base_model"]
     base, _ = ctx.cache.get(base_id)
-    guidance = (ctx.registry.get(base_id).get("defaults") or {}).get("guidance_scale", 4.0)
+    guidance = (base_manifest.get("defaults") or {}).get("guidance_scale", 4.0)
     reporter.progress(0, 2, "evaluating", force=True)
-    baseline = (ctx.registry.get(base_id).get("metrics") or {}).get("erasure_baseline")
+    metrics = base_manifest.get("metrics") or {}
+    baseline = metrics.get("erasure_baseline")
     concepts = list(params["concepts"])
     if not baseline or not set(concepts) <= set(baseline.get("accuracy_full_prompts", {})):
         baseline = erasure_report(base, clf, concepts, guidance=guidance)
-        metrics = ctx.registry.get(base_id).get("metrics") or {}
         ctx.registry.update_manifest(base_id, metrics=metrics | {"erasure_baseline": baseline})
     reporter.check()
     reporter.progress(1, 2, "evaluating", force=True)
-    variant = build_variant(base, trainer.delta(), base_id).pipe
+    variant = build_variant(base, delta, base_id).pipe
     after = erasure_report(variant, clf, concepts, guidance=guidance)
     return {"before": baseline, "after": after, "erased": concepts}
 
@@ -203,10 +204,12 @@ def erase(params: dict, reporter: Reporter) -> dict:
                      "seconds": round(train_s, 1), "job": job_id},
         "defaults": base_manifest.get("defaults"), "limits": base_manifest.get("limits"),
     }
+    delta = trainer.delta()
     if params.get("evaluate") and params.get("evaluator"):
-        manifest["metrics"] = {"erasure": _evaluate_erasure(ctx, params, trainer, reporter)}
+        manifest["metrics"] = {
+            "erasure": _evaluate_erasure(ctx, params, base_manifest, delta, reporter)}
     with registry.create(params["name"], manifest) as staging:
-        save_delta(trainer.delta(), staging)
+        save_delta(delta, staging)
     ckpt.unlink(missing_ok=True)
     reporter.progress(total, total, "done", force=True)
     return {"model": params["name"], "base": params["base_model"],

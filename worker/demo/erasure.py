@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from worker.demo.render import BACKGROUNDS, COLORS, SHAPES
-from worker.pipelines import with_scheduler
+from worker.demo.sample import generate
 
 
 def concept_prompts(concept: str, form: str = "color") -> list[tuple[str, str, str]]:
@@ -35,24 +34,15 @@ def concept_prompts(concept: str, form: str = "color") -> list[tuple[str, str, s
     return out
 
 
-@torch.inference_mode()
 def concept_accuracy(pipe: Any, clf: Any, concept: str, per_prompt: int = 4,
                      form: str = "color", steps: int = 30, guidance: float = 4.0,
                      seed: int = 0, batch: int = 48) -> float:
     """Share of images for prompts naming ``concept`` that the classifier says show it."""
     key = "shape" if concept in SHAPES else "color"
     prompts = [p for p in concept_prompts(concept, form) for _ in range(per_prompt)]
-    hits = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        images = with_scheduler(pipe, "ddim")(
-            prompt=[p for p, _, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-            width=32, height=32, output_type="np",
-            generator=[torch.Generator("cpu").manual_seed(seed + i + k)
-                       for k in range(len(chunk))],
-        ).images
-        verdicts = clf.predict((images * 255).round().astype(np.uint8))
-        hits += [v[key] == concept for v in verdicts]
+    images = generate(pipe, [p for p, _, _ in prompts], [seed + j for j in range(len(prompts))],
+                      guidance, steps=steps, batch=batch)
+    hits = [v[key] == concept for v in clf.predict(images)]
     return float(np.mean(hits))
 
 

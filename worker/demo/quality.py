@@ -23,7 +23,7 @@ from worker.defaults import ensure_default_models
 from worker.demo.classifier import ShapesClassifier
 from worker.demo.degrade import bicubic
 from worker.demo.render import COLORS, SHAPES, render, sample_scene
-from worker.pipelines import with_scheduler
+from worker.demo.sample import generate
 
 PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # the 24 colour×shape prompts
 
@@ -31,20 +31,6 @@ PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # the 24 colour×shape promp
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int = 30,
-             batch: int = 24) -> np.ndarray:
-    out = []
-    for i in range(0, len(prompts), batch):
-        p = with_scheduler(pipe, "ddim")
-        with torch.inference_mode():
-            images = p(prompt=prompts[i:i + batch], num_inference_steps=steps,
-                       guidance_scale=guidance, width=32, height=32, output_type="np",
-                       generator=[torch.Generator("cpu").manual_seed(s)
-                                  for s in seeds[i:i + batch]]).images
-        out.append((images * 255).round().astype(np.uint8))
-    return np.concatenate(out)
 
 
 def upscale(pipe: StableDiffusionUpscalePipeline, images: np.ndarray, prompts: list[str],
