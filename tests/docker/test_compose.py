@@ -72,3 +72,15 @@ def test_api_image_has_no_torch():
     text = (ROOT / "docker/api.Dockerfile").read_text()
     assert "torch" not in re.sub(r"#.*", "", text) and "[worker]" not in text
     assert "torch==" in (ROOT / "docker/worker.Dockerfile").read_text()
+
+
+def test_the_worker_image_carries_the_shipped_demo_models():
+    # The worker image installs the package non-editable: the weights must be package data.
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["worker.demo"]
+    models = ROOT / "worker" / "demo" / "models"
+    shipped = [p for p in models.rglob("*") if p.is_file()]
+    covered = {p for pat in patterns for p in (ROOT / "worker" / "demo").glob(pat) if p.is_file()}
+    assert set(shipped) <= covered, set(shipped) - covered
