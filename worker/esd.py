@@ -84,9 +84,9 @@ class ESDConfig:
     ddim_steps: int = 50
     start_guidance: float = 3.0  # guidance of the frozen model's trajectory to x_t
     seed: int = 0
-    # Each concept is trained inside these prompts ("{}" is the concept), so that its
-    # rephrasings are erased too, not only the bare word.
-    templates: tuple[str, ...] = ("{}",)
+    # The prompts the concepts are trained in, taken in turn; empty: the bare concepts (the
+    # paper's form). Prompts that use a concept in context erase its rephrasings too.
+    prompts: tuple[str, ...] = ()
     height: int = 32
     width: int = 32
 
@@ -122,9 +122,9 @@ class ESDTrainer:
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
         self.device = self.frozen.device
         self.dtype = self.frozen.dtype
-        prompts = [t.format(c) for c in cfg.concepts for t in cfg.templates]
-        self.targets = [(c, t.format(c)) for c in cfg.concepts for t in cfg.templates]
-        self.emb = dict(zip(prompts, encode_prompts(pipe, prompts), strict=True))
+        self.prompts = list(cfg.prompts or cfg.concepts)  # repeats weight a prompt up
+        unique = list(dict.fromkeys(self.prompts))
+        self.emb = dict(zip(unique, encode_prompts(pipe, unique), strict=True))
         self.emb[""] = encode_prompts(pipe, [""])[0]
         if cfg.erase_from:
             self.emb_from = encode_prompts(pipe, [cfg.erase_from])[0]
@@ -152,7 +152,7 @@ class ESDTrainer:
     def step(self) -> float:
         cfg = self.cfg
         i = self.state.iteration
-        _, prompt = self.targets[i % len(self.targets)]
+        prompt = self.prompts[i % len(self.prompts)]
         cond = self.emb[prompt][None]
         stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=self.generator))
         x_t, t = self.trajectory(cond, stop)

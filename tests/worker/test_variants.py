@@ -60,3 +60,39 @@ def test_cache_serves_variant_from_cached_base_without_reloading_it(edit, tmp_pa
     assert ctx.cache.size_of("base-no-red") < ctx.cache.size_of("base") / 5
     ctx.cache.discard("base")
     assert "base-no-red" not in ctx.cache  # a variant never outlives its base's tensors
+
+
+def test_export_merges_the_delta_into_a_folder_plain_diffusers_loads(edit, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from app.errors import InvalidParams, ModelExists
+    from worker.exporter import export_model
+
+    _, trainer = edit
+    ctx = WorkerContext.from_settings(Settings(home=tmp_path, device="cpu", dtype="float32"))
+    with ctx.registry.create("base", {"kind": "text-to-image", "format": "diffusers",
+                                      "base": None}) as staging:
+        save_tiny_pipeline(staging, seed=0)
+    manifest = {"kind": "text-to-image", "format": "delta",
+                "base": {"id": "base", "digest": ctx.registry.get("base")["digest"]}}
+    with ctx.registry.create("base-no-red", manifest) as staging:
+        save_delta(trainer.delta(), staging)
+
+    out = export_model(ctx.registry, "base-no-red", tmp_path / "exported")
+    exported = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    served, _ = ctx.cache.get("base-no-red")
+
+    def image(pipe):
+        return pipe("red circle", num_inference_steps=3, height=32, width=32,
+                    generator=torch.Generator().manual_seed(7), output_type="np").images
+
+    assert torch.equal(torch.from_numpy(image(exported)), torch.from_numpy(image(served)))
+    base, _ = ctx.cache.get("base")
+    assert not torch.equal(torch.from_numpy(image(exported)), torch.from_numpy(image(base)))
+    assert (out / "lethe.json").is_file()
+    assert not any(p.name.startswith(".exported") for p in tmp_path.iterdir())
+
+    with pytest.raises(ModelExists, match="exists already"):
+        export_model(ctx.registry, "base-no-red", out)
+    with pytest.raises(InvalidParams, match="`dtype` 'int8'"):
+        export_model(ctx.registry, "base-no-red", tmp_path / "other", dtype="int8")

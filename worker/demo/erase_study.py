@@ -1,0 +1,78 @@
+"""The experiments behind ``shapes-sd``'s erase defaults: one line of JSON per setting.
+
+    python -m worker.demo.erase_study --concept triangle --method esd-x \
+        --train-prompts varied plain --iterations 200 --lr 1e-3
+
+Each run trains ESD on the registry's ``shapes-sd`` (as an erase job does, without the
+queue) and measures the ESD paper's Table 2 protocol with ``shapes-clf``: accuracy on every
+concept's "a {colour} {shape}" prompts, and on the erased concept's long rephrasings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+from worker.context import get_context
+from worker.defaults import ensure_default_models
+from worker.demo.erasure import erasure_report
+from worker.demo.render import SHAPES
+from worker.esd import ESDConfig, ESDTrainer
+from worker.prompts import training_prompts
+from worker.variants import build_variant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="shapes-sd")
+    parser.add_argument("--concept", nargs="+", default=["triangle"])
+    parser.add_argument("--method", nargs="+", default=["esd-x"])
+    parser.add_argument("--train-prompts", nargs="+", default=["varied"])
+    parser.add_argument("--iterations", type=int, nargs="+", default=[200])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--ddim-steps", type=int, default=30)
+    parser.add_argument("--per-prompt", type=int, default=8)
+    parser.add_argument("--baseline", action="store_true", help="also report the base model")
+    args = parser.parse_args()
+
+    ctx = get_context()
+    ensure_default_models(ctx.registry)
+    manifest = ctx.registry.get(args.model)
+    guidance = manifest["defaults"]["guidance_scale"]
+    base, _ = ctx.cache.get(args.model)
+    clf, _ = ctx.cache.get(manifest["evaluator"])
+    concepts = list(args.concept)
+
+    def summary(report: dict) -> dict:
+        acc = report["accuracy"]
+        others = [s for s in SHAPES if s not in concepts]
+        return {"accuracy": {k: round(v, 3) for k, v in acc.items()},
+                "full_prompts": {k: round(v, 3) for k, v in
+                                 report["accuracy_full_prompts"].items()},
+                "other_shapes_mean": round(sum(acc[s] for s in others) / len(others), 3)}
+
+    if args.baseline:
+        print(json.dumps({"run": "base", "guidance": guidance} | summary(
+            erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
+    for method, style, iters, lr in itertools.product(args.method, args.train_prompts,
+                                                      args.iterations, args.lr):
+        cfg = ESDConfig(concepts=tuple(concepts),
+                        prompts=training_prompts(concepts, style, manifest.get("domain")),
+                        method=method, iterations=iters, learning_rate=lr,
+                        ddim_steps=args.ddim_steps, height=32, width=32)
+        t0 = time.perf_counter()
+        trainer = ESDTrainer(base, cfg)
+        trainer.train()
+        train_s = time.perf_counter() - t0
+        variant = build_variant(base, trainer.delta(), args.model).pipe
+        report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
+        print(json.dumps({"run": {"method": method, "train_prompts": style,
+                                  "iterations": iters, "lr": lr,
+                                  "ddim_steps": args.ddim_steps},
+                          "train_s": round(train_s, 1)} | summary(report)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
