@@ -1,7 +1,7 @@
 """The ``lethe`` command.
 
 ``serve`` and ``models list|show|rm`` need only the API side; ``worker`` and
-``models import|pull`` load the GPU side (torch) when they run.
+``models import|pull|export`` load the GPU side (torch) when they run.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def cmd_models(args: argparse.Namespace) -> None:
         from worker.importer import pull_model
 
         _print(pull_model(registry, args.hub_id, args.id))
+    elif args.action == "export":
+        from worker.exporter import export_model
+
+        print(export_model(registry, args.id, Path(args.to), args.dtype))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -123,6 +127,7 @@ def cmd_erase(args: argparse.Namespace) -> None:
         "base_model": args.base_model, "concepts": args.concepts, "method": args.method,
         "iterations": args.iterations, "learning_rate": args.learning_rate,
         "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
+        "train_prompts": args.train_prompts,
         "name": args.name, "seed": args.seed,
     })
     with _client(args.url) as client:
@@ -160,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download from a hub (machines with network only)")
     pull.add_argument("hub_id")
     pull.add_argument("--id", required=True)
+    exp = msub.add_parser("export", help="write a standalone diffusers folder (edits merged)")
+    exp.add_argument("id")
+    exp.add_argument("--to", required=True, help="a new folder")
+    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train models")
@@ -180,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--negative-guidance", type=float)
     p.add_argument("--erase-from")
+    p.add_argument("--train-prompts", choices=["varied", "plain"],
+                   help="varied (default): the concept inside the prompts it appears in; "
+                   "plain: the bare concept, as the ESD paper")
     p.add_argument("--name", help="registry id of the result")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_erase)

@@ -15,8 +15,10 @@ class Settings(BaseSettings):
     home: Path = Field(Path("./data"), description="Data folder: registry/, outputs/, redis/.")
     redis_url: str | None = Field(None, description="Unset: `lethe serve` embeds a Redis.")
     api_keys: str = Field("", description="Comma-separated bearer keys; empty: open service.")
-    # tiny-sd until the trained shapes-sd ships in worker/demo/models (then: shapes-sd).
-    default_model: str = Field("tiny-sd", description="Model used when a request names none.")
+    # The shipped demo models (worker/demo/models): meaningful pictures with no download.
+    default_model: str = Field("shapes-sd", description="Model used when a request names none.")
+    default_upscaler: str = Field("shapes-x4", description="Upscaler used when a request "
+                                  "names none.")
     queues: str = Field("images,train", description="Queues a `lethe worker` listens on.")
 
     # Job lifetimes, in seconds.
@@ -38,6 +40,11 @@ class Settings(BaseSettings):
     # Request bounds the API enforces before anything is queued.
     max_side: int = Field(2048, description="Largest width or height any model may be asked for.")
     max_body_bytes: int = 20 * 1024**2
+    # Upscaling: the output's longest side, and the input tile above which the worker
+    # upscales in overlapping tiles (what bounds its memory).
+    max_upscale_side: int = Field(2048, description="Largest side of an upscaled image.")
+    upscale_tile: int = Field(128, ge=16, description="Input pixels a side per upscale tile.")
+    upscale_overlap: int = Field(16, ge=0, description="Input pixels neighbouring tiles share.")
 
     device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
     dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")

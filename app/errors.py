@@ -52,6 +52,10 @@ class ModelProtected(LetheError):
     status, code = 409, "model_protected"
 
 
+class UnsupportedMedia(LetheError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Unauthorized(LetheError):
     status, code = 401, "unauthorized"
 

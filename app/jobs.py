@@ -7,6 +7,7 @@ RQ as failed; ``meta["canceled"]`` tells it apart.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
@@ -40,7 +41,12 @@ _FROM_RQ = {
 }
 
 
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def fetch(connection: Redis, job_id: str) -> Job:
+    if not _JOB_ID_RE.match(job_id):  # never a Redis key built from arbitrary text
+        raise JobNotFound(f"no job with id {job_id!r}")
     try:
         return Job.fetch(job_id, connection=connection)
     except (NoSuchJobError, ValueError):

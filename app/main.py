@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from app.api.deps import require_key
-from app.api.routes import health, jobs, models
+from app.api.routes import health, jobs, models, upscale
 from app.config import get_settings
 from app.errors import install_handlers
 from app.limits import BodySizeLimit
@@ -44,6 +44,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     protected = [Depends(require_key)]
     app.include_router(jobs.router, dependencies=protected)
+    app.include_router(upscale.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
     return app
 

@@ -15,6 +15,7 @@ IMAGES, TRAIN = "images", "train"
 # Which queue and timeout setting each job type uses.
 JOB_TYPES: dict[str, dict[str, str]] = {
     "generate": {"queue": IMAGES, "func": "worker.jobs.generate", "timeout": "generate_timeout_s"},
+    "upscale": {"queue": IMAGES, "func": "worker.jobs.upscale", "timeout": "generate_timeout_s"},
     "erase": {"queue": TRAIN, "func": "worker.jobs.erase", "timeout": "train_timeout_s"},
 }
 
@@ -46,11 +47,13 @@ def enqueue(
     timeout_s: int,
     result_ttl_s: int,
     retries: int = 0,
+    job_id: str | None = None,
 ) -> Any:
     spec = JOB_TYPES[job_type]
     queue = Queue(spec["queue"], connection=connection)
     return queue.enqueue(
         spec["func"],
+        job_id=job_id,
         kwargs={"params": params},
         job_timeout=timeout_s,
         result_ttl=result_ttl_s,

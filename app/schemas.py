@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
@@ -12,6 +12,21 @@ Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 class _Strict(BaseModel):
     # An unknown field is a typo the user wants to hear about, not silently ignore.
     model_config = ConfigDict(extra="forbid")
+
+
+class UpscaleOptions(_Strict):
+    """How to upscale: shared by POST /upscale and a cascade's ``upscale`` field."""
+
+    model: str | None = Field(None, description="An upscaler in the registry; default: "
+                              "LETHE_DEFAULT_UPSCALER.")
+    prompt: str | None = Field(None, max_length=1000, description="The x4 upscaler is "
+                               "text-conditioned; default: the source job's prompt, else empty.")
+    steps: int | None = Field(None, ge=1, le=500, description="Default: the model's.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    noise_level: int | None = Field(None, ge=0, le=1000,
+                                    description="Noise added to the input; at most the model's "
+                                    "max_noise_level.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: random.")
 
 
 class GenerateCreate(_Strict):
@@ -25,6 +40,8 @@ class GenerateCreate(_Strict):
     height: int | None = Field(None, ge=8, le=2048, description="Multiple of 8.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: random.")
     scheduler: Scheduler | None = None
+    upscale: UpscaleOptions | None = Field(
+        None, description="Cascade: upscale every generated image ×4 in the same job.")
 
     @field_validator("prompt")
     @classmethod
@@ -41,6 +58,24 @@ class GenerateCreate(_Strict):
         return v
 
 
+class ImageSource(_Strict):
+    job_id: str = Field(..., min_length=1, max_length=64)
+    index: int = Field(0, ge=0, le=1000)
+
+
+class UpscaleCreate(UpscaleOptions):
+    """JSON body of POST /upscale: exactly one of ``image`` (base64) and ``source``."""
+
+    image: str | None = Field(None, min_length=1, description="Base64 PNG/JPEG/WebP/BMP bytes.")
+    source: ImageSource | None = Field(None, description="An earlier job's output image.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> UpscaleCreate:
+        if (self.image is None) == (self.source is None):
+            raise ValueError("give exactly one of `image` (base64) and `source` (job_id, index)")
+        return self
+
+
 EraseMethod = Literal["esd-x", "esd-u", "esd-all", "esd-x-strict"]
 
 
@@ -52,6 +87,9 @@ class EraseCreate(_Strict):
     learning_rate: float | None = Field(None, gt=0, le=1)
     negative_guidance: float = Field(1.0, ge=0, le=100, description="η in the ESD paper.")
     erase_from: str | None = Field(None, min_length=1, max_length=200)
+    train_prompts: Literal["varied", "plain"] = Field(
+        "varied", description="varied: train each concept inside the prompts it appears in "
+        "(erases its rephrasings too); plain: the bare concept, as the ESD paper.")
     name: str | None = Field(None, description="Registry id of the result; default derived.")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     evaluate: bool | None = Field(

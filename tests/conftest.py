@@ -47,6 +47,7 @@ os.environ.update({
     "LETHE_PROGRESS_INTERVAL_S": "0",
     "LETHE_API_KEYS": "",
     "LETHE_DEFAULT_MODEL": "tiny-sd",
+    "LETHE_DEFAULT_UPSCALER": "tiny-x4",
     "HF_HUB_OFFLINE": "1",
 })
 Redis.from_url(REDIS_URL).flushdb()

@@ -66,21 +66,46 @@ def save_png(image: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _image_entry(job_id: str, index: int, name: str, image: Any, seed: int,
+                 **extra: Any) -> dict:
+    return {"index": index, "file": name, "url": f"/jobs/{job_id}/images/{index}",
+            "width": image.width, "height": image.height, "seed": seed, **extra}
+
+
+def _upscale_params(up: dict, seed: int) -> Any:
+    from worker.upscale import UpscaleParams
+
+    return UpscaleParams(prompt=up["prompt"], steps=up["steps"],
+                         guidance_scale=up["guidance_scale"], noise_level=up["noise_level"],
+                         seed=seed, tile=up["tile"], overlap=up["overlap"])
+
+
+def _upscale_steps(up: dict, width: int, height: int) -> int:
+    from worker.upscale import plan
+
+    return len(plan(width, height, up["tile"], up["overlap"])) * up["steps"]
+
+
 def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i``.
 
     Seeding each image on its own makes an image depend only on its own seed and params,
-    not on how many images were asked for in the same request.
+    not on how many images were asked for in the same request. With ``upscale`` (a cascade)
+    each image is then upscaled ×4 in the same job; progress counts both stages' steps.
     """
+    from worker.upscale import upscale
+
     ctx = get_context()
-    steps, n = params["steps"], params["num_images"]
-    reporter.progress(0, steps, "loading", force=True)
+    steps, n, up = params["steps"], params["num_images"], params.get("upscale")
+    per_image = _upscale_steps(up, params["width"], params["height"]) if up else 0
+    total = steps + n * per_image
+    reporter.progress(0, total, "loading", force=True)
     t0 = time.perf_counter()
     base, cached = ctx.cache.get(params["model"])
     load_s = time.perf_counter() - t0
     pipe = with_scheduler(base, params["scheduler"])
     generators = [torch.Generator("cpu").manual_seed(params["seed"] + i) for i in range(n)]
-    reporter.progress(0, steps, "denoising", force=True)
+    reporter.progress(0, total, "denoising", force=True)
     t1 = time.perf_counter()
     with torch.inference_mode():
         out = pipe(
@@ -92,28 +117,74 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
             width=params["width"],
             height=params["height"],
             generator=generators,
-            callback_on_step_end=reporter.step_callback(steps, "denoising"),
+            callback_on_step_end=reporter.step_callback(total, "denoising"),
         )
     run_s = time.perf_counter() - t1
     folder = ctx.settings.outputs_dir / job_id
     images = []
     for i, image in enumerate(out.images):
-        name = f"{i}.png"
-        save_png(image, folder / name)
-        images.append({"index": i, "file": name, "url": f"/jobs/{job_id}/images/{i}",
-                       "width": image.width, "height": image.height,
-                       "seed": params["seed"] + i})
-    reporter.progress(steps, steps, "done", force=True)
+        save_png(image, folder / f"{i}.png")
+        images.append(_image_entry(job_id, i, f"{i}.png", image, params["seed"] + i,
+                                   role="base"))
+    timings = {"load_s": round(load_s, 4), "run_s": round(run_s, 4)}
+    if up:
+        t2 = time.perf_counter()
+        up_pipe, _ = ctx.cache.get(up["model"])
+        for i, image in enumerate(out.images):
+            offset = steps + i * per_image
+            big = upscale(up_pipe, image, _upscale_params(up, up["seed"] + i),
+                          reporter.span(offset, total, "upscaling"))
+            name = f"{i}-x4.png"
+            save_png(big, folder / name)
+            images.append(_image_entry(job_id, n + i, name, big, up["seed"] + i,
+                                       role="upscaled", source_index=i))
+        timings["upscale_s"] = round(time.perf_counter() - t2, 4)
+    reporter.progress(total, total, "done", force=True)
     job = get_current_job()
     return {"model": params["model"], "images": images, "cached": cached,
-            "worker": job.worker_name if job else None,
-            "timings": {"load_s": round(load_s, 4), "run_s": round(run_s, 4)}}
+            "worker": job.worker_name if job else None, "timings": timings}
 
 
 @job_function
 def generate(params: dict, reporter: Reporter) -> dict:
     job = get_current_job()
     return run_generate(params, reporter, job.id if job else "local")
+
+
+@job_function
+def upscale(params: dict, reporter: Reporter) -> dict:
+    """×4 of the image the API checked and stored at ``outputs/<params.input>``."""
+    from PIL import Image
+
+    from worker.upscale import plan, upscale
+
+    ctx = get_context()
+    job = get_current_job()
+    job_id = job.id if job else "local"
+    with Image.open(ctx.settings.outputs_dir / params["input"]) as stored:
+        image = stored.convert("RGB")
+    total = _upscale_steps(params, *image.size)
+    reporter.progress(0, total, "loading", force=True)
+    t0 = time.perf_counter()
+    pipe, cached = ctx.cache.get(params["model"])
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    big = upscale(pipe, image, _upscale_params(params, params["seed"]),
+                  reporter.span(0, total, "upscaling"))
+    run_s = time.perf_counter() - t1
+    save_png(big, ctx.settings.outputs_dir / job_id / "0.png")
+    reporter.progress(total, total, "done", force=True)
+    return {"model": params["model"], "cached": cached,
+            "images": [_image_entry(job_id, 0, "0.png", big, params["seed"], role="upscaled")],
+            "input": {"width": image.width, "height": image.height,
+                      "tiles": len(plan(*image.size, params["tile"], params["overlap"]))},
+            "worker": job.worker_name if job else None,
+            "timings": {"load_s": round(load_s, 4), "run_s": round(run_s, 4)}}
+
+
+# Images per prompt in an erase job's report: 48 per shape and 32 per colour on the
+# "a {colour} {shape}" prompts, so one image moves a rate by about 2 to 3 points.
+EVAL_PER_PROMPT = 8
 
 
 def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
@@ -130,13 +201,14 @@ def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
     metrics = base_manifest.get("metrics") or {}
     baseline = metrics.get("erasure_baseline")
     concepts = list(params["concepts"])
-    if not baseline or not set(concepts) <= set(baseline.get("accuracy_full_prompts", {})):
-        baseline = erasure_report(base, clf, concepts, guidance=guidance)
+    if (not baseline or baseline.get("per_prompt") != EVAL_PER_PROMPT
+            or not set(concepts) <= set(baseline.get("accuracy_full_prompts", {}))):
+        baseline = erasure_report(base, clf, concepts, EVAL_PER_PROMPT, guidance)
         ctx.registry.update_manifest(base_id, metrics=metrics | {"erasure_baseline": baseline})
     reporter.check()
     reporter.progress(1, 2, "evaluating", force=True)
     variant = build_variant(base, delta, base_id).pipe
-    after = erasure_report(variant, clf, concepts, guidance=guidance)
+    after = erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, guidance)
     return {"before": baseline, "after": after, "erased": concepts}
 
 
@@ -151,6 +223,7 @@ def _save_checkpoint(trainer: Any, path: Path) -> None:
 def erase(params: dict, reporter: Reporter) -> dict:
     """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
     from worker.esd import ESDConfig, ESDTrainer
+    from worker.prompts import training_prompts
     from worker.variants import save_delta
 
     ctx = get_context()
@@ -163,8 +236,11 @@ def erase(params: dict, reporter: Reporter) -> dict:
     total = params["iterations"]
     reporter.progress(0, total, "loading", force=True)
     pipe, _ = ctx.cache.get(params["base_model"])
+    style = params.get("train_prompts", "plain")
+    prompts = training_prompts(params["concepts"], style, params.get("domain"))
     cfg = ESDConfig(
-        concepts=tuple(params["concepts"]), method=params["method"], iterations=total,
+        concepts=tuple(params["concepts"]), prompts=prompts, method=params["method"],
+        iterations=total,
         learning_rate=params["learning_rate"], negative_guidance=params["negative_guidance"],
         erase_from=params.get("erase_from"), ddim_steps=params["ddim_steps"],
         start_guidance=params["start_guidance"], seed=params["seed"],
@@ -195,6 +271,7 @@ def erase(params: dict, reporter: Reporter) -> dict:
     edit = {k: params[k] for k in ("method", "concepts", "iterations", "learning_rate",
                                    "negative_guidance", "erase_from", "seed", "ddim_steps",
                                    "start_guidance")}
+    edit |= {"train_prompts": style, "prompts": list(dict.fromkeys(prompts))}
     manifest = {
         "kind": "text-to-image", "format": "delta",
         "base": {"id": params["base_model"], "digest": base_manifest["digest"]},

@@ -58,6 +58,16 @@ class Reporter:
 
         return callback
 
+    def span(self, offset: int, total: int, stage: str):
+        """An ``on_step(done, _)`` for one part of a longer job: steps ``offset + done``
+        of ``total`` (the legacy-callback pipelines, the upscaler, report through it)."""
+
+        def on_step(done: int, _part_total: int) -> None:
+            self.check()
+            self.progress(offset + done, total, stage)
+
+        return on_step
+
     def set_meta(self, **fields: Any) -> None:
         if self.job is not None:
             self.job.meta.update(fields)

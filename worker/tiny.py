@@ -14,7 +14,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -97,4 +99,35 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny pipeline as an ordinary diffusers folder."""
     folder = Path(folder)
     tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_upscaler(seed: int = 0) -> StableDiffusionUpscalePipeline:
+    """A tiny random ×4 upscaler in Stability's x4 layout: the low-resolution image is
+    concatenated to the latents (4 + 3 channels) and its noise level is a class label."""
+    base = tiny_components(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, cross_attention_dim=32, norm_num_groups=8,
+        num_class_embeds=351,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(  # three blocks: a ×4 decoder, as the x4 upscaler's
+        block_out_channels=(16, 16, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4, norm_num_groups=8, scaling_factor=0.08333,
+    )
+    return StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=base["text_encoder"], tokenizer=base["tokenizer"], unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02,
+                                        beta_schedule="linear", num_train_timesteps=1000),
+        scheduler=base["scheduler"], max_noise_level=350,
+    )
+
+
+def save_tiny_upscaler(folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_upscaler(seed).save_pretrained(folder, safe_serialization=True)
     return folder

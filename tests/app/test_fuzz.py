@@ -34,6 +34,7 @@ def fuzz_schema(tiny_model):
 OPERATIONS = [
     ("POST", "/generate"),
     ("POST", "/erase"),
+    ("POST", "/upscale"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/images/{index}"),

@@ -1,0 +1,95 @@
+"""POST /upscale: an uploaded image (multipart or base64 JSON) or an earlier job's output, ×4.
+
+The API checks every image before it is queued (``app.images``) and stores it as a plain
+PNG in the new job's output folder; the worker reads only that file.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from app.api.deps import RedisDep, RegistryDep, SettingsDep
+from app.api.routes.jobs import created
+from app.errors import InvalidParams, UnsupportedMedia
+from app.images import decode_base64, open_checked, save_input
+from app.params import SCALE, resolve_source, resolve_upscale
+from app.queue import enqueue
+from app.schemas import JobCreated, UpscaleCreate, UpscaleOptions
+
+router = APIRouter(tags=["jobs"])
+
+INPUT_FILE = "input.png"
+
+
+def _invalid(exc: ValidationError) -> RequestValidationError:
+    # The same 422 envelope as any other body, field names and values included.
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+
+
+_MULTIPART_SCHEMA = {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary"},
+                   **{k: {"type": "string"} for k in UpscaleOptions.model_fields}},
+}
+
+
+@router.post(
+    "/upscale", status_code=202, response_model=JobCreated,
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/UpscaleCreate"}},
+        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    }}},
+)
+async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDep,
+                         settings: SettingsDep) -> Any:
+    """Queue a ×4 upscale of an upload (multipart `image`, or base64 `image` in JSON) or of
+    an earlier job's image (`source`); poll `Location` for the result."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    job_id = str(uuid.uuid4())
+    data: bytes | None = None
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=len(UpscaleOptions.model_fields) + 1)
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise InvalidParams("`image`: a multipart request needs a file field named `image`")
+        data = await upload.read()
+        fields = {k: v for k, v in form.multi_items() if k != "image"}
+        try:
+            options: UpscaleOptions = UpscaleOptions.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        source = None
+    elif ctype in ("application/json", ""):
+        raw = await request.body()
+        try:
+            body = UpscaleCreate.model_validate_json(raw)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        options, source = body, body.source
+        if body.image is not None:
+            data = decode_base64(body.image)
+    else:
+        raise UnsupportedMedia(f"content type {ctype!r} is not accepted; send "
+                               "multipart/form-data or application/json")
+
+    if source is not None:
+        rel, source_prompt, _ = resolve_source(source, redis, settings)
+        params = resolve_upscale(options, registry, settings, prompt=source_prompt)
+        params["input"] = rel
+        params["source"] = source.model_dump()
+    else:
+        assert data is not None
+        params = resolve_upscale(options, registry, settings)
+        image = open_checked(data, max_side=max(settings.max_upscale_side // SCALE, 1))
+        save_input(image, settings.outputs_dir / job_id / INPUT_FILE)
+        params["input"] = f"{job_id}/{INPUT_FILE}"
+        params["source"] = None
+    job = enqueue(redis, "upscale", params, timeout_s=settings.generate_timeout_s,
+                  result_ttl_s=settings.result_ttl_s, job_id=job_id)
+    return created(job, "upscale")

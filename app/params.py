@@ -1,0 +1,155 @@
+"""Request bodies into job params: defaults from the model's manifest, limits checked.
+
+What a job runs with is decided here, in the API, so ``GET /jobs/{id}`` shows the exact
+parameters (seed included) that reproduce it, and a bad request fails before it is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+from redis import Redis
+
+from app import jobs
+from app.config import Settings
+from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists
+from app.registry import Registry, validate_model_id
+from app.schemas import EraseCreate, GenerateCreate, ImageSource, UpscaleOptions
+
+SCALE = 4  # the upscalers' factor (Stability's x4 layout)
+
+
+def resolve_generate(body: GenerateCreate, registry: Registry, settings: Settings) -> dict:
+    """Fill defaults from the model's manifest and check the request against its limits."""
+    model_id = body.model or settings.default_model
+    max_side = settings.max_side
+    manifest = registry.get(model_id)
+    if manifest["kind"] != "text-to-image":
+        raise InvalidParams(
+            f"`model` {model_id!r} is a {manifest['kind']} model, not text-to-image"
+        )
+    defaults = manifest.get("defaults") or {}
+    params = body.model_dump()
+    params["model"] = model_id
+    for key in ("steps", "guidance_scale", "width", "height", "scheduler"):
+        if params[key] is None:
+            params[key] = defaults.get(key)
+    params["steps"] = params["steps"] or 30
+    params["guidance_scale"] = 7.5 if params["guidance_scale"] is None else params["guidance_scale"]
+    params["scheduler"] = params["scheduler"] or "ddim"
+    if params["seed"] is None:  # drawn here so the job's params say how to reproduce it
+        params["seed"] = secrets.randbelow(2**31)
+    limit = min(int((manifest.get("limits") or {}).get("max_side", max_side)), max_side)
+    for side in ("width", "height"):
+        params[side] = params[side] or defaults.get("size") or 512
+        if params[side] > limit:
+            raise InvalidParams(
+                f"`{side}` must be at most {limit} for model {model_id!r}, got {params[side]}"
+            )
+    if body.upscale is not None:  # a cascade: the same job upscales what it generated
+        check_input_size(params["width"], params["height"], settings, "width/height")
+        params["upscale"] = resolve_upscale(body.upscale, registry, settings,
+                                            prompt=params["prompt"])
+        params["upscale"]["seed"] = params["upscale"]["seed"] if body.upscale.seed is not None \
+            else params["seed"]
+    return params
+
+
+def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> dict:
+    base_id = body.base_model or settings.default_model
+    manifest = registry.get(base_id)
+    if manifest["kind"] != "text-to-image" or manifest["format"] != "diffusers":
+        raise InvalidParams(
+            f"`base_model` must be a base text-to-image model, got {base_id!r} "
+            f"({manifest['kind']}, {manifest['format']})"
+        )
+    defaults = manifest.get("erase_defaults") or {}
+    evaluator = manifest.get("evaluator")
+    if body.evaluate and not evaluator:
+        raise InvalidParams(
+            f"`evaluate` is true but model {base_id!r} names no evaluator (a classifier of its "
+            "domain) in its manifest"
+        )
+    params = body.model_dump()
+    params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate
+    params["evaluator"] = evaluator
+    params["base_model"] = base_id
+    params["iterations"] = params["iterations"] or defaults.get("iterations", 1000)
+    params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
+    params["ddim_steps"] = defaults.get("ddim_steps", 50)
+    params["start_guidance"] = defaults.get("start_guidance", 3.0)
+    params["domain"] = manifest.get("domain")  # known prompt forms for "varied" training
+    gen = manifest.get("defaults") or {}
+    params["height"], params["width"] = gen.get("height", 512), gen.get("width", 512)
+    if body.name:
+        validate_model_id(body.name, "name")
+        if registry.exists(body.name):
+            raise ModelExists(f"`name` {body.name!r} is taken: a model with that id exists")
+        params["name"] = body.name
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(body.concepts).lower()).strip("-")[:30]
+        stem = f"{base_id[:24]}-no-{slug or 'concept'}"
+        name, n = stem, 2
+        while registry.exists(name):
+            name, n = f"{stem}-{n}", n + 1
+        params["name"] = name
+    return params
+
+
+def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Settings,
+                    prompt: str | None = None) -> dict[str, Any]:
+    """Fill an upscale's defaults from the upscaler's manifest and check them against it."""
+    model_id = options.model or settings.default_upscaler
+    manifest = registry.get(model_id)
+    if manifest["kind"] != "upscaler":
+        raise InvalidParams(f"`model` {model_id!r} is a {manifest['kind']} model, not an upscaler")
+    defaults = manifest.get("defaults") or {}
+    params = options.model_dump()
+    params["model"] = model_id
+    params["prompt"] = params["prompt"] if params["prompt"] is not None else (prompt or "")
+    params["steps"] = params["steps"] or defaults.get("steps", 20)
+    for key, fallback in (("guidance_scale", 0.0), ("noise_level", 20)):
+        if params[key] is None:
+            params[key] = defaults.get(key, fallback)
+    index = registry.path(model_id) / "model_index.json"
+    max_noise = json.loads(index.read_text()).get("max_noise_level", 350) if index.is_file() \
+        else 350
+    if params["noise_level"] > max_noise:
+        raise InvalidParams(f"`noise_level` must be at most {max_noise} for model {model_id!r}, "
+                            f"got {params['noise_level']}")
+    if params["seed"] is None:
+        params["seed"] = secrets.randbelow(2**31)
+    params["tile"], params["overlap"] = settings.upscale_tile, settings.upscale_overlap
+    return params
+
+
+def check_input_size(width: int, height: int, settings: Settings, field: str) -> None:
+    limit = settings.max_upscale_side // SCALE
+    if width > limit or height > limit:
+        raise InvalidParams(
+            f"`{field}` is {width}×{height}; upscaled ×{SCALE} it would pass the "
+            f"{settings.max_upscale_side}-pixel limit (LETHE_MAX_UPSCALE_SIDE), so at most "
+            f"{limit} a side")
+
+
+def resolve_source(source: ImageSource, redis: Redis, settings: Settings
+                   ) -> tuple[str, str, dict]:
+    """(input path relative to outputs/, its prompt, its image entry) of a job's output."""
+    job = jobs.fetch(redis, source.job_id)
+    view = jobs.describe(job)
+    if view["status"] != "succeeded":
+        raise JobNotFinished(f"`source.job_id` {source.job_id!r} is {view['status']}; only a "
+                             "succeeded job's images can be upscaled")
+    images = (view["result"] or {}).get("images", [])
+    if not 0 <= source.index < len(images):
+        raise ImageNotFound(f"`source.index` must be between 0 and {len(images) - 1} for job "
+                            f"{source.job_id!r}, got {source.index}")
+    entry = images[source.index]
+    rel = f"{source.job_id}/{entry['file']}"
+    if not (settings.outputs_dir / rel).is_file():
+        raise ImageNotFound(f"image {source.index} of job {source.job_id!r} is no longer stored")
+    check_input_size(entry["width"], entry["height"], settings, "source")
+    return rel, (view["params"] or {}).get("prompt", ""), entry
