@@ -66,7 +66,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             f"`base_model` must be a base text-to-image model, got {base_id!r} "
             f"({manifest['kind']}, {manifest['format']})"
         )
-    defaults = manifest.get("erase_defaults") or {}
+    defaults = dict(manifest.get("erase_defaults") or {})
+    # A method may need its own step size (esd-u trains far more weights than esd-x).
+    defaults |= (defaults.pop("by_method", None) or {}).get(body.method, {})
     evaluator = manifest.get("evaluator")
     if body.evaluate and not evaluator:
         raise InvalidParams(
@@ -77,7 +79,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate
     params["evaluator"] = evaluator
     params["base_model"] = base_id
-    params["iterations"] = params["iterations"] or defaults.get("iterations", 1000)
+    # A default is per concept: a job erasing two trains each as long as a job erasing one.
+    params["iterations"] = params["iterations"] or (
+        defaults.get("iterations", 1000) * len(body.concepts))
     params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
     params["ddim_steps"] = defaults.get("ddim_steps", 50)
     params["start_guidance"] = defaults.get("start_guidance", 3.0)

@@ -83,8 +83,10 @@ class EraseCreate(_Strict):
     base_model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
     concepts: list[str] = Field(..., min_length=1, max_length=8, examples=[["triangle"]])
     method: EraseMethod = "esd-x"
-    iterations: int | None = Field(None, ge=1, le=100_000, description="Default: the model's.")
-    learning_rate: float | None = Field(None, gt=0, le=1)
+    iterations: int | None = Field(None, ge=1, le=100_000, description="Default: the model's "
+                                   "(else the paper's 1000) per concept.")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Default: the model's "
+                                        "for the method (else the paper's 1e-5).")
     negative_guidance: float = Field(1.0, ge=0, le=100, description="η in the ESD paper.")
     erase_from: str | None = Field(None, min_length=1, max_length=200)
     train_prompts: Literal["varied", "plain"] = Field(

@@ -10,8 +10,14 @@ points *away* from c:
     ε_θ(x_t, c_from, t)  →  ε_f − (1 + η) · (ε_c − ε₀),   ε_f = ε_θ*(x_t, c_from, t)
 
 which is the paper's target when c_from = c (ε_c − (1+η)(ε_c − ε₀) = ε₀ − η(ε_c − ε₀)).
-x_t comes from the frozen model's own guided DDIM trajectory for c, stopped at a random
+x_t comes from the frozen model's own guided DDIM trajectory for c_from, stopped at a random
 step, as in the paper; the three teacher predictions are one batched call.
+
+Each training prompt is a triple (anchor, c, c_from), generalising ε₀ = ε_θ*(x_t, anchor, t).
+The paper's form is ("", c, c). "Varied" training uses the concept in context: c = c_from =
+"a blue triangle on a white background" with the anchor "a blue on a white background"
+(the prompt without the concept), so the target ε(anchor) − η(ε(c) − ε(anchor)) removes the
+triangle and keeps the blue: with the empty anchor it would push "blue" away too.
 """
 
 from __future__ import annotations
@@ -74,6 +80,16 @@ def select_parameters(unet: nn.Module, method: str) -> dict[str, nn.Parameter]:
 
 
 @dataclass(frozen=True)
+class ESDPrompt:
+    """One training prompt: erase ``concept`` (c) as seen by ``prompt`` (c_from), measured
+    against ``anchor`` (ε₀'s prompt)."""
+
+    concept: str
+    prompt: str
+    anchor: str = ""
+
+
+@dataclass(frozen=True)
 class ESDConfig:
     concepts: tuple[str, ...]
     method: str = "esd-x"
@@ -84,9 +100,9 @@ class ESDConfig:
     ddim_steps: int = 50
     start_guidance: float = 3.0  # guidance of the frozen model's trajectory to x_t
     seed: int = 0
-    # The prompts the concepts are trained in, taken in turn; empty: the bare concepts (the
-    # paper's form). Prompts that use a concept in context erase its rephrasings too.
-    prompts: tuple[str, ...] = ()
+    # Training prompts taken in turn (a repeated one weighs more). Empty: each concept as
+    # its own prompt with the empty anchor (the paper's form).
+    prompts: tuple[ESDPrompt, ...] = ()
     height: int = 32
     width: int = 32
 
@@ -122,8 +138,9 @@ class ESDTrainer:
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
         self.device = self.frozen.device
         self.dtype = self.frozen.dtype
-        self.prompts = list(cfg.prompts or cfg.concepts)  # repeats weight a prompt up
-        unique = list(dict.fromkeys(self.prompts))
+        self.prompts = list(cfg.prompts or [ESDPrompt(c, c) for c in cfg.concepts])
+        texts = [t for p in self.prompts for t in (p.concept, p.prompt, p.anchor)]
+        unique = list(dict.fromkeys(texts))
         self.emb = dict(zip(unique, encode_prompts(pipe, unique), strict=True))
         self.emb[""] = encode_prompts(pipe, [""])[0]
         if cfg.erase_from:
@@ -152,15 +169,15 @@ class ESDTrainer:
     def step(self) -> float:
         cfg = self.cfg
         i = self.state.iteration
-        prompt = self.prompts[i % len(self.prompts)]
-        cond = self.emb[prompt][None]
+        p = self.prompts[i % len(self.prompts)]
+        cond, anchor = self.emb[p.concept][None], self.emb[p.anchor][None]
+        from_emb = self.emb_from[None] if cfg.erase_from else self.emb[p.prompt][None]
         stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=self.generator))
-        x_t, t = self.trajectory(cond, stop)
-        from_emb = self.emb_from[None] if cfg.erase_from else cond
+        x_t, t = self.trajectory(from_emb, stop)
         with torch.no_grad():
             eps_0, eps_c, eps_f = self.frozen(
                 torch.cat([x_t] * 3), t,
-                encoder_hidden_states=torch.cat([self.emb[""][None], cond, from_emb]),
+                encoder_hidden_states=torch.cat([anchor, cond, from_emb]),
             ).sample.chunk(3)
             target = esd_target(eps_0, eps_c, eps_f, cfg.negative_guidance)
         pred = self.unet(x_t.float(), t, encoder_hidden_states=from_emb.float()).sample

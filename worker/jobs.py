@@ -271,7 +271,9 @@ def erase(params: dict, reporter: Reporter) -> dict:
     edit = {k: params[k] for k in ("method", "concepts", "iterations", "learning_rate",
                                    "negative_guidance", "erase_from", "seed", "ddim_steps",
                                    "start_guidance")}
-    edit |= {"train_prompts": style, "prompts": list(dict.fromkeys(prompts))}
+    edit |= {"train_prompts": style,
+             "prompts": [{"prompt": p.prompt, "anchor": p.anchor}
+                         for p in dict.fromkeys(prompts)]}
     manifest = {
         "kind": "text-to-image", "format": "delta",
         "base": {"id": params["base_model"], "digest": base_manifest["digest"]},
