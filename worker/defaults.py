@@ -24,6 +24,14 @@ DEMO_MANIFESTS: dict[str, dict] = {
         "limits": {"max_side": 128},
         "evaluator": "shapes-clf",
         "domain": "shapes",
+        # Found by experiment (python -m worker.demo.erase_study; numbers in the model
+        # card): esd-x at 1e-3 erases a shape in 200 iterations, a colour needs 600 at 5e-4
+        # to spare its neighbours (orange); esd-u trains every other weight and needs 1e-4.
+        "erase_defaults": {"iterations": 600, "learning_rate": 5e-4, "ddim_steps": 30,
+                           "start_guidance": 3.0,
+                           "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200},
+                                         "esd-all": {"learning_rate": 1e-4,
+                                                     "iterations": 200}}},
     },
     "shapes-x4": {
         "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",
