@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.esd import apply_delta
+from app.errors import InvalidParams
 from worker.pipelines import Loaded, rebuild
 
 DELTA_FILE = "unet_delta.safetensors"
@@ -29,15 +29,37 @@ def load_delta(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / DELTA_FILE))
 
 
+def _with_params(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A shallow copy of ``module`` holding ``values`` (dotted names) as new parameters.
+
+    Only the modules on the path to a replaced parameter are copied, each with its own
+    ``_parameters``/``_modules`` dicts; every other submodule is the base's own object, so
+    the variant shares its tensors and costs no copy of the module tree.
+    """
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._modules = dict(module._modules)
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in values.items():
+        head, _, rest = name.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            old = module._parameters[head]
+            clone._parameters[head] = torch.nn.Parameter(
+                value.to(device=old.device, dtype=old.dtype), requires_grad=False)
+    for child, sub in nested.items():
+        clone._modules[child] = _with_params(module._modules[child], sub)
+    return clone
+
+
 def build_variant(base_pipe, delta: dict[str, torch.Tensor], base_id: str) -> Loaded:
     """A pipeline whose UNet shares every tensor of ``base_pipe.unet`` but the delta's."""
     unet = base_pipe.unet
-    # deepcopy's memo maps an object to its "copy": mapping each unchanged parameter and
-    # buffer to itself makes the copy share them; only the delta's parameters are new.
-    memo = {id(p): p for name, p in unet.named_parameters() if name not in delta}
-    memo.update({id(b): b for b in unet.buffers()})
-    variant_unet = copy.deepcopy(unet, memo)
-    apply_delta(variant_unet, delta)
-    size = sum(t.numel() * t.element_size() for n, t in variant_unet.named_parameters()
-               if n in delta)
+    params = dict(unet.named_parameters())
+    missing = sorted(set(delta) - set(params))
+    if missing:
+        raise InvalidParams(f"the delta names parameters this UNet lacks: {missing[:3]}")
+    variant_unet = _with_params(unet, delta)
+    size = sum(params[n].numel() * params[n].element_size() for n in delta)
     return Loaded(rebuild(base_pipe, unet=variant_unet), size, base=base_id)
