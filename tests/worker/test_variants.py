@@ -40,9 +40,9 @@ def test_variant_shares_unchanged_tensors_and_reproduces_the_edit(edit):
                            trainer.frozen(x, 10, encoder_hidden_states=emb).sample)
 
 
-def test_cache_serves_variant_from_cached_base_without_reloading_it(edit, tmp_path):
-    _, trainer = edit
-    ctx = WorkerContext.from_settings(Settings(home=tmp_path, device="cpu", dtype="float32"))
+def context_with_edit(home, trainer) -> WorkerContext:
+    """A worker context whose registry holds a tiny base and the edit as "base-no-red"."""
+    ctx = WorkerContext.from_settings(Settings(home=home, device="cpu", dtype="float32"))
     with ctx.registry.create("base", {"kind": "text-to-image", "format": "diffusers",
                                       "base": None}) as staging:
         save_tiny_pipeline(staging, seed=0)
@@ -50,6 +50,12 @@ def test_cache_serves_variant_from_cached_base_without_reloading_it(edit, tmp_pa
                 "base": {"id": "base", "digest": ctx.registry.get("base")["digest"]}}
     with ctx.registry.create("base-no-red", manifest) as staging:
         save_delta(trainer.delta(), staging)
+    return ctx
+
+
+def test_cache_serves_variant_from_cached_base_without_reloading_it(edit, tmp_path):
+    _, trainer = edit
+    ctx = context_with_edit(tmp_path, trainer)
 
     ctx.cache.get("base")
     assert ctx.cache.stats.loads == 1
@@ -69,14 +75,7 @@ def test_export_merges_the_delta_into_a_folder_plain_diffusers_loads(edit, tmp_p
     from worker.exporter import export_model
 
     _, trainer = edit
-    ctx = WorkerContext.from_settings(Settings(home=tmp_path, device="cpu", dtype="float32"))
-    with ctx.registry.create("base", {"kind": "text-to-image", "format": "diffusers",
-                                      "base": None}) as staging:
-        save_tiny_pipeline(staging, seed=0)
-    manifest = {"kind": "text-to-image", "format": "delta",
-                "base": {"id": "base", "digest": ctx.registry.get("base")["digest"]}}
-    with ctx.registry.create("base-no-red", manifest) as staging:
-        save_delta(trainer.delta(), staging)
+    ctx = context_with_edit(tmp_path, trainer)
 
     out = export_model(ctx.registry, "base-no-red", tmp_path / "exported")
     exported = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
