@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
@@ -83,13 +84,16 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         params = resolve_upscale(options, registry, settings, prompt=source_prompt)
         params["input"] = rel
         params["source"] = source.model_dump()
-    else:
-        assert data is not None
+    elif data is not None:
         params = resolve_upscale(options, registry, settings)
-        image = open_checked(data, max_side=max(settings.max_upscale_side // SCALE, 1))
-        save_input(image, settings.outputs_dir / job_id / INPUT_FILE)
+        # Decoding and re-encoding take milliseconds of CPU: off the event loop.
+        image = await run_in_threadpool(
+            open_checked, data, max(settings.max_upscale_side // SCALE, 1))
+        await run_in_threadpool(save_input, image, settings.outputs_dir / job_id / INPUT_FILE)
         params["input"] = f"{job_id}/{INPUT_FILE}"
         params["source"] = None
+    else:  # unreachable: UpscaleCreate asks for exactly one of the two
+        raise InvalidParams("give exactly one of `image` and `source`")
     job = enqueue(redis, "upscale", params, timeout_s=settings.generate_timeout_s,
                   result_ttl_s=settings.result_ttl_s, job_id=job_id)
     return created(job, "upscale")
