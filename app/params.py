@@ -52,9 +52,7 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
     if body.upscale is not None:  # a cascade: the same job upscales what it generated
         check_input_size(params["width"], params["height"], settings, "width/height")
         params["upscale"] = resolve_upscale(body.upscale, registry, settings,
-                                            prompt=params["prompt"])
-        params["upscale"]["seed"] = params["upscale"]["seed"] if body.upscale.seed is not None \
-            else params["seed"]
+                                            prompt=params["prompt"], seed=params["seed"])
     return params
 
 
@@ -104,8 +102,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
 
 
 def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Settings,
-                    prompt: str | None = None) -> dict[str, Any]:
-    """Fill an upscale's defaults from the upscaler's manifest and check them against it."""
+                    prompt: str | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Fill an upscale's defaults from the upscaler's manifest and check them against it;
+    ``prompt`` and ``seed`` are the fallbacks a source or cascade supplies."""
     model_id = options.model or settings.default_upscaler
     manifest = registry.get(model_id)
     if manifest["kind"] != "upscaler":
@@ -125,7 +124,7 @@ def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Setti
         raise InvalidParams(f"`noise_level` must be at most {max_noise} for model {model_id!r}, "
                             f"got {params['noise_level']}")
     if params["seed"] is None:
-        params["seed"] = secrets.randbelow(2**31)
+        params["seed"] = secrets.randbelow(2**31) if seed is None else seed
     params["tile"], params["overlap"] = settings.upscale_tile, settings.upscale_overlap
     return params
 
@@ -140,8 +139,8 @@ def check_input_size(width: int, height: int, settings: Settings, field: str) ->
 
 
 def resolve_source(source: ImageSource, redis: Redis, settings: Settings
-                   ) -> tuple[str, str, dict]:
-    """(input path relative to outputs/, its prompt, its image entry) of a job's output."""
+                   ) -> tuple[str, str]:
+    """(input path relative to outputs/, its prompt) of a job's output image."""
     job = jobs.fetch(redis, source.job_id)
     view = jobs.describe(job)
     if view["status"] != "succeeded":
@@ -156,4 +155,4 @@ def resolve_source(source: ImageSource, redis: Redis, settings: Settings
     if not (settings.outputs_dir / rel).is_file():
         raise ImageNotFound(f"image {source.index} of job {source.job_id!r} is no longer stored")
     check_input_size(entry["width"], entry["height"], settings, "source")
-    return rel, (view["params"] or {}).get("prompt", ""), entry
+    return rel, (view["params"] or {}).get("prompt", "")

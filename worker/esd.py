@@ -139,10 +139,10 @@ class ESDTrainer:
         self.device = self.frozen.device
         self.dtype = self.frozen.dtype
         self.prompts = list(cfg.prompts or [ESDPrompt(c, c) for c in cfg.concepts])
-        texts = [t for p in self.prompts for t in (p.concept, p.prompt, p.anchor)]
+        # The empty prompt is always needed: the trajectory's unconditional branch.
+        texts = ["", *(t for p in self.prompts for t in (p.concept, p.prompt, p.anchor))]
         unique = list(dict.fromkeys(texts))
         self.emb = dict(zip(unique, encode_prompts(pipe, unique), strict=True))
-        self.emb[""] = encode_prompts(pipe, [""])[0]
         if cfg.erase_from:
             self.emb_from = encode_prompts(pipe, [cfg.erase_from])[0]
         self.state = ESDState(0, [])
@@ -218,12 +218,19 @@ class ESDTrainer:
         self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
 
 
-def apply_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> None:
-    """Load an edit's tensors into ``unet`` in place (names as ``select_parameters`` gives)."""
+def delta_targets(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The parameters of ``unet`` that ``delta`` replaces, by name; an error if it names
+    one the UNet lacks (an edit of another architecture)."""
     params = dict(unet.named_parameters())
     missing = sorted(set(delta) - set(params))
     if missing:
         raise InvalidParams(f"the delta names parameters this UNet lacks: {missing[:3]}")
+    return {name: params[name] for name in delta}
+
+
+def apply_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """Load an edit's tensors into ``unet`` in place (names as ``select_parameters`` gives)."""
+    params = delta_targets(unet, delta)
     with torch.no_grad():
         for name, value in delta.items():
             params[name].copy_(value.to(params[name].dtype))

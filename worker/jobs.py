@@ -163,7 +163,8 @@ def upscale(params: dict, reporter: Reporter) -> dict:
     job_id = job.id if job else "local"
     with Image.open(ctx.settings.outputs_dir / params["input"]) as stored:
         image = stored.convert("RGB")
-    total = _upscale_steps(params, *image.size)
+    tiles = len(plan(*image.size, params["tile"], params["overlap"]))
+    total = tiles * params["steps"]
     reporter.progress(0, total, "loading", force=True)
     t0 = time.perf_counter()
     pipe, cached = ctx.cache.get(params["model"])
@@ -176,8 +177,7 @@ def upscale(params: dict, reporter: Reporter) -> dict:
     reporter.progress(total, total, "done", force=True)
     return {"model": params["model"], "cached": cached,
             "images": [_image_entry(job_id, 0, "0.png", big, params["seed"], role="upscaled")],
-            "input": {"width": image.width, "height": image.height,
-                      "tiles": len(plan(*image.size, params["tile"], params["overlap"]))},
+            "input": {"width": image.width, "height": image.height, "tiles": tiles},
             "worker": job.worker_name if job else None,
             "timings": {"load_s": round(load_s, 4), "run_s": round(run_s, 4)}}
 

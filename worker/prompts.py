@@ -14,8 +14,6 @@ from worker.demo.erasure import concept_prompts
 from worker.demo.render import COLORS, SHAPES
 from worker.esd import ESDPrompt
 
-TRAIN_PROMPT_STYLES = ("varied", "plain")
-
 # For concepts outside a known domain: the phrasings users most often wrap a subject in.
 GENERIC_TEMPLATES = (
     "{}", "a {}", "a photo of a {}", "a painting of a {}", "a drawing of a {}",

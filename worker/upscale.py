@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.params import SCALE
 from worker.pipelines import rebuild
-
-SCALE = 4
 
 
 @dataclass(frozen=True)

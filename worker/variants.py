@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.errors import InvalidParams
+from worker.esd import delta_targets
 from worker.pipelines import Loaded, rebuild
 
 DELTA_FILE = "unet_delta.safetensors"
@@ -56,10 +56,7 @@ def _with_params(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> to
 def build_variant(base_pipe, delta: dict[str, torch.Tensor], base_id: str) -> Loaded:
     """A pipeline whose UNet shares every tensor of ``base_pipe.unet`` but the delta's."""
     unet = base_pipe.unet
-    params = dict(unet.named_parameters())
-    missing = sorted(set(delta) - set(params))
-    if missing:
-        raise InvalidParams(f"the delta names parameters this UNet lacks: {missing[:3]}")
+    replaced = delta_targets(unet, delta)
     variant_unet = _with_params(unet, delta)
-    size = sum(params[n].numel() * params[n].element_size() for n in delta)
+    size = sum(p.numel() * p.element_size() for p in replaced.values())
     return Loaded(rebuild(base_pipe, unet=variant_unet), size, base=base_id)

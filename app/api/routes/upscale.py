@@ -80,7 +80,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
                                "multipart/form-data or application/json")
 
     if source is not None:
-        rel, source_prompt, _ = resolve_source(source, redis, settings)
+        rel, source_prompt = resolve_source(source, redis, settings)
         params = resolve_upscale(options, registry, settings, prompt=source_prompt)
         params["input"] = rel
         params["source"] = source.model_dump()
