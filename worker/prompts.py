@@ -6,6 +6,13 @@ background"): the cross-attention keys of the longer prompt are not the ones tra
 Training the concept inside varied prompts (each prompt paired with the concept, whose
 direction alone is subtracted: see ``worker.esd``) closes most of that gap, so "varied" is
 the default and "plain" keeps the paper's form.
+
+With several concepts, every anchor leaves all of them out: "a red triangle" erased for
+"triangle" against the anchor "a red" would teach "red" back while the job erases red.
+
+``preserve`` pairs each varied prompt with a neighbour's: the same prompt with another
+concept of the erased one's kind in its place ("a orange circle" for "a red circle"), which
+the trainer holds unchanged. Only a known domain says what a neighbour is.
 """
 
 from __future__ import annotations
@@ -31,32 +38,58 @@ def shapes_prompts(concept: str) -> list[str]:
     return prompts
 
 
-def without(prompt: str, concept: str) -> str:
-    """``prompt`` with the word(s) of ``concept`` taken out: the anchor it is erased against."""
+def replace(prompt: str, concept: str, by: str) -> str | None:
+    """``prompt`` with the word(s) of ``concept`` replaced by ``by`` (nothing: taken out);
+    None when the prompt does not name the concept."""
     words, drop = prompt.split(), concept.split()
     for i in range(len(words) - len(drop) + 1):
         if words[i:i + len(drop)] == drop:
-            return " ".join(words[:i] + words[i + len(drop):])
-    return ""
+            return " ".join(words[:i] + by.split() + words[i + len(drop):])
+    return None
 
 
-def training_prompts(concepts: list[str], style: str, domain: str | None = None
-                     ) -> tuple[ESDPrompt, ...]:
+def without(prompt: str, concepts: list[str]) -> str:
+    """``prompt`` with every concept's words taken out: the anchor it is erased against."""
+    for c in concepts:
+        taken = replace(prompt, c, "")
+        prompt = prompt if taken is None else taken
+    return prompt
+
+
+def neighbours(concept: str, erased: list[str]) -> list[str]:
+    """The shapes-domain concepts of ``concept``'s kind that the job keeps."""
+    kind = SHAPES if concept in SHAPES else COLORS
+    return [c for c in kind if c != concept and c not in erased]
+
+
+def _kept(prompt: str | None, erased: list[str]) -> str | None:
+    """``prompt`` unless it names an erased concept ("a red circle" is no neighbour to hold
+    while red goes)."""
+    if prompt is None or any(replace(prompt, c, "") is not None for c in erased):
+        return None
+    return prompt
+
+
+def training_prompts(concepts: list[str], style: str, domain: str | None = None,
+                     preserve: bool = False) -> tuple[ESDPrompt, ...]:
     """The prompts to train ``concepts`` in, interleaved so each concept is seen as often
     (a concept with fewer prompts repeats them).
 
     plain: the concept alone against the empty prompt (the paper). varied: the concept in
-    each prompt that uses it, against that prompt without it, so only the concept moves.
+    each prompt that uses it, against that prompt without it, so only the concept moves;
+    with ``preserve`` (shapes domain only) each also names a neighbour's prompt to hold.
     """
     if style == "plain":
         return tuple(ESDPrompt(c, c) for c in concepts)
     per_concept = []
     for c in concepts:
-        if domain == "shapes" and (c in SHAPES or c in COLORS):
-            texts = shapes_prompts(c)
-        else:
-            texts = [t.format(c) for t in GENERIC_TEMPLATES]
-        per_concept.append([ESDPrompt(p, p, without(p, c)) for p in texts])
+        known = domain == "shapes" and (c in SHAPES or c in COLORS)
+        texts = shapes_prompts(c) if known else [t.format(c) for t in GENERIC_TEMPLATES]
+        near = neighbours(c, concepts) if known and preserve else []
+        per_concept.append([ESDPrompt(p, p, without(p, concepts),
+                                      _kept(replace(p, c, near[i % len(near)]), concepts)
+                                      if near else None)
+                            for i, p in enumerate(texts)])
     longest = max(len(p) for p in per_concept)
     interleaved = [p[i % len(p)] for i in range(longest) for p in per_concept]
     return tuple(interleaved)

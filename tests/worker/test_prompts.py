@@ -29,9 +29,38 @@ def test_varied_shapes_prompts_cover_every_form_and_anchor_on_the_rest_of_the_pr
 def test_varied_prompts_weight_two_concepts_evenly():
     prompts = training_prompts(["triangle", "red"], "varied", "shapes")
     # "triangle" has 26 prompts and "red" 17: red's repeat so both are trained as often.
-    owner = Counter("triangle" if "triangle" in p.anchor + " " + p.prompt
-                    and "triangle" not in p.anchor else "red" for p in prompts)
-    assert owner["triangle"] == owner["red"] == 26
+    assert len(prompts) == 52
+    assert all("triangle" in p.prompt for p in prompts[0::2])
+    assert all("red" in p.prompt for p in prompts[1::2])
+    assert Counter(p.prompt for p in prompts[1::2])["a red circle"] == 2
+
+
+def test_anchors_leave_out_every_erased_concept():
+    # Erasing triangle against "a red" would teach red back while red is being erased.
+    prompts = training_prompts(["triangle", "red"], "varied", "shapes")
+    anchors = {p.prompt: p.anchor for p in prompts}
+    assert anchors["a red triangle"] == "a"
+    assert anchors["a red triangle on a gray background"] == "a on a gray background"
+    assert anchors["a blue triangle"] == "a blue"
+    assert anchors["a red square"] == "a square"
+
+
+def test_preserve_names_a_neighbour_of_the_same_kind_that_is_kept():
+    prompts = training_prompts(["red", "triangle"], "varied", "shapes", preserve=True)
+    red = [p for p in prompts[0::2] if p.prompt.startswith("a red ")
+           and "triangle" not in p.prompt]
+    # The neighbour takes the erased word's place; other erased concepts never appear.
+    assert {p.preserve.split()[1] for p in red} == {"orange", "yellow", "green", "blue",
+                                                   "purple"}
+    assert all(p.preserve == p.prompt.replace("red", p.preserve.split()[1]) for p in red)
+    tri = [p for p in prompts[1::2] if "red" not in p.prompt]
+    assert {w for p in tri for w in p.preserve.split()} & {"circle", "square", "cross"}
+    assert not any("triangle" in p.preserve for p in tri)
+    # "a red circle" is no neighbour of "a red triangle" while red is erased too.
+    assert {p.preserve for p in prompts if p.prompt == "a red triangle"} == {None}
+    # Without a known domain there is no neighbour to hold.
+    assert training_prompts(["dog"], "varied", None, preserve=True)[0].preserve is None
+    assert training_prompts(["red"], "varied", "shapes")[0].preserve is None
 
 
 def test_concepts_outside_the_domain_use_generic_phrasings():
@@ -39,5 +68,6 @@ def test_concepts_outside_the_domain_use_generic_phrasings():
     assert ESDPrompt("a painting of a Van Gogh", "a painting of a Van Gogh",
                      "a painting of a") in prompts
     assert [p.prompt for p in training_prompts(["dog"], "varied", None)[:2]] == ["dog", "a dog"]
-    assert without("a dog in the park", "dog") == "a in the park"
-    assert without("a cat", "dog") == ""
+    assert without("a dog in the park", ["dog"]) == "a in the park"
+    assert without("a cat", ["dog"]) == "a cat"
+    assert without("Van Gogh", ["Van Gogh"]) == ""

@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--train-prompts", nargs="+", default=["varied"])
     parser.add_argument("--iterations", type=int, nargs="+", default=[200])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--preserve", nargs="+", choices=["on", "off"], default=["off"],
+                        help="hold the neighbouring concepts' prompts (see worker.prompts)")
     parser.add_argument("--ddim-steps", type=int, default=30)
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--baseline", action="store_true", help="also report the base model")
@@ -56,10 +58,11 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, iters, lr in itertools.product(args.method, args.train_prompts,
-                                                      args.iterations, args.lr):
+    for method, style, keep, iters, lr in itertools.product(
+            args.method, args.train_prompts, args.preserve, args.iterations, args.lr):
         cfg = ESDConfig(concepts=tuple(concepts),
-                        prompts=training_prompts(concepts, style, manifest.get("domain")),
+                        prompts=training_prompts(concepts, style, manifest.get("domain"),
+                                                 preserve=keep == "on"),
                         method=method, iterations=iters, learning_rate=lr,
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
@@ -69,7 +72,7 @@ def main() -> None:
         variant = build_variant(base, trainer.delta(), args.model).pipe
         report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
         print(json.dumps({"run": {"method": method, "train_prompts": style,
-                                  "iterations": iters, "lr": lr,
+                                  "preserve": keep, "iterations": iters, "lr": lr,
                                   "ddim_steps": args.ddim_steps},
                           "train_s": round(train_s, 1)} | summary(report)), flush=True)
 
