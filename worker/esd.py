@@ -11,7 +11,9 @@ points *away* from c:
 
 which is the paper's target when c_from = c (ε_c − (1+η)(ε_c − ε₀) = ε₀ − η(ε_c − ε₀)).
 x_t comes from the frozen model's own guided DDIM trajectory for c_from, stopped at a random
-step, as in the paper; the three teacher predictions are one batched call.
+step, as in the paper. The frozen model does not train, so a block of iterations' x_t and
+teacher predictions is computed ahead in batched calls (``ESDConfig.block``): the same
+distribution of samples as one at a time, at a fraction of the calls.
 
 Each training prompt is a triple (anchor, c, c_from), generalising ε₀ = ε_θ*(x_t, anchor, t).
 The paper's form is ("", c, c). "Varied" training uses the concept in context: c = c_from =
@@ -117,6 +119,10 @@ class ESDConfig:
     prompts: tuple[ESDPrompt, ...] = ()
     height: int = 32
     width: int = 32
+    # Iterations whose trajectories and teacher predictions are computed together, and the
+    # most rows one teacher call takes (bounds memory for large latents).
+    block: int = 8
+    max_rows: int = 32
 
 
 @dataclass
@@ -147,7 +153,6 @@ class ESDTrainer:
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.learning_rate)
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(cfg.ddim_steps)
-        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
         self.device = self.frozen.device
         self.dtype = self.frozen.dtype
         self.prompts = list(cfg.prompts or [ESDPrompt(c, c) for c in cfg.concepts])
@@ -158,48 +163,86 @@ class ESDTrainer:
         self.emb = dict(zip(unique, encode_prompts(pipe, unique), strict=True))
         if cfg.erase_from:
             self.emb_from = encode_prompts(pipe, [cfg.erase_from])[0]
+        if cfg.block < 1:
+            raise InvalidParams(f"`block` must be at least 1, got {cfg.block}")
         self.state = ESDState(0, [])
+        self._block: tuple[int, list[tuple[torch.Tensor, ...]]] | None = None
 
-    def _latent_shape(self) -> tuple[int, ...]:
+    def _latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.pipe.vae_scale_factor
-        return (1, self.frozen.config.in_channels, self.cfg.height // f, self.cfg.width // f)
+        return (n, self.frozen.config.in_channels, self.cfg.height // f, self.cfg.width // f)
 
     @torch.no_grad()
-    def trajectory(self, cond: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t after ``stop`` guided DDIM steps of the frozen model, and its timestep."""
-        x = torch.randn(self._latent_shape(), generator=self.generator).to(self.device,
-                                                                           self.dtype)
-        x = x * self.scheduler.init_noise_sigma
-        uncond = self.emb[""][None]
-        g = self.cfg.start_guidance
-        for t in self.scheduler.timesteps[:stop]:
-            eps_u, eps_c = self.frozen(torch.cat([x, x]), t,
-                                       encoder_hidden_states=torch.cat([uncond, cond])
-                                       ).sample.chunk(2)
-            x = self.scheduler.step(eps_u + g * (eps_c - eps_u), t, x).prev_sample
-        return x, self.scheduler.timesteps[stop]
+    def _teacher(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """θ*'s predictions for rows of (x, t, prompt), at most ``max_rows`` per call."""
+        step = self.cfg.max_rows
+        return torch.cat([self.frozen(x[i:i + step], t[i:i + step],
+                                      encoder_hidden_states=emb[i:i + step]).sample
+                          for i in range(0, len(x), step)])
+
+    @torch.no_grad()
+    def _draw_block(self, block: int) -> list[tuple[torch.Tensor, ...]]:
+        """x_t, t and the teacher's targets for the iterations of ``block``, drawn together.
+
+        Each iteration still gets its own fresh trajectory and stopping step, as in the
+        paper; the trajectories run side by side (one UNet call per DDIM step for all of
+        them, each dropping out at its stop) and every teacher prediction of the block is
+        one batched call. Each iteration's noise and stop come from a generator seeded by
+        its index, so a resumed job, or another block size, draws the same samples.
+        """
+        cfg = self.cfg
+        # Always a whole block, past the last iteration too: the same batches every time,
+        # so a resumed job's numbers are bit-identical to an uninterrupted one's.
+        iters = range(block * cfg.block, (block + 1) * cfg.block)
+        prompts = [self.prompts[i % len(self.prompts)] for i in iters]
+        stops, noise = [], []
+        for i in iters:
+            g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i)
+            stops.append(int(torch.randint(0, cfg.ddim_steps, (1,), generator=g)))
+            noise.append(torch.randn(self._latent_shape(1), generator=g))
+        stops_t = torch.tensor(stops)
+        x = torch.cat(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        froms = torch.stack([self._from(p) for p in prompts])
+        uncond = self.emb[""][None].expand(len(iters), -1, -1)
+        for k, t in enumerate(self.scheduler.timesteps[:max(stops)]):
+            run = (stops_t > k).nonzero().flatten().to(self.device)  # still on their way to x_t
+            xr = x[run]
+            eps_u, eps_c = self.frozen(torch.cat([xr, xr]), t, encoder_hidden_states=torch.cat(
+                [uncond[run], froms[run]])).sample.chunk(2)
+            guided = eps_u + cfg.start_guidance * (eps_c - eps_u)
+            x[run] = self.scheduler.step(guided, t, xr).prev_sample
+        ts = self.scheduler.timesteps[stops_t].to(self.device)
+        # Teacher rows per iteration: anchor, concept, c_from, and the preserved prompt.
+        rows = [[self.emb[p.anchor], self.emb[p.concept], self._from(p)]
+                + ([self.emb[p.preserve]] if p.preserve is not None else []) for p in prompts]
+        owner = [j for j, r in enumerate(rows) for _ in r]
+        eps = self._teacher(x[owner], ts[owner],
+                            torch.stack([e for r in rows for e in r])).split(
+                                [len(r) for r in rows])
+        out = []
+        for j, e in enumerate(eps):
+            target = esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
+            out.append((x[j:j + 1], ts[j:j + 1], target, e[3:4] if len(e) > 3 else None))
+        return out
+
+    def _from(self, p: ESDPrompt) -> torch.Tensor:
+        return self.emb_from if self.cfg.erase_from else self.emb[p.prompt]
 
     def step(self) -> float:
         cfg = self.cfg
         i = self.state.iteration
+        block = i // cfg.block
+        if self._block is None or self._block[0] != block:
+            self._block = (block, self._draw_block(block))
+        x_t, t, target, keep_eps = self._block[1][i - block * cfg.block]
         p = self.prompts[i % len(self.prompts)]
-        cond, anchor = self.emb[p.concept][None], self.emb[p.anchor][None]
-        from_emb = self.emb_from[None] if cfg.erase_from else self.emb[p.prompt][None]
-        stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=self.generator))
-        x_t, t = self.trajectory(from_emb, stop)
-        keep = self.emb[p.preserve][None] if p.preserve is not None else None
-        rows = [anchor, cond, from_emb] + ([keep] if keep is not None else [])
-        with torch.no_grad():
-            eps = self.frozen(torch.cat([x_t] * len(rows)), t,
-                              encoder_hidden_states=torch.cat(rows)).sample.chunk(len(rows))
-            target = esd_target(eps[0], eps[1], eps[2], cfg.negative_guidance)
-        student = [from_emb] + ([keep] if keep is not None else [])
-        pred = self.unet(torch.cat([x_t] * len(student)).float(), t,
-                         encoder_hidden_states=torch.cat(student).float()).sample
+        student = [self._from(p)] + ([self.emb[p.preserve]] if keep_eps is not None else [])
+        pred = self.unet(x_t.float().expand(len(student), -1, -1, -1), t.expand(len(student)),
+                         encoder_hidden_states=torch.stack(student).float()).sample
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
-        if keep is not None:
+        if keep_eps is not None:
             loss = loss + cfg.preserve_weight * nn.functional.mse_loss(pred[1:].float(),
-                                                                       eps[3].float())
+                                                                       keep_eps.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -225,14 +268,13 @@ class ESDTrainer:
         return {"iteration": self.state.iteration, "losses": self.state.losses,
                 "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
                 "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "time": time.time()}
+                "time": time.time()}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         with torch.no_grad():
             for k, v in ckpt["params"].items():
                 self.params[k].copy_(v)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.generator.set_state(ckpt["generator"])
         self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
 
 

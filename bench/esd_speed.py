@@ -1,0 +1,136 @@
+"""ESD iterations per second: Lethe's trainer against a plain loop written from the paper.
+
+    python -m bench.esd_speed [--model shapes-sd] [--concept triangle] [--iterations 600]
+
+Both train the same objective on the same model, prompts (``worker.prompts``, the job's
+defaults) and hyper-parameters from the same frozen UNet. The reference does what the
+paper's code does, one step at a time: a fresh guided DDIM trajectory per iteration with
+one UNet call per prediction (unconditional and conditional apart), then one call for
+each of ε₀, ε_c, ε_f (and the preserved prompt's), then the student's forward and backward.
+Lethe draws a block of iterations' trajectories side by side and batches the teacher's
+predictions (``worker.esd``). Erasure is then measured the same way for both: the
+classifier's accuracy on every "a {colour} triangle" prompt, 8 images each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def reference_train(pipe: Any, cfg: Any) -> tuple[dict, float]:
+    """The paper's loop, written plainly. Returns the trained parameters and seconds."""
+    import torch
+    from diffusers import DDIMScheduler
+    from torch import nn
+
+    from worker.esd import encode_prompts, esd_target, select_parameters
+
+    t0 = time.perf_counter()
+    frozen = pipe.unet
+    unet = copy.deepcopy(frozen).float().train()
+    unet.requires_grad_(False)
+    params = select_parameters(unet, cfg.method)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=cfg.learning_rate)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(cfg.ddim_steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    texts = {t for p in cfg.prompts for t in (p.concept, p.prompt, p.anchor, p.preserve or "")}
+    emb = dict(zip(texts, encode_prompts(pipe, list(texts))[:, None], strict=True))
+    f = pipe.vae_scale_factor
+    shape = (1, frozen.config.in_channels, cfg.height // f, cfg.width // f)
+
+    def eps(net: Any, x: Any, t: Any, text: str) -> Any:
+        return net(x, t, encoder_hidden_states=emb[text]).sample
+
+    for i in range(cfg.iterations):
+        p = cfg.prompts[i % len(cfg.prompts)]
+        stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=g))
+        x = torch.randn(shape, generator=g) * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps[:stop]:
+                e_u, e_c = eps(frozen, x, t, ""), eps(frozen, x, t, p.prompt)
+                x = sched.step(e_u + cfg.start_guidance * (e_c - e_u), t, x).prev_sample
+            t = sched.timesteps[stop]
+            target = esd_target(eps(frozen, x, t, p.anchor), eps(frozen, x, t, p.concept),
+                                eps(frozen, x, t, p.prompt), cfg.negative_guidance)
+            kept = eps(frozen, x, t, p.preserve) if p.preserve else None
+        loss = nn.functional.mse_loss(eps(unet, x, t, p.prompt), target)
+        if kept is not None:
+            loss = loss + nn.functional.mse_loss(eps(unet, x, t, p.preserve), kept)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    delta = {k: v.detach().clone() for k, v in params.items()}
+    return delta, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="shapes-sd")
+    parser.add_argument("--concept", default="triangle")
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--per-prompt", type=int, default=8)
+    args = parser.parse_args()
+    print(json.dumps(run(args.model, args.concept, args.iterations, args.per_prompt),
+                     indent=2))
+
+
+def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from app.config import Settings
+    from worker.context import WorkerContext
+    from worker.defaults import ensure_default_models
+    from worker.demo.erasure import concept_accuracy
+    from worker.esd import ESDConfig, ESDTrainer
+    from worker.prompts import training_prompts
+    from worker.variants import build_variant
+
+    ctx = WorkerContext.from_settings(Settings(home=Path(tempfile.mkdtemp(prefix="lethe-b-"))))
+    ensure_default_models(ctx.registry)
+    manifest = ctx.registry.get(model)
+    d = manifest.get("erase_defaults") or {}
+    gen = manifest.get("defaults") or {}
+    base, _ = ctx.cache.get(model)
+    clf, _ = ctx.cache.get(manifest["evaluator"])
+    cfg = ESDConfig(concepts=(concept,), method="esd-x", iterations=iterations,
+                    learning_rate=d.get("learning_rate", 1e-5),
+                    ddim_steps=d.get("ddim_steps", 50),
+                    start_guidance=d.get("start_guidance", 3.0),
+                    prompts=training_prompts([concept], "varied", manifest.get("domain"),
+                                             preserve=True),
+                    height=gen.get("height", 32), width=gen.get("width", 32))
+
+    def erased(delta: dict) -> float:
+        variant = build_variant(base, delta, model).pipe
+        return concept_accuracy(variant, clf, concept, per_prompt,
+                                guidance=gen.get("guidance_scale", 4.0))
+
+    ref_delta, ref_s = reference_train(base, cfg)
+    t0 = time.perf_counter()
+    trainer = ESDTrainer(base, cfg)
+    trainer.train()
+    ours_s = time.perf_counter() - t0
+    ours_delta = trainer.delta()
+    return {
+        "model": model, "concept": concept, "iterations": iterations,
+        "reference": {"seconds": round(ref_s, 1), "it_per_s": round(iterations / ref_s, 2),
+                      "accuracy_after": erased(ref_delta)},
+        "lethe": {"seconds": round(ours_s, 1), "it_per_s": round(iterations / ours_s, 2),
+                  "accuracy_after": erased(ours_delta), "block": cfg.block},
+        "speedup": round(ref_s / ours_s, 2),
+    }
+
+
+if __name__ == "__main__":
+    main()
