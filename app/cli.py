@@ -94,7 +94,7 @@ def _submit_and_wait(client, path: str, body: dict) -> dict:
         if job["status"] in ("succeeded", "failed", "canceled"):
             print(file=sys.stderr)
             break
-        time.sleep(0.5 if path == "/erase" else 0.2)
+        time.sleep(0.2 if path in ("/generate", "/upscale") else 0.5)
     if job["status"] != "succeeded":
         raise SystemExit(f"job {job['status']}: {job.get('error')}")
     return job
@@ -127,12 +127,25 @@ def cmd_erase(args: argparse.Namespace) -> None:
         "base_model": args.base_model, "concepts": args.concepts, "method": args.method,
         "iterations": args.iterations, "learning_rate": args.learning_rate,
         "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
-        "train_prompts": args.train_prompts,
+        "train_prompts": args.train_prompts, "preserve": args.preserve,
         "name": args.name, "seed": args.seed,
     })
     with _client(args.url) as client:
         job = _submit_and_wait(client, "/erase", body)
         print(job["result"]["model"])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Client: POST /evaluate, poll the job, print the report as JSON."""
+    body = _drop_none({
+        "model": args.model, "prompts": args.prompt or None, "prompt_set": args.prompt_set,
+        "images_per_prompt": args.images_per_prompt, "seed": args.seed,
+        "metrics": args.metric or None, "reference": args.reference,
+        "negative_prompt": args.negative_prompt,
+    })
+    with _client(args.url) as client:
+        job = _submit_and_wait(client, "/evaluate", body)
+        print(json.dumps(job["result"]["report"], indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,9 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-prompts", choices=["varied", "plain"],
                    help="varied (default): the concept inside the prompts it appears in; "
                    "plain: the bare concept, as the ESD paper")
+    p.add_argument("--preserve", action=argparse.BooleanOptionalAction,
+                   help="hold the erased concept's neighbours (other colours for a colour); "
+                   "default: on for models of a known domain")
     p.add_argument("--name", help="registry id of the result")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("evaluate", help="client: measure a model through a running service")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model")
+    p.add_argument("--prompt", action="append", help="a prompt to draw (repeatable)")
+    p.add_argument("--prompt-set", choices=["shapes-color", "shapes-full", "shapes-shape"])
+    p.add_argument("--images-per-prompt", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--metric", action="append",
+                   choices=["fid", "precision_recall", "attribute_score", "accuracy",
+                            "clip_score"], help="a metric (repeatable); default: the model's")
+    p.add_argument("--reference", help="'render' or a folder name under $LETHE_HOME/references")
+    p.add_argument("--negative-prompt")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="client: generate through a running service")
     p.add_argument("prompt")

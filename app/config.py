@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     train_retries: int = Field(2, description="Times a training job whose worker died is "
                                "re-queued; it resumes from its last checkpoint.")
 
+    batch_max_images: int = Field(8, ge=1, description="Most images a worker draws in one "
+                                  "pipeline call, taking compatible queued generate jobs "
+                                  "along (1: no micro-batching).")
+
     # Pipeline cache bounds, per worker.
     cache_max_models: int = 4
     cache_max_bytes: int = 8 * 1024**3
@@ -46,6 +50,16 @@ class Settings(BaseSettings):
     upscale_tile: int = Field(128, ge=16, description="Input pixels a side per upscale tile.")
     upscale_overlap: int = Field(16, ge=0, description="Input pixels neighbouring tiles share.")
 
+    # Evaluation (POST /evaluate). Real-image metrics need models the operator provides on
+    # disk: nothing is downloaded.
+    clip_model_path: Path | None = Field(
+        None, description="A local CLIP folder (transformers CLIPModel + CLIPProcessor) for "
+        "`clip_score`.")
+    inception_path: Path | None = Field(
+        None, description="A TorchScript file mapping uint8 N×3×H×W images to N×D features "
+        "(Inception-v3 pool features) for FID and precision/recall outside the shapes domain.")
+    max_eval_images: int = Field(2000, description="Most images one evaluation may draw.")
+
     device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
     dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")
 
@@ -56,6 +70,11 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.home / "outputs"
+
+    @property
+    def references_dir(self) -> Path:
+        """Operator-provided reference image folders, one per name, for POST /evaluate."""
+        return self.home / "references"
 
     @property
     def keys(self) -> set[str]:

@@ -17,7 +17,13 @@ from app import jobs
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists
 from app.registry import Registry, validate_model_id
-from app.schemas import EraseCreate, GenerateCreate, ImageSource, UpscaleOptions
+from app.schemas import (
+    EraseCreate,
+    EvaluateCreate,
+    GenerateCreate,
+    ImageSource,
+    UpscaleOptions,
+)
 
 SCALE = 4  # the upscalers' factor (Stability's x4 layout)
 
@@ -56,6 +62,20 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
     return params
 
 
+# Domains whose concepts have known neighbours (worker.prompts).
+PRESERVE_DOMAINS = ("shapes",)
+
+
+def _resolve_preserve(body: EraseCreate, domain: str | None, base_id: str) -> bool:
+    known = domain in PRESERVE_DOMAINS and body.train_prompts == "varied"
+    if body.preserve and not known:
+        raise InvalidParams(
+            f"`preserve` is true but model {base_id!r} has no domain whose neighbouring "
+            f"concepts are known (domain {domain!r}, train_prompts {body.train_prompts!r}); "
+            "it needs a shapes model and train_prompts 'varied'")
+    return known if body.preserve is None else body.preserve
+
+
 def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> dict:
     base_id = body.base_model or settings.default_model
     manifest = registry.get(base_id)
@@ -84,6 +104,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["ddim_steps"] = defaults.get("ddim_steps", 50)
     params["start_guidance"] = defaults.get("start_guidance", 3.0)
     params["domain"] = manifest.get("domain")  # known prompt forms for "varied" training
+    params["preserve"] = _resolve_preserve(body, params["domain"], base_id)
     gen = manifest.get("defaults") or {}
     params["height"], params["width"] = gen.get("height", 512), gen.get("width", 512)
     if body.name:
@@ -99,6 +120,96 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             name, n = f"{stem}-{n}", n + 1
         params["name"] = name
     return params
+
+
+SHAPES_METRICS = ["fid", "precision_recall", "attribute_score", "accuracy"]
+# Metrics that compare with real images, and those that need the domain's classifier.
+REFERENCE_METRICS = {"fid", "precision_recall"}
+JUDGE_METRICS = {"attribute_score", "accuracy"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
+    """``key`` from a manifest, else from its base's (an edit measures like its base)."""
+    if manifest.get(key) is not None or not manifest.get("base"):
+        return manifest.get(key)
+    return registry.get(manifest["base"]["id"]).get(key)
+
+
+def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Settings) -> dict:
+    """Check that every metric asked for can be computed here, before anything is queued."""
+    model_id = body.model or settings.default_model
+    manifest = registry.get(model_id)
+    if manifest["kind"] != "text-to-image":
+        raise InvalidParams(f"`model` {model_id!r} is a {manifest['kind']} model, not "
+                            "text-to-image")
+    shapes = _lineage_value(manifest, registry, "domain") == "shapes"
+    evaluator = _lineage_value(manifest, registry, "evaluator")
+    if body.prompts is None and body.prompt_set is None and not shapes:
+        raise InvalidParams(f"`prompts` is required for model {model_id!r}: only shapes "
+                            "models have a default prompt set")
+    if body.prompt_set is not None and not shapes:
+        raise InvalidParams(f"`prompt_set` {body.prompt_set!r} is a shapes-domain set; "
+                            f"model {model_id!r} is not a shapes model")
+    metrics = body.metrics or (SHAPES_METRICS if shapes else ["clip_score"])
+    if "clip_score" in metrics and settings.clip_model_path is None:
+        raise InvalidParams("`metrics` asks for 'clip_score' but no CLIP model is configured: "
+                            "set LETHE_CLIP_MODEL_PATH to a local CLIP folder")
+    if JUDGE_METRICS & set(metrics) and not (shapes and evaluator):
+        raise InvalidParams(f"`metrics` {sorted(JUDGE_METRICS & set(metrics))} need the "
+                            f"model's domain classifier; model {model_id!r} names none")
+    reference = body.reference or ("render" if shapes else None)
+    if REFERENCE_METRICS & set(metrics):
+        _check_reference(reference, shapes, evaluator, settings)
+    n_prompts = len(body.prompts) if body.prompts is not None else None
+    params = body.model_dump()
+    params.update(model=model_id, metrics=list(metrics), reference=reference,
+                  evaluator=evaluator if shapes else None,
+                  prompt_set=None if body.prompts is not None else
+                  (body.prompt_set or "shapes-color"))
+    total = (n_prompts or PROMPT_SET_SIZES[params["prompt_set"]]) * body.images_per_prompt
+    if total > settings.max_eval_images:
+        raise InvalidParams(f"`images_per_prompt` {body.images_per_prompt} × "
+                            f"{total // body.images_per_prompt} prompts is {total} images; "
+                            f"the limit is {settings.max_eval_images} (LETHE_MAX_EVAL_IMAGES)")
+    if "precision_recall" in metrics and total < 8:
+        raise InvalidParams(f"`metrics` precision_recall needs at least 8 images, the request "
+                            f"draws {total}")
+    defaults = manifest.get("defaults") or {}
+    params["steps"] = body.steps or defaults.get("steps") or 30
+    params["guidance_scale"] = (defaults.get("guidance_scale", 7.5)
+                                if body.guidance_scale is None else body.guidance_scale)
+    side = defaults.get("size") or 512
+    params["height"] = defaults.get("height") or side
+    params["width"] = defaults.get("width") or side
+    return params
+
+
+# Prompts in each named set (worker.demo.judge builds them).
+PROMPT_SET_SIZES = {"shapes-color": 24, "shapes-full": 72, "shapes-shape": 4}
+
+
+def _check_reference(reference: str | None, shapes: bool, evaluator: str | None,
+                     settings: Settings) -> None:
+    if reference == "render":
+        if not (shapes and evaluator):
+            raise InvalidParams("`reference` 'render' draws shapes-domain scenes; this model "
+                                "is not a shapes model: name a folder under "
+                                f"{settings.references_dir}")
+        return
+    if reference is None:
+        raise InvalidParams("`metrics` fid and precision_recall compare with real images: "
+                            f"set `reference` to a folder name under {settings.references_dir}")
+    validate_model_id(reference, "reference")  # a plain folder name, never a path
+    folder = settings.references_dir / reference
+    if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES
+                                      for p in folder.iterdir()):
+        raise InvalidParams(f"`reference` {reference!r} is not a folder of images under "
+                            f"{settings.references_dir}")
+    if settings.inception_path is None:
+        raise InvalidParams("`metrics` fid and precision_recall on real images need an "
+                            "Inception feature extractor: set LETHE_INCEPTION_PATH to a "
+                            "local TorchScript file")
 
 
 def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Settings,

@@ -17,6 +17,7 @@ JOB_TYPES: dict[str, dict[str, str]] = {
     "generate": {"queue": IMAGES, "func": "worker.jobs.generate", "timeout": "generate_timeout_s"},
     "upscale": {"queue": IMAGES, "func": "worker.jobs.upscale", "timeout": "generate_timeout_s"},
     "erase": {"queue": TRAIN, "func": "worker.jobs.erase", "timeout": "train_timeout_s"},
+    "evaluate": {"queue": TRAIN, "func": "worker.jobs.evaluate", "timeout": "train_timeout_s"},
 }
 
 

@@ -8,6 +8,7 @@ No torch here: the API reads the registry, the worker writes and loads it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -135,14 +136,39 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @contextmanager
+    def _locked(self, model_id: str) -> Iterator[None]:
+        """One writer at a time per manifest across processes: two reports written at once
+        must both land (read-modify-write without it keeps only the later one)."""
+        with open(self.root / model_id / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def update_manifest(self, model_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into a manifest (metrics, reports), replacing the file atomically."""
-        manifest = self.get(model_id)
-        manifest.update(fields)
+        self.get(model_id)
+        with self._locked(model_id):
+            manifest = self.get(model_id)
+            manifest.update(fields)
+            self._write_manifest(model_id, manifest)
+        return manifest
+
+    def add_report(self, model_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Append an evaluation report to the manifest's ``reports``."""
+        self.get(model_id)
+        with self._locked(model_id):
+            manifest = self.get(model_id)
+            manifest["reports"] = [*manifest.get("reports", []), report]
+            self._write_manifest(model_id, manifest)
+        return manifest
+
+    def _write_manifest(self, model_id: str, manifest: dict[str, Any]) -> None:
         tmp = self.root / model_id / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, self.root / model_id / MANIFEST)
-        return manifest
 
     def remove(self, model_id: str) -> None:
         """Remove a derived model. Base models and models others derive from stay."""

@@ -92,6 +92,11 @@ class EraseCreate(_Strict):
     train_prompts: Literal["varied", "plain"] = Field(
         "varied", description="varied: train each concept inside the prompts it appears in "
         "(erases its rephrasings too); plain: the bare concept, as the ESD paper.")
+    preserve: bool | None = Field(
+        None, description="Hold the model unchanged on the erased concept's neighbours (the "
+        "same prompts with another concept of its kind: other colours for a colour). Needs "
+        "a model whose manifest names a known domain; default: on there, with varied "
+        "prompts.")
     name: str | None = Field(None, description="Registry id of the result; default derived.")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     evaluate: bool | None = Field(
@@ -107,6 +112,55 @@ class EraseCreate(_Strict):
         if len({c.strip().lower() for c in v}) != len(v):
             raise ValueError("concepts must be distinct")
         return [c.strip() for c in v]
+
+
+Metric = Literal["fid", "precision_recall", "attribute_score", "accuracy", "clip_score"]
+# Named prompt sets of the shapes domain (DESIGN.md's prompt forms).
+PromptSet = Literal["shapes-color", "shapes-full", "shapes-shape"]
+
+
+class EvaluateCreate(_Strict):
+    """POST /evaluate: draw images from a model and measure them."""
+
+    model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
+    prompts: list[str] | None = Field(None, min_length=1, max_length=500,
+                                      description="The prompts to draw; or `prompt_set`.")
+    prompt_set: PromptSet | None = Field(None, description="A named set; default for a "
+                                         "shapes model: shapes-color (24 prompts).")
+    images_per_prompt: int = Field(8, ge=1, le=256)
+    seed: int = Field(0, ge=0, le=2**62, description="Image j uses seed + j.")
+    metrics: list[Metric] | None = Field(
+        None, description="Default for a shapes model: fid, precision_recall, "
+        "attribute_score, accuracy; otherwise clip_score.")
+    reference: str | None = Field(
+        None, max_length=64, description="'render' (shapes: seeded renders of each prompt) "
+        "or the name of a folder under $LETHE_HOME/references/ holding real images.")
+    negative_prompt: str | None = Field(None, max_length=1000, description="Drawn with this "
+                                        "negative prompt: the inference-time baseline for "
+                                        "erasing a concept.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    steps: int | None = Field(None, ge=1, le=500)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        for p in v or []:
+            if len(p) > 1000:
+                raise ValueError(f"each prompt must be at most 1000 characters, got {len(p)}")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"must name distinct metrics, at least one, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> EvaluateCreate:
+        if self.prompts is not None and self.prompt_set is not None:
+            raise ValueError("give `prompts` or `prompt_set`, not both")
+        return self
 
 
 class Progress(BaseModel):

@@ -7,6 +7,7 @@ returns a JSON-able result. Errors a user can act on are stored as ``meta["error
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -90,13 +91,47 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i``.
 
     Seeding each image on its own makes an image depend only on its own seed and params,
-    not on how many images were asked for in the same request. With ``upscale`` (a cascade)
-    each image is then upscaled ×4 in the same job; progress counts both stages' steps.
+    not on how many images were asked for in the same request, nor on which other jobs
+    share the pipeline call (``worker.batching``). With ``upscale`` (a cascade) each image
+    is then upscaled ×4 in the same job; progress counts both stages' steps.
     """
+    from worker import batching
+
+    ctx = get_context()
+    job = get_current_job()
+    batchable = job is not None and batching.batch_key(params) is not None
+    if batchable:
+        ready = batching.collect(job.connection, job_id)  # another worker's batch ran it
+        if ready is not None:
+            reporter.progress(params["steps"], params["steps"], "done", force=True)
+            return ready
+    companions = (batching.claim_companions(job, params, ctx.settings.batch_max_images,
+                                            ctx.settings.generate_timeout_s)
+                  if batchable and ctx.settings.batch_max_images > 1 else [])
+    members = [(job_id, params)] + [(c.id, c.kwargs["params"]) for c in companions]
+    try:
+        results = _generate_members(members, reporter)
+    except BaseException:
+        if companions:
+            batching.release(job.connection, companions)
+        raise
+    for (member_id, _), result in zip(members[1:], results[1:], strict=True):
+        batching.deliver(job.connection, member_id, result, ctx.settings.result_ttl_s)
+    if companions:
+        log.info("job %s ran %d queued jobs in its batch", job_id, len(companions))
+    return results[0]
+
+
+def _generate_members(members: list[tuple[str, dict]], reporter: Reporter) -> list[dict]:
+    """One pipeline call for every member's images; each member's result, in order."""
+    from worker.batching import merged_inputs
     from worker.upscale import upscale
 
     ctx = get_context()
-    steps, n, up = params["steps"], params["num_images"], params.get("upscale")
+    params = members[0][1]  # the batch key makes the shared params equal for all
+    steps, up = params["steps"], params.get("upscale")
+    counts = [p["num_images"] for _, p in members]
+    n = sum(counts)
     per_image = _upscale_steps(up, params["width"], params["height"]) if up else 0
     total = steps + n * per_image
     reporter.progress(0, total, "loading", force=True)
@@ -104,45 +139,52 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
     base, cached = ctx.cache.get(params["model"])
     load_s = time.perf_counter() - t0
     pipe = with_scheduler(base, params["scheduler"])
-    generators = [torch.Generator("cpu").manual_seed(params["seed"] + i) for i in range(n)]
+    inputs = merged_inputs(members)
     reporter.progress(0, total, "denoising", force=True)
     t1 = time.perf_counter()
     with torch.inference_mode():
         out = pipe(
-            prompt=[params["prompt"]] * n,
-            negative_prompt=[params["negative_prompt"]] * n if params.get("negative_prompt")
-            else None,
+            prompt=inputs["prompts"],
+            negative_prompt=inputs["negatives"] if params.get("negative_prompt") else None,
             num_inference_steps=steps,
             guidance_scale=params["guidance_scale"],
             width=params["width"],
             height=params["height"],
-            generator=generators,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in inputs["seeds"]],
             callback_on_step_end=reporter.step_callback(total, "denoising"),
         )
     run_s = time.perf_counter() - t1
-    folder = ctx.settings.outputs_dir / job_id
-    images = []
-    for i, image in enumerate(out.images):
-        save_png(image, folder / f"{i}.png")
-        images.append(_image_entry(job_id, i, f"{i}.png", image, params["seed"] + i,
-                                   role="base"))
-    timings = {"load_s": round(load_s, 4), "run_s": round(run_s, 4)}
-    if up:
+    job = get_current_job()
+    results, offset = [], 0
+    for (member_id, p), count in zip(members, counts, strict=True):
+        folder = ctx.settings.outputs_dir / member_id
+        images = []
+        for i, image in enumerate(out.images[offset:offset + count]):
+            save_png(image, folder / f"{i}.png")
+            images.append(_image_entry(member_id, i, f"{i}.png", image, p["seed"] + i,
+                                       role="base"))
+        offset += count
+        results.append({"model": p["model"], "images": images, "cached": cached,
+                        "worker": job.worker_name if job else None,
+                        "timings": {"load_s": round(load_s, 4), "run_s": round(run_s, 4)},
+                        "batch": {"jobs": len(members), "images": n,
+                                  "leader": members[0][0]}})
+    if up:  # a cascade never batches: it is the only member
+        first = results[0]
         t2 = time.perf_counter()
         up_pipe, _ = ctx.cache.get(up["model"])
+        folder = ctx.settings.outputs_dir / members[0][0]
         for i, image in enumerate(out.images):
-            offset = steps + i * per_image
             big = upscale(up_pipe, image, _upscale_params(up, up["seed"] + i),
-                          reporter.span(offset, total, "upscaling"))
+                          reporter.span(steps + i * per_image, total, "upscaling"))
             name = f"{i}-x4.png"
             save_png(big, folder / name)
-            images.append(_image_entry(job_id, n + i, name, big, up["seed"] + i,
-                                       role="upscaled", source_index=i))
-        timings["upscale_s"] = round(time.perf_counter() - t2, 4)
+            first["images"].append(_image_entry(members[0][0], n + i, name, big,
+                                                up["seed"] + i, role="upscaled",
+                                                source_index=i))
+        first["timings"]["upscale_s"] = round(time.perf_counter() - t2, 4)
     reporter.progress(total, total, "done", force=True)
-    job = get_current_job()
-    return {"model": params["model"], "images": images, "cached": cached,
-            "worker": job.worker_name if job else None, "timings": timings}
+    return results
 
 
 @job_function
@@ -189,27 +231,46 @@ EVAL_PER_PROMPT = 8
 
 def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
                       delta: dict[str, torch.Tensor], reporter: Reporter) -> dict:
-    """Every concept's accuracy before (cached on the base's manifest) and after the edit."""
-    from worker.demo.erasure import erasure_report
+    """Every concept's accuracy, and FID / precision / recall on the prompts the edit should
+    leave alone, for the base (cached on its manifest), the edit, and the base with the
+    concepts as a negative prompt: the inference-time way to avoid them, which the paper
+    compares fine-tuning with."""
+    from worker.demo.erasure import PROTOCOL, erasure_report
     from worker.variants import build_variant
 
     clf, _ = ctx.cache.get(params["evaluator"])
     base_id = params["base_model"]
     base, _ = ctx.cache.get(base_id)
     guidance = (base_manifest.get("defaults") or {}).get("guidance_scale", 4.0)
-    reporter.progress(0, 2, "evaluating", force=True)
-    metrics = base_manifest.get("metrics") or {}
-    baseline = metrics.get("erasure_baseline")
     concepts = list(params["concepts"])
-    if (not baseline or baseline.get("per_prompt") != EVAL_PER_PROMPT
-            or not set(concepts) <= set(baseline.get("accuracy_full_prompts", {}))):
-        baseline = erasure_report(base, clf, concepts, EVAL_PER_PROMPT, guidance)
-        ctx.registry.update_manifest(base_id, metrics=metrics | {"erasure_baseline": baseline})
+    negative = ", ".join(concepts)
+    metrics = base_manifest.get("metrics") or {}
+
+    def cached(kind: str, negative_prompt: str | None) -> dict:
+        # Per set of erased concepts: the untouched prompts, and so the report, depend on it.
+        nonlocal metrics
+        key = f"{kind}:{','.join(sorted(concepts))}"
+        reports = metrics.get("erasure_baselines") or {}
+        report = reports.get(key)
+        if (not report or report.get("protocol") != PROTOCOL
+                or report.get("per_prompt") != EVAL_PER_PROMPT):
+            report = erasure_report(base, clf, concepts, EVAL_PER_PROMPT, guidance,
+                                    negative_prompt=negative_prompt)
+            metrics = metrics | {"erasure_baselines": reports | {key: report}}
+            ctx.registry.update_manifest(base_id, metrics=metrics)
+        return report
+
+    reporter.progress(0, 3, "evaluating", force=True)
+    before = cached("base", None)
     reporter.check()
-    reporter.progress(1, 2, "evaluating", force=True)
+    reporter.progress(1, 3, "evaluating", force=True)
+    negative_baseline = cached("negative_prompt", negative)
+    reporter.check()
+    reporter.progress(2, 3, "evaluating", force=True)
     variant = build_variant(base, delta, base_id).pipe
     after = erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, guidance)
-    return {"before": baseline, "after": after, "erased": concepts}
+    return {"before": before, "after": after, "negative_prompt": negative_baseline,
+            "erased": concepts}
 
 
 def _save_checkpoint(trainer: Any, path: Path) -> None:
@@ -237,7 +298,8 @@ def erase(params: dict, reporter: Reporter) -> dict:
     reporter.progress(0, total, "loading", force=True)
     pipe, _ = ctx.cache.get(params["base_model"])
     style = params.get("train_prompts", "plain")
-    prompts = training_prompts(params["concepts"], style, params.get("domain"))
+    prompts = training_prompts(params["concepts"], style, params.get("domain"),
+                               preserve=bool(params.get("preserve")))
     cfg = ESDConfig(
         concepts=tuple(params["concepts"]), prompts=prompts, method=params["method"],
         iterations=total,
@@ -271,8 +333,9 @@ def erase(params: dict, reporter: Reporter) -> dict:
     edit = {k: params[k] for k in ("method", "concepts", "iterations", "learning_rate",
                                    "negative_guidance", "erase_from", "seed", "ddim_steps",
                                    "start_guidance")}
-    edit |= {"train_prompts": style,
+    edit |= {"train_prompts": style, "preserve": bool(params.get("preserve")),
              "prompts": [{"prompt": p.prompt, "anchor": p.anchor}
+                         | ({"preserve": p.preserve} if p.preserve else {})
                          for p in dict.fromkeys(prompts)]}
     manifest = {
         "kind": "text-to-image", "format": "delta",
@@ -282,6 +345,8 @@ def erase(params: dict, reporter: Reporter) -> dict:
                      "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),
                      "seconds": round(train_s, 1), "job": job_id},
         "defaults": base_manifest.get("defaults"), "limits": base_manifest.get("limits"),
+        # An edit draws the same domain: it is measured the same way (POST /evaluate).
+        "domain": base_manifest.get("domain"), "evaluator": base_manifest.get("evaluator"),
     }
     delta = trainer.delta()
     if params.get("evaluate") and params.get("evaluator"):
@@ -295,3 +360,32 @@ def erase(params: dict, reporter: Reporter) -> dict:
             "links": {"model": f"/models/{params['name']}"},
             "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
             "resumed_from": resumed_from}
+
+
+@job_function
+def evaluate(params: dict, reporter: Reporter) -> dict:
+    """Draw a model's images and measure them; the report goes to the model's manifest."""
+    from worker.evaluation import evaluate as run_evaluation
+
+    ctx = get_context()
+    job = get_current_job()
+    job_id = job.id if job else "local"
+    reporter.progress(0, 1, "loading", force=True)
+    pipe, _ = ctx.cache.get(params["model"])
+    clf = ctx.cache.get(params["evaluator"])[0] if params.get("evaluator") else None
+
+    def on_progress(done: int, total: int, stage: str) -> None:
+        reporter.check()
+        reporter.progress(done, total, stage, force=stage != "drawing")
+
+    t0 = time.perf_counter()
+    report = run_evaluation(pipe, params, clf=clf, settings=ctx.settings,
+                            on_progress=on_progress)
+    report |= {"job": job_id, "seconds": round(time.perf_counter() - t0, 1),
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = ctx.settings.outputs_dir / job_id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    ctx.registry.add_report(params["model"], report)
+    reporter.progress(1, 1, "done", force=True)
+    return {"report": report, "links": {"model": f"/models/{params['model']}"}}

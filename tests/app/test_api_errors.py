@@ -178,9 +178,60 @@ def test_health(client):
         ({"concepts": ["red"], "name": "Bad Name"}, 422, "'Bad Name'"),
         ({"concepts": ["red"], "name": "tiny-sd"}, 409, "'tiny-sd'"),
         ({"concepts": ["red"], "evaluate": True}, 422, "`evaluate`"),
+        # tiny-sd names no domain: there is no neighbour to preserve.
+        ({"concepts": ["red"], "preserve": True}, 422, "`preserve`"),
     ],
 )
 def test_invalid_erase_requests(client, body, status, needle):
     r = client.post("/erase", json={"base_model": "tiny-sd", **body})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        # No CLIP model configured: the message names the setting to set.
+        ({"model": "tiny-sd", "prompts": ["a cat"]}, 422, "LETHE_CLIP_MODEL_PATH"),
+        ({"model": "shapes-sd", "metrics": ["clip_score"]}, 422, "LETHE_CLIP_MODEL_PATH"),
+        ({"model": "tiny-sd", "prompts": ["a"], "metrics": ["fid"]}, 422, "`reference`"),
+        ({"model": "tiny-sd", "prompts": ["a"], "metrics": ["fid"], "reference": "photos"},
+         422, "'photos'"),
+        ({"model": "tiny-sd", "prompts": ["a"], "metrics": ["fid"], "reference": "../etc"},
+         422, "'../etc'"),
+        ({"model": "tiny-sd", "prompts": ["a"], "metrics": ["accuracy"]}, 422, "classifier"),
+        ({"model": "tiny-sd", "prompts": ["a"], "metrics": ["fid"], "reference": "render"},
+         422, "'render'"),
+        ({"model": "tiny-sd", "metrics": ["fid"]}, 422, "`prompts` is required"),
+        ({"model": "tiny-sd", "prompt_set": "shapes-color", "metrics": ["fid"]}, 422,
+         "'shapes-color'"),
+        ({"model": "shapes-sd", "prompts": ["a"], "prompt_set": "shapes-color"}, 422,
+         "not both"),
+        ({"model": "shapes-sd", "images_per_prompt": 200}, 422, "LETHE_MAX_EVAL_IMAGES"),
+        ({"model": "shapes-sd", "images_per_prompt": 0}, 422, "`images_per_prompt`"),
+        ({"model": "shapes-sd", "metrics": ["fid", "fid"]}, 422, "distinct"),
+        ({"model": "shapes-sd", "metrics": ["psnr"]}, 422, "'psnr'"),
+        ({"model": "shapes-sd", "prompts": ["a circle"], "metrics": ["precision_recall"],
+          "images_per_prompt": 4},
+         422, "at least 8"),
+        ({"model": "shapes-x4"}, 422, "'shapes-x4'"),
+        ({"model": "nope"}, 404, "'nope'"),
+    ],
+)
+def test_invalid_evaluate_requests(client, body, status, needle):
+    r = client.post("/evaluate", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_evaluate_on_a_shapes_model_is_queued_with_its_defaults(client):
+    r = client.post("/evaluate", json={"model": "shapes-sd", "images_per_prompt": 2})
+    assert r.status_code == 202, r.text
+    job = client.get(r.headers["Location"]).json()
+    assert job["type"] == "evaluate"
+    assert job["params"]["metrics"] == ["fid", "precision_recall", "attribute_score",
+                                        "accuracy"]
+    assert job["params"]["prompt_set"] == "shapes-color"
+    assert job["params"]["reference"] == "render"
+    assert job["params"]["evaluator"] == "shapes-clf"
+    client.delete(r.headers["Location"])

@@ -8,9 +8,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from app import jobs
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
 from app.errors import ImageNotFound, JobNotFinished
-from app.params import resolve_erase, resolve_generate
+from app.params import resolve_erase, resolve_evaluate, resolve_generate
 from app.queue import enqueue
-from app.schemas import EraseCreate, GenerateCreate, JobCreated, JobLinks, JobPublic
+from app.schemas import (
+    EraseCreate,
+    EvaluateCreate,
+    GenerateCreate,
+    JobCreated,
+    JobLinks,
+    JobPublic,
+)
 
 router = APIRouter(tags=["jobs"])
 
@@ -29,6 +36,17 @@ def create_erase(body: EraseCreate, redis: RedisDep, registry: RegistryDep,
     job = enqueue(redis, "erase", params, timeout_s=settings.train_timeout_s,
                   result_ttl_s=settings.result_ttl_s, retries=settings.train_retries)
     return created(job, "erase")
+
+
+@router.post("/evaluate", status_code=202, response_model=JobCreated)
+def create_evaluate(body: EvaluateCreate, redis: RedisDep, registry: RegistryDep,
+                    settings: SettingsDep) -> JSONResponse:
+    """Queue an evaluation (FID, precision/recall, classifier or CLIP scores) of a model; the
+    report lands in `result.report` and in the model's `reports` (`GET /models/{id}`)."""
+    params = resolve_evaluate(body, registry, settings)
+    job = enqueue(redis, "evaluate", params, timeout_s=settings.train_timeout_s,
+                  result_ttl_s=settings.result_ttl_s)
+    return created(job, "evaluate")
 
 
 @router.post("/generate", status_code=202, response_model=JobCreated,

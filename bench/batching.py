@@ -1,0 +1,104 @@
+"""Micro-batching: images per second at C concurrent clients, one job at a time vs batched.
+
+    python -m bench.batching [--model shapes-sd] [--clients 8] [--rounds 6] [--steps 20]
+
+Two runs of the whole service, one after the other, differing only in
+LETHE_BATCH_MAX_IMAGES (1, then 8): C clients each submit ``rounds`` generate jobs one
+after another (every job its own seed) and wait for each. Each image is then compared with
+the same seed's image from the other run: a client must get its own image either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import threading
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) -> dict:
+    os.environ["LETHE_BATCH_MAX_IMAGES"] = str(max_images)
+    from bench.stack import Stack
+
+    latencies: list[float] = []
+    images: dict[int, np.ndarray] = {}
+    batched = []
+    lock = threading.Lock()
+    with Stack() as stack:
+        with httpx.Client(base_url=stack.url, timeout=600) as http:  # load the model once
+            warm = http.post("/generate", json={"prompt": "a", "model": model, "steps": 1})
+            wait(http, warm.json()["id"])
+
+        def client(c: int) -> None:
+            with httpx.Client(base_url=stack.url, timeout=600) as http:
+                for r in range(rounds):
+                    seed = 1000 + c * rounds + r
+                    t0 = time.perf_counter()
+                    job_id = http.post("/generate", json={
+                        "prompt": f"a {['red', 'blue'][c % 2]} circle", "model": model,
+                        "steps": steps, "seed": seed}).json()["id"]
+                    job = wait(http, job_id)
+                    png = http.get(job["result"]["images"][0]["url"]).content
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                        images[seed] = np.asarray(Image.open(io.BytesIO(png))).astype(int)
+                        batched.append(job["result"].get("batch", {}).get("jobs", 1) > 1)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    return {"images_per_s": len(images) / wall, "wall_s": wall, "latency_s": latencies,
+            "jobs": len(batched), "batched_jobs": sum(batched), "max_batch": max_images,
+            "images": images}
+
+
+def wait(http: httpx.Client, job_id: str) -> dict:
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            return job
+        if job["status"] in ("failed", "canceled"):
+            raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
+        time.sleep(0.02)
+
+
+def run(model: str = "shapes-sd", clients: int = 8, rounds: int = 6, steps: int = 20,
+        max_batch: int = 8) -> dict:
+    single = one_run(model, clients, rounds, steps, 1)
+    batched = one_run(model, clients, rounds, steps, max_batch)
+    # Same seed, same image: batching may change the arithmetic's order, never the picture.
+    diffs = [np.abs(single["images"][s] - batched["images"][s]).max() for s in single["images"]]
+    own = bool(max(diffs) <= 2)
+    for r in (single, batched):
+        r["own_images"] = f"yes (largest pixel difference {max(diffs)})" if own else \
+            f"NO (largest pixel difference {max(diffs)})"
+        del r["images"]
+    return {"model": model, "clients": clients, "rounds": rounds, "steps": steps,
+            "single": single, "batched": batched}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="shapes-sd")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    r = run(args.model, args.clients, args.rounds, args.steps)
+    for k in ("single", "batched"):
+        r[k]["latency_s"] = sorted(r[k]["latency_s"])[len(r[k]["latency_s"]) // 2]
+    print(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""An evaluation: draw a model's images for a set of prompts and measure them.
+
+The API (``app.params.resolve_evaluate``) has already checked that every metric asked for
+has what it needs; this module draws, extracts features and calls ``worker.metrics``.
+Shapes models are judged by ``shapes-clf`` against seeded renders; other models by the
+operator's Inception and CLIP files against a folder of real images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from worker.demo.erasure import concept_prompts
+from worker.demo.judge import ShapesJudge, references
+from worker.demo.render import SHAPES
+from worker.demo.sample import generate
+from worker.features import ClipScorer, InceptionFeatures, load_folder
+from worker.metrics import fid, precision_recall
+
+
+def prompt_set(name: str) -> list[str]:
+    """The named prompt sets of the shapes domain."""
+    if name == "shapes-shape":
+        return [f"a {s}" for s in SHAPES]
+    form = {"shapes-color": "color", "shapes-full": "full"}[name]
+    return [p for p, _, _ in concept_prompts("", form)]
+
+
+def _batch(height: int, width: int) -> int:
+    # 48 images of 32×32 at once; proportionally fewer as they grow (2 at 512×512).
+    return max(1, min(48, 48 * 32 * 32 // (height * width)))
+
+
+def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
+             on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Draw ``images_per_prompt`` images per prompt (image j with seed + j) and measure them.
+
+    ``on_progress(done, total, stage)`` may raise to stop.
+    """
+    prompts = params.get("prompts") or prompt_set(params["prompt_set"])
+    per = params["images_per_prompt"]
+    drawn = [p for p in prompts for _ in range(per)]
+    seed, metrics = params["seed"], set(params["metrics"])
+    size = (params["height"], params["width"])
+    report: dict[str, Any] = {
+        "model": params["model"], "prompts": len(prompts),
+        "prompt_set": params.get("prompt_set"), "images_per_prompt": per,
+        "images": len(drawn), "seed": seed, "steps": params["steps"],
+        "guidance_scale": params["guidance_scale"],
+        "negative_prompt": params.get("negative_prompt"), "metrics": {},
+    }
+
+    def progress(done: int) -> None:
+        if on_progress:
+            on_progress(done, len(drawn), "drawing")
+
+    images = generate(pipe, drawn, [seed + j for j in range(len(drawn))],
+                      params["guidance_scale"], steps=params["steps"],
+                      batch=_batch(*size), negative_prompt=params.get("negative_prompt"),
+                      size=size, on_batch=progress)
+    if on_progress:
+        on_progress(len(drawn), len(drawn), "measuring")
+    out = report["metrics"]
+    judge = ShapesJudge(clf) if clf is not None else None
+    if judge and metrics & {"accuracy", "attribute_score"}:
+        verdict = judge.judge(images, drawn)
+        if "accuracy" in metrics:
+            out["accuracy"] = {kind: float(np.mean([h for h in hits if h is not None]))
+                               for kind, hits in verdict["hits"].items()
+                               if any(h is not None for h in hits)}
+        if "attribute_score" in metrics:
+            out["attribute_score"] = verdict["attribute_score"]
+    if metrics & {"fid", "precision_recall"}:
+        if params["reference"] == "render":
+            extractor: Any = judge
+            real = references(drawn, seed + 1, side=size[0])
+        else:
+            extractor = InceptionFeatures(settings.inception_path, pipe.device)
+            real = load_folder(settings.references_dir / params["reference"], size,
+                               settings.max_eval_images)
+        real_f, fake_f = extractor.features(real), extractor.features(images)
+        report |= {"features": extractor.name, "reference": params["reference"],
+                   "reference_images": len(real)}
+        if "fid" in metrics:
+            out["fid"] = fid(real_f, fake_f)
+        if "precision_recall" in metrics:
+            out["precision"], out["recall"] = precision_recall(real_f, fake_f)
+    if "clip_score" in metrics:
+        out["clip_score"] = ClipScorer(settings.clip_model_path, pipe.device).score(images, drawn)
+    return report
