@@ -102,16 +102,18 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     d = manifest.get("erase_defaults") or {}
     gen = manifest.get("defaults") or {}
     base, _ = ctx.cache.get(model)
-    clf, _ = ctx.cache.get(manifest["evaluator"])
+    clf = ctx.cache.get(manifest["evaluator"])[0] if manifest.get("evaluator") else None
     cfg = ESDConfig(concepts=(concept,), method="esd-x", iterations=iterations,
                     learning_rate=d.get("learning_rate", 1e-5),
                     ddim_steps=d.get("ddim_steps", 50),
                     start_guidance=d.get("start_guidance", 3.0),
                     prompts=training_prompts([concept], "varied", manifest.get("domain"),
-                                             preserve=True),
+                                             preserve=manifest.get("domain") == "shapes"),
                     height=gen.get("height", 32), width=gen.get("width", 32))
 
-    def erased(delta: dict) -> float:
+    def erased(delta: dict) -> float | None:
+        if clf is None:  # a model without a classifier (tiny-sd in the smoke run)
+            return None
         variant = build_variant(base, delta, model).pipe
         return concept_accuracy(variant, clf, concept, per_prompt,
                                 guidance=gen.get("guidance_scale", 4.0))

@@ -86,6 +86,11 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
                    "reference_images": len(real)}
         if "fid" in metrics:
             out["fid"] = fid(real_f, fake_f)
+            if params["reference"] == "render":
+                # Two independent render sets of the same prompts: the FID a perfect model
+                # would score at this sample size (FID is biased upward for small sets).
+                out["fid_floor"] = fid(real_f, judge.features(references(drawn, seed + 2,
+                                                                         side=size[0])))
         if "precision_recall" in metrics:
             out["precision"], out["recall"] = precision_recall(real_f, fake_f)
     if "clip_score" in metrics:

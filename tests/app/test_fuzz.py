@@ -35,6 +35,7 @@ OPERATIONS = [
     ("POST", "/generate"),
     ("POST", "/erase"),
     ("POST", "/upscale"),
+    ("POST", "/evaluate"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/images/{index}"),

@@ -82,12 +82,15 @@ def erasure_report(pipe: Any, clf: Any, erased: list[str], per_prompt: int = 4,
     }
     kept = [i for i, a in enumerate(asked) if not set(a.values()) & set(erased)]
     if len(kept) > 3:
-        real = judge.features(references([prompts[i] for i in kept], seed + 1))
+        kept_prompts = [prompts[i] for i in kept]
+        real = judge.features(references(kept_prompts, seed + 1))
         fake = judge.features(images[kept])
         precision, recall = precision_recall(real, fake)
-        report["kept_prompts"] = {"images": len(kept), "features": judge.name,
-                                  "reference": "render", "fid": fid(real, fake),
-                                  "precision": precision, "recall": recall}
+        report["kept_prompts"] = {
+            "images": len(kept), "features": judge.name, "reference": "render",
+            "fid": fid(real, fake), "precision": precision, "recall": recall,
+            # A second render set against the first: a perfect model's FID at this size.
+            "fid_floor": fid(real, judge.features(references(kept_prompts, seed + 2)))}
     if include_full:
         report["accuracy_full_prompts"] = {
             c: concept_accuracy(pipe, clf, c, max(1, per_prompt // 2), form="full",
