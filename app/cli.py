@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning.
-    # A worker shares its CPUs with the API, Redis and other workers; spinning threads took
-    # the cores they needed between parallel regions and slowed the worker itself.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.runner import run_worker
 
     settings = get_settings()

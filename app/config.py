@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         "(Inception-v3 pool features) for FID and precision/recall outside the shapes domain.")
     max_eval_images: int = Field(2000, description="Most images one evaluation may draw.")
 
+    torch_threads: int = Field(0, ge=0, description="CPU threads a worker's torch uses; 0: "
+                               "on the CPU one per core but one, left to the API and Redis "
+                               "(torch's own default on a GPU).")
+
     device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
     dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")
 

@@ -178,7 +178,7 @@ def header(smoke: bool) -> list[str]:
         f"Python {sys.version.split()[0]}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, transformers {transformers.__version__}. Times are "
         "medians with (min–max, n); each target is a ratio of two things measured side by "
-        "side in this run.",
+        "side in this run. Earlier measurements (GPU runs among them): EARLIER.md.",
         "",
     ]
 

@@ -16,10 +16,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 "${REDIS_BIN:-.whl/redis-server}" --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes
 export LETHE_TEST_REDIS_URL=redis://127.0.0.1:6390/13
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/app/test_fuzz.py \
-  2>&1 | tail -25 | tee "$OUT/tests.txt"
-for size in 32 256; do
-  timeout 120 python3 -m bench.service --redis-url redis://127.0.0.1:6390/1 --size $size \
-    --steps 20 --repeats 7 2>&1 | grep -v "it/s\|Warning\|deprecate" | tail -9 \
-    | tee "$OUT/bench-$size.txt"
-done
+# BENCH_ONLY=1 skips the tests: the whole suite (python -m bench, fp16 on CUDA) then fits
+# one device call; otherwise the tests run first and the suite gets what time is left.
+if [ -z "${BENCH_ONLY:-}" ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/app/test_fuzz.py \
+    --ignore=tests/test_bench.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+timeout "${BENCH_TIMEOUT_S:-300}" python3 -m bench --out "$OUT/RESULTS-cuda.md" \
+  2>&1 | grep -v "it/s\|Warning\|deprecate" | tail -20 | tee "$OUT/bench.txt"

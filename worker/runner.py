@@ -10,6 +10,7 @@ failed (``worker_lost``) about ``heartbeat_ttl_s`` later instead of staying "run
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from rq import SimpleWorker
@@ -52,6 +53,19 @@ class LetheWorker(SimpleWorker):
                 log.warning("heartbeat for job %s failed", job.id, exc_info=True)
 
 
+def _set_threads(settings: Settings, device: str) -> None:
+    """A CPU worker shares its cores with the API, Redis and the other workers. With one
+    torch thread per core, every poll the API answers preempts a thread of each parallel
+    region and the whole step waits for it: on 2 cores a 20-step shapes-sd call took 332 ms
+    in the worker against 274 ms alone; with one core left free, 302 ms."""
+    import torch
+
+    threads = settings.torch_threads or (max(1, (os.cpu_count() or 2) - 1)
+                                         if device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def run_worker(settings: Settings, queues: list[str], burst: bool = False,
                name: str | None = None) -> None:
     if not settings.redis_url:
@@ -59,6 +73,7 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False,
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = get_context()
+    _set_threads(settings, ctx.runtime.device.type)
     ensure_default_models(ctx.registry)
     connection = connect(settings.redis_url, blocking=True)
     LetheWorker.heartbeat_ttl_s = settings.heartbeat_ttl_s
@@ -70,6 +85,8 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False,
         job_monitoring_interval=max(settings.heartbeat_ttl_s // 3, 1),
         maintenance_interval=max(settings.heartbeat_ttl_s, 10),
     )
-    log.info("worker %s on %s, device %s, dtype %s", worker.name, queues,
-             ctx.runtime.device, ctx.runtime.dtype)
+    import torch
+
+    log.info("worker %s on %s, device %s, dtype %s, %d CPU threads", worker.name, queues,
+             ctx.runtime.device, ctx.runtime.dtype, torch.get_num_threads())
     worker.work(burst=burst, logging_level="INFO")
