@@ -127,6 +127,9 @@ SHAPES_METRICS = ["fid", "precision_recall", "attribute_score", "accuracy"]
 REFERENCE_METRICS = {"fid", "precision_recall"}
 JUDGE_METRICS = {"attribute_score", "accuracy"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Prompts in each named set (``worker.evaluation.prompt_set`` builds them; a test keeps the
+# two in step, since the API cannot import the worker side).
+PROMPT_SET_SIZES = {"shapes-color": 24, "shapes-full": 72, "shapes-shape": 4}
 
 
 def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
@@ -183,10 +186,6 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     params["height"] = defaults.get("height") or side
     params["width"] = defaults.get("width") or side
     return params
-
-
-# Prompts in each named set (worker.demo.judge builds them).
-PROMPT_SET_SIZES = {"shapes-color": 24, "shapes-full": 72, "shapes-shape": 4}
 
 
 def _check_reference(reference: str | None, shapes: bool, evaluator: str | None,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.params import IMAGE_SUFFIXES
 from worker.metrics import clip_score
 
 
@@ -77,8 +78,7 @@ def _embeds(out: object) -> torch.Tensor:
 
 def load_folder(folder: Path, size: tuple[int, int], limit: int) -> np.ndarray:
     """Up to ``limit`` images of a folder as uint8 N×H×W×3, resized to ``size`` (h, w)."""
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))[:limit]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     out = []
     for p in files:
         with Image.open(p) as im:

@@ -103,3 +103,4 @@ def test_too_few_images_is_a_clear_error():
         precision_recall(torch.randn(3, 4), torch.randn(10, 4))
     with pytest.raises(InvalidParams, match="at least 2"):
         fid(torch.randn(1, 4), torch.randn(10, 4))
+
