@@ -12,12 +12,12 @@ from rq import Queue, Retry
 
 IMAGES, TRAIN = "images", "train"
 
-# Which queue and timeout setting each job type uses.
+# Which queue and job function each job type uses (each route passes its own timeout).
 JOB_TYPES: dict[str, dict[str, str]] = {
-    "generate": {"queue": IMAGES, "func": "worker.jobs.generate", "timeout": "generate_timeout_s"},
-    "upscale": {"queue": IMAGES, "func": "worker.jobs.upscale", "timeout": "generate_timeout_s"},
-    "erase": {"queue": TRAIN, "func": "worker.jobs.erase", "timeout": "train_timeout_s"},
-    "evaluate": {"queue": TRAIN, "func": "worker.jobs.evaluate", "timeout": "train_timeout_s"},
+    "generate": {"queue": IMAGES, "func": "worker.jobs.generate"},
+    "upscale": {"queue": IMAGES, "func": "worker.jobs.upscale"},
+    "erase": {"queue": TRAIN, "func": "worker.jobs.erase"},
+    "evaluate": {"queue": TRAIN, "func": "worker.jobs.evaluate"},
 }
 
 

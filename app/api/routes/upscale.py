@@ -79,14 +79,15 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         raise UnsupportedMedia(f"content type {ctype!r} is not accepted; send "
                                "multipart/form-data or application/json")
 
+    # Registry files, Redis and the image codec all block: they run off the event loop.
     if source is not None:
-        rel, source_prompt = resolve_source(source, redis, settings)
-        params = resolve_upscale(options, registry, settings, prompt=source_prompt)
+        rel, source_prompt = await run_in_threadpool(resolve_source, source, redis, settings)
+        params = await run_in_threadpool(resolve_upscale, options, registry, settings,
+                                         prompt=source_prompt)
         params["input"] = rel
         params["source"] = source.model_dump()
     elif data is not None:
-        params = resolve_upscale(options, registry, settings)
-        # Decoding and re-encoding take milliseconds of CPU: off the event loop.
+        params = await run_in_threadpool(resolve_upscale, options, registry, settings)
         image = await run_in_threadpool(
             open_checked, data, max(settings.max_upscale_side // SCALE, 1))
         await run_in_threadpool(save_input, image, settings.outputs_dir / job_id / INPUT_FILE)
@@ -94,6 +95,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         params["source"] = None
     else:  # unreachable: UpscaleCreate asks for exactly one of the two
         raise InvalidParams("give exactly one of `image` and `source`")
-    job = enqueue(redis, "upscale", params, timeout_s=settings.generate_timeout_s,
-                  result_ttl_s=settings.result_ttl_s, job_id=job_id)
+    job = await run_in_threadpool(enqueue, redis, "upscale", params,
+                                  timeout_s=settings.generate_timeout_s,
+                                  result_ttl_s=settings.result_ttl_s, job_id=job_id)
     return created(job, "upscale")
