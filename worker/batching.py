@@ -15,14 +15,12 @@ claims expire: either way a companion then runs on its own. Nothing is lost.
 from __future__ import annotations
 
 import json
-import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
 from rq.job import Job
-
-log = logging.getLogger("lethe.worker.batching")
 
 # The params that must match for two jobs to share a pipeline call.
 BATCH_KEYS = ("model", "width", "height", "steps", "scheduler", "guidance_scale",
@@ -90,10 +88,13 @@ def deliver(redis: Redis, job_id: str, result: dict, ttl_s: int) -> None:
     redis.set(result_key(job_id), json.dumps(result), ex=ttl_s)
 
 
-def collect(redis: Redis, job_id: str, poll_s: float = 0.05) -> dict | None:
-    """The result a leader computed for ``job_id``: waits while a leader holds its claim;
-    None when no leader has it (run the job yourself)."""
+def collect(redis: Redis, job_id: str, check: Callable[[], None] = lambda: None,
+            poll_s: float = 0.05) -> dict | None:
+    """The result a leader computed for ``job_id``: waits while a leader holds its claim
+    (``check`` may raise to stop waiting: a cancel); None when no leader has it (run the
+    job yourself)."""
     while True:
+        check()
         raw = redis.get(result_key(job_id))
         if raw is not None:
             redis.delete(result_key(job_id), claim_key(job_id))

@@ -101,7 +101,8 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
     job = get_current_job()
     batchable = job is not None and batching.batch_key(params) is not None
     if batchable:
-        ready = batching.collect(job.connection, job_id)  # another worker's batch ran it
+        # Another worker's batch may have run it, or may be running it now.
+        ready = batching.collect(job.connection, job_id, reporter.check)
         if ready is not None:
             reporter.progress(params["steps"], params["steps"], "done", force=True)
             return ready
