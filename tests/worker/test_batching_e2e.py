@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -48,3 +49,22 @@ def test_queued_compatible_jobs_run_as_one_batch_and_keep_their_own_images(http)
     assert alone["result"]["batch"]["jobs"] == 1
     assert np.abs(pixels(http, alone) - pixels(http, jobs[1])).max() <= 2
     assert np.abs(pixels(http, jobs[0]) - pixels(http, jobs[2])).mean() > 1  # seeds differ
+
+
+def test_a_canceled_leader_gives_its_companions_back(http, redis):
+    from worker.batching import claim_key
+
+    blocker = submit(http, steps=150, width=64, height=64)
+    wait_job(http, blocker, until=("running",))
+    leader, companion = submit(http, seed=70, steps=400), submit(http, seed=71, steps=400)
+    wait_job(http, leader, until=("running",), timeout_s=60)
+    deadline = time.monotonic() + 10  # RQ marks it running just before the job claims
+    while redis.get(claim_key(companion)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert redis.get(claim_key(companion)) == leader.encode()  # in the leader's batch
+    http.delete(f"/jobs/{leader}")
+    assert wait_job(http, leader)["status"] == "canceled"
+    done = wait_job(http, companion, timeout_s=120)
+    # Nothing lost: released by the canceled batch, the companion ran on its own.
+    assert done["status"] == "succeeded", done
+    assert done["result"]["batch"] == {"jobs": 1, "images": 1, "leader": companion}
