@@ -85,6 +85,8 @@ def main() -> None:
 
 
 def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -96,7 +98,9 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     from worker.prompts import training_prompts
     from worker.variants import build_variant
 
-    ctx = WorkerContext.from_settings(Settings(home=Path(tempfile.mkdtemp(prefix="lethe-b-"))))
+    home = Path(tempfile.mkdtemp(prefix="lethe-bench-"))
+    atexit.register(shutil.rmtree, home, True)
+    ctx = WorkerContext.from_settings(Settings(home=home))
     ensure_default_models(ctx.registry)
     manifest = ctx.registry.get(model)
     d = manifest.get("erase_defaults") or {}

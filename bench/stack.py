@@ -10,6 +10,7 @@ that uses a stack imports ``app``/``worker`` modules only inside it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -57,3 +58,4 @@ class Stack:
             stop_worker(self._worker)
         if self._redis:
             self._redis.stop()
+        shutil.rmtree(self.home, ignore_errors=True)

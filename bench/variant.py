@@ -12,7 +12,9 @@ and report the memory the cached variant adds against its delta's size. Writes n
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,6 +35,7 @@ def run(model: str = "shapes-sd", repeats: int = 5) -> dict:
     from worker.variants import save_delta
 
     home = Path(tempfile.mkdtemp(prefix="lethe-bench-"))
+    atexit.register(shutil.rmtree, home, True)
     ctx = WorkerContext.from_settings(Settings(home=home))
     ensure_default_models(ctx.registry)
     base, _ = ctx.cache.get(model)
