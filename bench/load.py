@@ -88,14 +88,13 @@ def one_job(http: httpx.Client, body: dict, timeout_s: float) -> str:
         return f"http_{r.status_code}"
     job_id = r.json()["id"]
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = http.get(f"/jobs/{job_id}").json()
+    while time.monotonic() < deadline:  # long polling, as a client of the service would
+        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
         if job["status"] == "succeeded":
             png = http.get(job["result"]["images"][0]["url"])
             return "succeeded" if png.status_code == 200 else "image_missing"
         if job["status"] in ("failed", "canceled"):
             return job["status"]
-        time.sleep(0.1)
     return "lost"
 
 

@@ -45,6 +45,46 @@ def test_generate_poll_download_and_repeat_is_byte_identical(http):
     assert again["result"]["cached"] is True
 
 
+def test_long_polling_answers_once_the_job_has_finished(http):
+    job_id = generate(http, steps=40, width=64, height=64)
+    t0 = time.monotonic()
+    job = http.get(f"/jobs/{job_id}", params={"wait": 20}).json()
+    assert job["status"] == "succeeded", job  # one request, not a polling loop
+    assert time.monotonic() - t0 < 20
+    # A finished job answers at once; the bound on `wait` is checked like any field.
+    t0 = time.monotonic()
+    assert http.get(f"/jobs/{job_id}", params={"wait": 20}).json()["status"] == "succeeded"
+    assert time.monotonic() - t0 < 1
+    r = http.get(f"/jobs/{job_id}", params={"wait": 31})
+    assert r.status_code == 422 and "wait" in r.json()["error"]["message"]
+
+
+def test_many_long_polls_leave_the_other_routes_answering(http, live_url):
+    import threading
+
+    import httpx
+
+    slow = generate(http, steps=400, width=64, height=64)
+    answers = []
+
+    def poll() -> None:
+        with httpx.Client(base_url=live_url, timeout=30) as c:
+            answers.append(c.get(f"/jobs/{slow}", params={"wait": 8}).status_code)
+
+    pollers = [threading.Thread(target=poll) for _ in range(48)]  # past anyio's 40 threads
+    for t in pollers:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert http.get("/models").status_code == 200
+    assert http.get(f"/jobs/{slow}").status_code == 200
+    assert time.monotonic() - t0 < 2
+    http.delete(f"/jobs/{slow}")  # the polls answer as soon as the job has stopped
+    for t in pollers:
+        t.join(15)
+    assert answers == [200] * 48
+
+
 def test_each_image_of_a_batch_depends_only_on_its_own_seed(http):
     batch = wait_job(http, generate(http, num_images=2, seed=100))
     single = wait_job(http, generate(http, seed=101))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import asyncio
+import time
+
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse, JSONResponse
+from redis import Redis
+from starlette.concurrency import run_in_threadpool
 
 from app import jobs
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
@@ -60,11 +65,30 @@ def create_generate(body: GenerateCreate, redis: RedisDep, registry: RegistryDep
     return created(job, "generate")
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, redis: RedisDep) -> dict:
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+def _read(redis: Redis, job_id: str) -> dict:
     job = jobs.fetch(redis, job_id)
     jobs.reap_if_abandoned(redis, job)
     return jobs.describe(job)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+async def get_job(job_id: str, redis: RedisDep,
+                  wait: float = Query(0, ge=0, le=30, description="Seconds to hold the "
+                                      "answer until the job has finished (long polling); "
+                                      "0 answers at once.")) -> dict:
+    """A job's status, progress and result. With `wait`, the answer comes when the job
+    finishes or the time is up, whichever is first: one request instead of many polls."""
+    deadline = time.monotonic() + wait
+    while True:
+        # Each read borrows a worker thread for a moment; a waiting request holds none,
+        # so many long polls cannot starve the other routes of threads.
+        view = await run_in_threadpool(_read, redis, job_id)
+        if view["status"] in FINISHED or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(0.02)
 
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse,
