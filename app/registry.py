@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,39 +136,32 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    @contextmanager
-    def _locked(self, model_id: str) -> Iterator[None]:
-        """One writer at a time per manifest across processes: two reports written at once
-        must both land (read-modify-write without it keeps only the later one)."""
-        with open(self.root / model_id / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def _modify(self, model_id: str, change: Callable[[dict[str, Any]], None]
+                ) -> dict[str, Any]:
+        """Read, ``change`` in place and atomically rewrite a manifest, one writer at a time
+        across processes: two reports written at once must both land (a read-modify-write
+        without the lock keeps only the later one)."""
+        self.get(model_id)  # an unknown id is a 404, not a lock file in a missing folder
+        with open(self.root / model_id / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
+                manifest = self.get(model_id)
+                change(manifest)
+                tmp = self.root / model_id / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
+                tmp.write_text(json.dumps(manifest, indent=2))
+                os.replace(tmp, self.root / model_id / MANIFEST)
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return manifest
 
     def update_manifest(self, model_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into a manifest (metrics, reports), replacing the file atomically."""
-        self.get(model_id)
-        with self._locked(model_id):
-            manifest = self.get(model_id)
-            manifest.update(fields)
-            self._write_manifest(model_id, manifest)
-        return manifest
+        return self._modify(model_id, lambda m: m.update(fields))
 
     def add_report(self, model_id: str, report: dict[str, Any]) -> dict[str, Any]:
         """Append an evaluation report to the manifest's ``reports``."""
-        self.get(model_id)
-        with self._locked(model_id):
-            manifest = self.get(model_id)
-            manifest["reports"] = [*manifest.get("reports", []), report]
-            self._write_manifest(model_id, manifest)
-        return manifest
-
-    def _write_manifest(self, model_id: str, manifest: dict[str, Any]) -> None:
-        tmp = self.root / model_id / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, self.root / model_id / MANIFEST)
+        return self._modify(model_id, lambda m: m.update(reports=[*m.get("reports", []),
+                                                                     report]))
 
     def remove(self, model_id: str) -> None:
         """Remove a derived model. Base models and models others derive from stay."""
