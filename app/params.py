@@ -28,15 +28,20 @@ from app.schemas import (
 SCALE = 4  # the upscalers' factor (Stability's x4 layout)
 
 
+def _text_to_image(registry: Registry, model_id: str) -> dict:
+    """The manifest of ``model_id``, which must draw images from text (a base or an edit)."""
+    manifest = registry.get(model_id)
+    if manifest["kind"] != "text-to-image":
+        raise InvalidParams(
+            f"`model` {model_id!r} is a {manifest['kind']} model, not text-to-image")
+    return manifest
+
+
 def resolve_generate(body: GenerateCreate, registry: Registry, settings: Settings) -> dict:
     """Fill defaults from the model's manifest and check the request against its limits."""
     model_id = body.model or settings.default_model
     max_side = settings.max_side
-    manifest = registry.get(model_id)
-    if manifest["kind"] != "text-to-image":
-        raise InvalidParams(
-            f"`model` {model_id!r} is a {manifest['kind']} model, not text-to-image"
-        )
+    manifest = _text_to_image(registry, model_id)
     defaults = manifest.get("defaults") or {}
     params = body.model_dump()
     params["model"] = model_id
@@ -142,10 +147,7 @@ def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
 def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Settings) -> dict:
     """Check that every metric asked for can be computed here, before anything is queued."""
     model_id = body.model or settings.default_model
-    manifest = registry.get(model_id)
-    if manifest["kind"] != "text-to-image":
-        raise InvalidParams(f"`model` {model_id!r} is a {manifest['kind']} model, not "
-                            "text-to-image")
+    manifest = _text_to_image(registry, model_id)
     shapes = _lineage_value(manifest, registry, "domain") == "shapes"
     evaluator = _lineage_value(manifest, registry, "evaluator")
     if body.prompts is None and body.prompt_set is None and not shapes:

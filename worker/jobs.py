@@ -21,6 +21,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from app.errors import LetheError, ModelExists
+from app.registry import utcnow
 from worker.context import get_context
 from worker.pipelines import with_scheduler
 from worker.progress import JobCanceled, Reporter
@@ -383,7 +384,7 @@ def evaluate(params: dict, reporter: Reporter) -> dict:
     report = run_evaluation(pipe, params, clf=clf, settings=ctx.settings,
                             on_progress=on_progress)
     report |= {"job": job_id, "seconds": round(time.perf_counter() - t0, 1),
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "created_at": utcnow()}
     out = ctx.settings.outputs_dir / job_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
