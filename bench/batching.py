@@ -63,12 +63,12 @@ def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) 
 
 
 def wait(http: httpx.Client, job_id: str) -> dict:
-    while True:
-        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
-        if job["status"] == "succeeded":
-            return job
-        if job["status"] in ("failed", "canceled"):
-            raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
+    from bench.stack import finished
+
+    job = finished(http, job_id)
+    if job is None or job["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} did not succeed: {job}")
+    return job
 
 
 def run(model: str = "shapes-sd", clients: int = 8, rounds: int = 6, steps: int = 20,

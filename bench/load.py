@@ -18,6 +18,8 @@ import time
 
 import httpx
 
+from bench.stack import finished
+
 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -87,15 +89,13 @@ def one_job(http: httpx.Client, body: dict, timeout_s: float) -> str:
     if r.status_code != 202:
         return f"http_{r.status_code}"
     job_id = r.json()["id"]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:  # long polling, as a client of the service would
-        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
-        if job["status"] == "succeeded":
-            png = http.get(job["result"]["images"][0]["url"])
-            return "succeeded" if png.status_code == 200 else "image_missing"
-        if job["status"] in ("failed", "canceled"):
-            return job["status"]
-    return "lost"
+    job = finished(http, job_id, timeout_s)
+    if job is None:
+        return "lost"
+    if job["status"] != "succeeded":
+        return job["status"]
+    png = http.get(job["result"]["images"][0]["url"])
+    return "succeeded" if png.status_code == 200 else "image_missing"
 
 
 def main() -> None:

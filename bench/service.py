@@ -18,15 +18,14 @@ import time
 
 import httpx
 
+from bench.stack import finished
+
 
 def run_job(http: httpx.Client, body: dict, worker_run_s: list[float] | None = None) -> float:
     t0 = time.perf_counter()
     job_id = http.post("/generate", json=body).json()["id"]
-    while True:  # long polling: the answer comes when the job has finished
-        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            break
-    assert job["status"] == "succeeded", job
+    job = finished(http, job_id)
+    assert job is not None and job["status"] == "succeeded", job
     http.get(job["result"]["images"][0]["url"]).raise_for_status()
     if worker_run_s is not None:
         worker_run_s.append(job["result"]["timings"]["run_s"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,3 +60,14 @@ class Stack:
         if self._redis:
             self._redis.stop()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def finished(http: Any, job_id: str, timeout_s: float = 600) -> dict | None:
+    """The job once it has finished (long polling, as a client of the service would), or
+    None if it has not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+    return None
