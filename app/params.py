@@ -28,6 +28,17 @@ from app.schemas import (
 SCALE = 4  # the upscalers' factor (Stability's x4 layout)
 
 
+def _drawing_defaults(manifest: dict) -> dict[str, Any]:
+    """How a model draws when a request does not say: its manifest's ``defaults``, else
+    30 DDIM steps at guidance 7.5 and 512×512 (Stable Diffusion's)."""
+    d = manifest.get("defaults") or {}
+    side = d.get("size") or 512
+    return {"steps": d.get("steps") or 30,
+            "guidance_scale": 7.5 if d.get("guidance_scale") is None else d["guidance_scale"],
+            "scheduler": d.get("scheduler") or "ddim",
+            "height": d.get("height") or side, "width": d.get("width") or side}
+
+
 def _text_to_image(registry: Registry, model_id: str) -> dict:
     """The manifest of ``model_id``, which must draw images from text (a base or an edit)."""
     manifest = registry.get(model_id)
@@ -42,20 +53,16 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
     model_id = body.model or settings.default_model
     max_side = settings.max_side
     manifest = _text_to_image(registry, model_id)
-    defaults = manifest.get("defaults") or {}
+    defaults = _drawing_defaults(manifest)
     params = body.model_dump()
     params["model"] = model_id
     for key in ("steps", "guidance_scale", "width", "height", "scheduler"):
         if params[key] is None:
-            params[key] = defaults.get(key)
-    params["steps"] = params["steps"] or 30
-    params["guidance_scale"] = 7.5 if params["guidance_scale"] is None else params["guidance_scale"]
-    params["scheduler"] = params["scheduler"] or "ddim"
+            params[key] = defaults[key]
     if params["seed"] is None:  # drawn here so the job's params say how to reproduce it
         params["seed"] = secrets.randbelow(2**31)
     limit = min(int((manifest.get("limits") or {}).get("max_side", max_side)), max_side)
     for side in ("width", "height"):
-        params[side] = params[side] or defaults.get("size") or 512
         if params[side] > limit:
             raise InvalidParams(
                 f"`{side}` must be at most {limit} for model {model_id!r}, got {params[side]}"
@@ -110,8 +117,8 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["start_guidance"] = defaults.get("start_guidance", 3.0)
     params["domain"] = manifest.get("domain")  # known prompt forms for "varied" training
     params["preserve"] = _resolve_preserve(body, params["domain"], base_id)
-    gen = manifest.get("defaults") or {}
-    params["height"], params["width"] = gen.get("height", 512), gen.get("width", 512)
+    gen = _drawing_defaults(manifest)
+    params["height"], params["width"] = gen["height"], gen["width"]
     if body.name:
         validate_model_id(body.name, "name")
         if registry.exists(body.name):
@@ -180,13 +187,11 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     if "precision_recall" in metrics and total < 8:
         raise InvalidParams(f"`metrics` precision_recall needs at least 8 images, the request "
                             f"draws {total}")
-    defaults = manifest.get("defaults") or {}
-    params["steps"] = body.steps or defaults.get("steps") or 30
-    params["guidance_scale"] = (defaults.get("guidance_scale", 7.5)
-                                if body.guidance_scale is None else body.guidance_scale)
-    side = defaults.get("size") or 512
-    params["height"] = defaults.get("height") or side
-    params["width"] = defaults.get("width") or side
+    defaults = _drawing_defaults(manifest)
+    params["steps"] = body.steps or defaults["steps"]
+    params["guidance_scale"] = (defaults["guidance_scale"] if body.guidance_scale is None
+                                else body.guidance_scale)
+    params["height"], params["width"] = defaults["height"], defaults["width"]
     return params
 
 
