@@ -54,6 +54,19 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"embedded redis did not start in {timeout_s}s")
 
+    # What ``app.supervisor`` watches.
+    name = "embedded redis"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def restart(self) -> None:
+        self.stop()  # reaps the exited process (no zombie), or ends a stuck one
+        self.start()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: redis flushes the append-only file and exits

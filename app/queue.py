@@ -8,7 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
+from rq.job import Job
+
+from app.errors import Unavailable
 
 IMAGES, TRAIN = "images", "train"
 
@@ -20,24 +25,53 @@ JOB_TYPES: dict[str, dict[str, str]] = {
     "evaluate": {"queue": TRAIN, "func": "worker.jobs.evaluate"},
 }
 
+# How long Redis may take to apply a submission after the API started it (see ``enqueue``).
+# Shorter than the API's socket timeout, so a submission the API gave up on is always late.
+SUBMIT_WINDOW_MS = 1500
+
 
 def connect(url: str, timeout_s: float = 2.0, blocking: bool = False) -> Redis:
     """A Redis client that fails in ``timeout_s`` instead of hanging when Redis is gone.
 
-    ``blocking`` clients (workers) wait on BLPOP for longer than any socket timeout we
-    would pick, so they get none on reads.
+    The API's client (the default) tries each command once: redis-py would otherwise retry
+    a timed-out command three times with back-off, turning a stalled Redis into a request
+    that hangs for many seconds and a write that may land twice. ``blocking`` clients
+    (workers) wait on BLPOP for longer than any socket timeout we would pick, so they get
+    none on reads and keep redis-py's retries, which ride out a Redis restart.
     """
+    if blocking:
+        return Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=None,
+                              health_check_interval=30)
     return Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,
-        socket_timeout=None if blocking else timeout_s,
+        socket_timeout=timeout_s,
         health_check_interval=30,
+        retry=RedisRetry(NoBackoff(), 0),
     )
 
 
 def cancel_key(job_id: str) -> str:
     """The flag a worker reads at every step; set by DELETE /jobs/{id}."""
     return f"lethe:cancel:{job_id}"
+
+
+def _submit_key(job_id: str) -> str:
+    return f"lethe:submit:{job_id}"
+
+
+# Runs last inside the enqueue transaction. If the submission's window has passed (its key
+# expired), the API has already answered 503 and the client will try again: take the job
+# back out, so a submission Redis applies after a stall never runs behind the client's back.
+_SUBMIT_GUARD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('DEL', KEYS[3])
+return 0
+"""
 
 
 def enqueue(
@@ -49,14 +83,23 @@ def enqueue(
     result_ttl_s: int,
     retries: int = 0,
     job_id: str | None = None,
-) -> Any:
+) -> Job:
+    """Queue a job, or raise ``Unavailable`` with nothing queued.
+
+    Redis applies commands that reach it while it is stalled once it resumes, so a client
+    that got a 503 could still find its job running later (and run it twice by retrying).
+    The job's commands therefore carry a deadline in Redis' own clock: a key set just
+    before, with a lifetime of ``SUBMIT_WINDOW_MS``, which a script at the end of the same
+    transaction checks; past it, the transaction removes the job it has just added.
+    """
     spec = JOB_TYPES[job_type]
     queue = Queue(spec["queue"], connection=connection)
-    return queue.enqueue(
+    queue.get_redis_server_version()  # RQ asks for it mid-enqueue otherwise: ask it first
+    job = queue.create_job(
         spec["func"],
         job_id=job_id,
         kwargs={"params": params},
-        job_timeout=timeout_s,
+        timeout=timeout_s,
         result_ttl=result_ttl_s,
         failure_ttl=result_ttl_s,
         ttl=result_ttl_s,
@@ -64,3 +107,13 @@ def enqueue(
         meta={"type": job_type, "progress": {"step": 0, "total": 0, "fraction": 0.0,
                                              "stage": "queued"}},
     )
+    guard = _submit_key(job.id)
+    connection.set(guard, 1, px=SUBMIT_WINDOW_MS)
+    with connection.pipeline(transaction=True) as pipe:
+        queue.enqueue_job(job, pipeline=pipe)
+        pipe.eval(_SUBMIT_GUARD, 3, guard, queue.key, job.key, job.id)
+        applied = pipe.execute()[-1]
+    if not applied:
+        raise Unavailable("the job store (Redis) was too slow to accept the job; it was not "
+                          "queued, retry later")
+    return job

@@ -2,8 +2,10 @@
 
 With no ``LETHE_REDIS_URL`` it starts the embedded Redis; then one worker process per queue
 (so a long erase never blocks generation) and the API in this process. ``--no-workers``
-runs the API alone, for deployments whose workers run elsewhere. Ctrl-C (or SIGTERM)
-stops the API, then the workers, then Redis.
+runs the API alone, for deployments whose workers run elsewhere. What it started it keeps
+running (``app.supervisor``): a worker or the embedded Redis that dies is restarted, and
+one that keeps dying makes ``lethe serve`` exit with status 1. Ctrl-C (or SIGTERM) stops
+the API, then the workers, then Redis.
 """
 
 from __future__ import annotations
@@ -11,47 +13,39 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from app.config import Settings, get_settings
 from app.embedded import EmbeddedRedis
+from app.supervisor import Child, Supervisor, WorkerProcess
 
 
-def _start_workers(queues: list[str], env: dict[str, str]) -> list[subprocess.Popen]:
-    return [
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", q], env=env)
-        for q in queues
-    ]
-
-
-def _wait_for_worker(url: str, procs: list[subprocess.Popen], timeout_s: float) -> None:
-    from rq import Worker
-
+def _wait_for_workers(url: str, procs: list[WorkerProcess], timeout_s: float) -> None:
+    from app import workers
     from app.queue import connect
 
     redis = connect(url)
     deadline = time.monotonic() + timeout_s
     print("lethe: waiting for the workers to load and register...", flush=True)
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
+        if not all(p.alive() for p in procs):
             raise SystemExit("lethe: a worker exited during start-up; see its log above")
-        if len(Worker.all(connection=redis)) >= len(procs):
+        if {p.worker_name for p in procs} <= set(workers.alive(redis)):
             return
         time.sleep(0.5)
     raise SystemExit(f"lethe: no worker registered within {timeout_s:.0f}s")
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)  # RQ: finish or abandon the current job, then exit
+def _stop(procs: list[WorkerProcess], grace_s: float = 10.0) -> None:
+    running = [p.process for p in procs if p.process is not None and p.alive()]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)  # RQ: finish or abandon the current job, then exit
     deadline = time.monotonic() + grace_s
-    for p in procs:
+    for proc in running:
         try:
-            p.wait(max(deadline - time.monotonic(), 0.1))
+            proc.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            p.kill()
+            proc.kill()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -72,21 +66,37 @@ def serve(host: str, port: int, workers: bool = True, settings: Settings | None 
     os.environ["LETHE_HOME"] = str(settings.home.resolve())
     get_settings.cache_clear()
     settings = get_settings()
-    procs: list[subprocess.Popen] = []
+    procs: list[WorkerProcess] = []
+    server = uvicorn.Server(uvicorn.Config("app.main:app", host=host, port=port,
+                                           log_level="info", server_header=False))
+    failure: list[str] = []
+
+    def give_up(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    children: list[Child] = [embedded] if embedded else []
+    supervisor = None
     # SIGTERM behaves like Ctrl-C so `docker stop` and `kill` shut down cleanly too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if workers:
-            procs = _start_workers(settings.queue_names, dict(os.environ))
-            _wait_for_worker(settings.redis_url or "", procs, timeout_s=300)
+            procs = [WorkerProcess(q, dict(os.environ)).start() for q in settings.queue_names]
+            _wait_for_workers(settings.redis_url or "", procs, timeout_s=300)
+        supervisor = Supervisor([*children, *procs], give_up)
+        supervisor.start()
         print(f"lethe: serving on http://{host}:{port} (docs at /docs)", flush=True)
-        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        if supervisor:
+            supervisor.stop()
         if procs:
             print("lethe: stopping workers...", flush=True)
             _stop(procs)
         if embedded:
             embedded.stop()
         print("lethe: stopped", flush=True)
+    if failure:
+        raise SystemExit(f"lethe: {failure[0]}")

@@ -54,8 +54,8 @@ class LiveServer:
 
 def start_worker(name: str, queues: str = "images,train", log: Path | None = None
                  ) -> subprocess.Popen:
-    """A real `lethe worker` process on the test Redis; returns once it has registered."""
-    from rq import Worker
+    """A real `lethe worker` process on the test Redis; returns once it beats."""
+    from app import workers
 
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
@@ -64,7 +64,7 @@ def start_worker(name: str, queues: str = "images,train", log: Path | None = Non
     )
     redis = Redis.from_url(os.environ["LETHE_REDIS_URL"])
     deadline = time.monotonic() + 120
-    while not any(w.name == name for w in Worker.all(connection=redis)):
+    while name not in workers.alive(redis):
         if proc.poll() is not None:
             raise RuntimeError(f"worker {name} exited with {proc.returncode}")
         if time.monotonic() > deadline:

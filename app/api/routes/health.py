@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from rq import Worker
 
+from app import workers
 from app.api.deps import RedisDep
+from app.errors import RETRY_AFTER_S
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -17,16 +20,21 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Health,
+            responses={503: {"model": Health, "headers": {"Retry-After": {
+                "schema": {"type": "integer"}}}}})
 def readyz(redis: RedisDep) -> JSONResponse:
-    """Readiness: Redis answers and at least one worker is alive."""
+    """Readiness: Redis answers and at least one worker is alive (it beat within its TTL)."""
     try:
-        redis.ping()
-        workers = len(Worker.all(connection=redis))
+        live = workers.alive(redis)
     except RedisError as exc:
-        body = Health(status="unavailable", redis=False, detail=f"redis: {exc}")
-        return JSONResponse(body.model_dump(), 503)
-    if workers == 0:
-        body = Health(status="unavailable", redis=True, workers=0, detail="no worker is alive")
-        return JSONResponse(body.model_dump(), 503)
-    return JSONResponse(Health(status="ok", redis=True, workers=workers).model_dump())
+        # The exception's text names the socket or host: this machine's, not the caller's.
+        body = Health(status="unavailable", redis=False,
+                      detail=f"redis: unreachable ({type(exc).__name__})")
+        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
+    queues = Counter(q for info in live.values() for q in info.get("queues", []))
+    body = Health(status="ok", redis=True, workers=len(live), queues=dict(queues))
+    if not live:
+        body.status, body.detail = "unavailable", "no worker is alive"
+        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
+    return JSONResponse(body.model_dump())
