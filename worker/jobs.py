@@ -20,7 +20,9 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
+from app import jobfiles
 from app.errors import LetheError, ModelExists
+from app.queue import cancel_key
 from app.registry import utcnow
 from worker.context import get_context
 from worker.pipelines import with_scheduler
@@ -43,21 +45,32 @@ def job_function(fn: Callable[[dict, Reporter], dict]) -> Callable[..., dict]:
         except JobCanceled:
             reporter.set_meta(canceled=True)
             log.info("job %s canceled", job.id if job else "-")
+            _discard_unless_retried(settings, job, canceled=True)
             raise
         except JobTimeoutException:
             reporter.set_meta(error={"code": "timeout",
                                      "message": f"the job ran past its limit of {job.timeout}s"
                                      if job else "the job ran past its time limit"})
+            _discard_unless_retried(settings, job)
             raise
         except LetheError as exc:
             reporter.set_meta(error={"code": exc.code, "message": exc.message})
+            _discard_unless_retried(settings, job)
             raise
         except Exception as exc:
             reporter.set_meta(error={"code": "job_failed",
                                      "message": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            _discard_unless_retried(settings, job)
             raise
 
     return run
+
+
+def _discard_unless_retried(settings: Any, job: Any, canceled: bool = False) -> None:
+    """A job that ends without success leaves nothing behind: no partial images, no
+    upload, no checkpoint. One that RQ will run again (retries left) keeps its checkpoint."""
+    if job is not None and (canceled or not job.retries_left):
+        jobfiles.discard(settings, job.id)
 
 
 def save_png(image: Any, path: Path) -> None:
@@ -118,14 +131,17 @@ def run_generate(params: dict, reporter: Reporter, job_id: str) -> dict:
             batching.release(job.connection, companions)
         raise
     for (member_id, _), result in zip(members[1:], results[1:], strict=True):
-        batching.deliver(job.connection, member_id, result, ctx.settings.result_ttl_s)
+        if result is not None:
+            batching.deliver(job.connection, member_id, result, ctx.settings.result_ttl_s)
     if companions:
         log.info("job %s ran %d queued jobs in its batch", job_id, len(companions))
     return results[0]
 
 
-def _generate_members(members: list[tuple[str, dict]], reporter: Reporter) -> list[dict]:
-    """One pipeline call for every member's images; each member's result, in order."""
+def _generate_members(members: list[tuple[str, dict]], reporter: Reporter
+                      ) -> list[dict | None]:
+    """One pipeline call for every member's images; each member's result, in order (None
+    for a companion canceled meanwhile)."""
     from worker.batching import merged_inputs
     from worker.upscale import upscale
 
@@ -158,24 +174,28 @@ def _generate_members(members: list[tuple[str, dict]], reporter: Reporter) -> li
     run_s = time.perf_counter() - t1
     job = get_current_job()
     results, offset = [], 0
-    for (member_id, p), count in zip(members, counts, strict=True):
-        folder = ctx.settings.outputs_dir / member_id
+    for position, ((member_id, p), count) in enumerate(zip(members, counts, strict=True)):
+        batch_images, offset = out.images[offset:offset + count], offset + count
+        if position and reporter.connection is not None and reporter.connection.exists(
+                cancel_key(member_id)):
+            results.append(None)  # canceled while in the batch: nothing of it is kept
+            continue
+        folder = jobfiles.output_dir(ctx.settings, member_id)
         images = []
-        for i, image in enumerate(out.images[offset:offset + count]):
+        for i, image in enumerate(batch_images):
             save_png(image, folder / f"{i}.png")
             images.append(_image_entry(member_id, i, f"{i}.png", image, p["seed"] + i,
                                        role="base"))
-        offset += count
+        # Whether this job's call carried the others; never another client's job id.
         results.append({"model": p["model"], "images": images, "cached": cached,
                         "worker": job.worker_name if job else None,
                         "timings": {"load_s": round(load_s, 4), "run_s": round(run_s, 4)},
-                        "batch": {"jobs": len(members), "images": n,
-                                  "leader": members[0][0]}})
+                        "batch": {"jobs": len(members), "images": n, "led": position == 0}})
     if up:  # a cascade never batches: it is the only member
         first = results[0]
         t2 = time.perf_counter()
         up_pipe, _ = ctx.cache.get(up["model"])
-        folder = ctx.settings.outputs_dir / members[0][0]
+        folder = jobfiles.output_dir(ctx.settings, members[0][0])
         for i, image in enumerate(out.images):
             big = upscale(up_pipe, image, _upscale_params(up, up["seed"] + i),
                           reporter.span(steps + i * per_image, total, "upscaling"))
@@ -217,7 +237,7 @@ def upscale(params: dict, reporter: Reporter) -> dict:
     big = upscale(pipe, image, _upscale_params(params, params["seed"]),
                   reporter.span(0, total, "upscaling"))
     run_s = time.perf_counter() - t1
-    save_png(big, ctx.settings.outputs_dir / job_id / "0.png")
+    save_png(big, jobfiles.output_dir(ctx.settings, job_id) / "0.png")
     reporter.progress(total, total, "done", force=True)
     return {"model": params["model"], "cached": cached,
             "images": [_image_entry(job_id, 0, "0.png", big, params["seed"], role="upscaled")],
@@ -311,7 +331,7 @@ def erase(params: dict, reporter: Reporter) -> dict:
         height=params["height"], width=params["width"],
     )
     trainer = ESDTrainer(pipe, cfg)
-    ckpt = ctx.settings.home / "checkpoints" / f"{job_id}.pt"
+    ckpt = jobfiles.checkpoint_path(ctx.settings, job_id)
     resumed_from = None
     if ckpt.is_file():
         trainer.restore(torch.load(ckpt, weights_only=False))
@@ -385,7 +405,7 @@ def evaluate(params: dict, reporter: Reporter) -> dict:
                             on_progress=on_progress)
     report |= {"job": job_id, "seconds": round(time.perf_counter() - t0, 1),
                "created_at": utcnow()}
-    out = ctx.settings.outputs_dir / job_id
+    out = jobfiles.output_dir(ctx.settings, job_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     ctx.registry.add_report(params["model"], report)

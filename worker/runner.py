@@ -1,10 +1,14 @@
-"""The RQ worker Lethe runs: jobs in-process, heart-beating from a side thread.
+"""The RQ worker Lethe runs: jobs in-process, a pulse from a side thread, Redis outages
+survived.
 
 RQ's default worker forks a child per job. CUDA cannot live across a fork and the pipeline
 cache would be lost with each child, so Lethe runs jobs in the worker process itself
 (``SimpleWorker``). Such a worker cannot heart-beat while a job holds its main thread, so a
-small thread does it: a worker killed with ``kill -9`` stops beating, and its job is marked
-failed (``worker_lost``) about ``heartbeat_ttl_s`` later instead of staying "running".
+small thread does it, busy or idle: it beats the worker's liveness key (``app.workers``,
+what ``/readyz`` counts) and the running job's heartbeat. A worker killed with ``kill -9``
+stops beating, and its job is marked failed (``worker_lost``) about ``heartbeat_ttl_s``
+later instead of staying "running"; a worker that was paused is counted again at its first
+beat after it resumes.
 """
 
 from __future__ import annotations
@@ -12,18 +16,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
+from app import jobfiles, workers
 from app.config import Settings
 from app.queue import connect
 from worker.context import get_context
 from worker.defaults import ensure_default_models
 
 log = logging.getLogger("lethe.worker")
+
+REDIS_LOST = {"code": "redis_lost",
+              "message": "the job store (Redis) went away while this job ran; submit it again"}
 
 
 class LetheWorker(SimpleWorker):
@@ -32,25 +46,90 @@ class LetheWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl_s
 
+    def bootstrap(self, *args, **kwargs) -> None:
+        super().bootstrap(*args, **kwargs)
+        self._running: tuple[Job, Execution] | None = None
+        self._pulse_stop = threading.Event()
+        self._pulse = threading.Thread(target=self._pulse_loop, daemon=True, name="pulse")
+        self._pulse.start()
+
+    def teardown(self) -> None:
+        pulse = getattr(self, "_pulse", None)
+        if pulse is not None:
+            self._pulse_stop.set()
+            pulse.join(timeout=5)
+            try:
+                workers.leave(self.connection, self.name)
+            except RedisError:
+                pass  # its key expires by itself
+        super().teardown()
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
-        stop = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
-                                name=f"heartbeat-{job.id}")
-        beat.start()
+        self._running = (job, execution)
         try:
             self.perform_job(job, queue, execution)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # RQ could not even record the outcome. Rather than quit (its default), wait
+            # for Redis and then fail the job the ordinary way, so that a job with retries
+            # left (an erase) is queued again and resumes from its checkpoint.
+            self._running = None
+            log.error("lost Redis while running job %s (%s); waiting for it to come back",
+                      job.id, type(exc).__name__)
+            if self._wait_for_redis():
+                self._fail_after_outage(job, queue, execution)
         finally:
-            stop.set()
-            beat.join(timeout=5)
+            self._running = None
         self.set_state(WorkerStatus.IDLE)
 
-    def _beat(self, job: Job, execution, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_ttl_s / 3):
+    def _wait_for_redis(self) -> bool:
+        delay = 0.5
+        while not self._stop_requested:
             try:
-                self.maintain_heartbeats(job, execution)
-            except Exception:  # a missed beat is retried; it must not kill the job
-                log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+                self.connection.ping()
+                return True
+            except RedisError:
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return False
+
+    def _fail_after_outage(self, job: Job, queue: Queue, execution: Execution) -> None:
+        try:
+            job.refresh()
+        except NoSuchJobError:
+            log.error("job %s did not survive the Redis outage", job.id)
+            return
+        job.meta["error"] = REDIS_LOST
+        job.save_meta()
+        self.handle_job_failure(job, queue, queue.started_job_registry,
+                                exc_string="the job store (Redis) went away while the job ran",
+                                execution=execution)
+        log.info("job %s ended after the Redis outage (retries left: %s)", job.id,
+                 job.retries_left)
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        try:
+            removed = jobfiles.sweep(self.connection, get_context().settings)
+        except (OSError, RedisError):
+            log.warning("sweeping job files failed", exc_info=True)
+            return
+        if removed:
+            log.info("removed the files of %d ended or expired jobs", len(removed))
+
+    def _pulse_loop(self) -> None:
+        self._beat()  # at once: a worker is ready as soon as it listens
+        while not self._pulse_stop.wait(self.heartbeat_ttl_s / 3):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            workers.beat(self.connection, self.name, self.queue_names(), self.heartbeat_ttl_s)
+            running = self._running
+            if running is not None:
+                self.maintain_heartbeats(*running)
+        except Exception:  # a missed beat is retried; it must not kill the worker
+            log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
 
 
 def _set_threads(settings: Settings, device: str) -> None:

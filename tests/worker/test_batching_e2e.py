@@ -40,7 +40,7 @@ def test_queued_compatible_jobs_run_as_one_batch_and_keep_their_own_images(http)
     assert wait_job(http, canceled)["status"] == "canceled"
     assert wait_job(http, odd)["result"]["batch"]["jobs"] == 1
     batch = [j["result"]["batch"] for j in jobs]
-    assert {b["leader"] for b in batch} == {ids[0]} and batch[0]["jobs"] == 4
+    assert [b["led"] for b in batch] == [True, False, False, False] and batch[0]["jobs"] == 4
     assert [j["result"]["images"][0]["seed"] for j in jobs] == [40, 41, 42, 43]
     assert wait_job(http, blocker)["status"] == "succeeded"
 
@@ -67,4 +67,4 @@ def test_a_canceled_leader_gives_its_companions_back(http, redis):
     done = wait_job(http, companion, timeout_s=120)
     # Nothing lost: released by the canceled batch, the companion ran on its own.
     assert done["status"] == "succeeded", done
-    assert done["result"]["batch"] == {"jobs": 1, "images": 1, "leader": companion}
+    assert done["result"]["batch"] == {"jobs": 1, "images": 1, "led": True}

@@ -49,12 +49,39 @@ def test_erase_writes_a_delta_model_that_serves_at_once(http):
     assert http.get("/models/tiny-no-red").status_code == 404
 
 
-def test_cancel_an_erase_leaves_no_model(http):
+def wait_for_checkpoint(http, home, job_id: str) -> None:
+    """Until the job has passed its first checkpoint (every 50 iterations by default)."""
+    while (http.get(f"/jobs/{job_id}").json().get("progress") or {}).get("step", 0) < 60:
+        time.sleep(0.05)
+    assert (home / "checkpoints" / f"{job_id}.pt").is_file()
+
+
+def test_cancel_an_erase_leaves_no_model_and_no_checkpoint(http, home):
     job_id = erase(http, name="tiny-canceled", iterations=5000)
-    wait_job(http, job_id, until=("running",))
+    wait_for_checkpoint(http, home, job_id)
     http.delete(f"/jobs/{job_id}")
     assert wait_job(http, job_id)["status"] == "canceled"
     assert http.get("/models/tiny-canceled").status_code == 404
+    assert not (home / "checkpoints" / f"{job_id}.pt").exists()
+    assert not (home / "outputs" / job_id).exists()
+
+
+def test_an_erase_that_fails_for_good_leaves_no_checkpoint(http, home):
+    from app.registry import Registry
+
+    job_id = erase(http, name="tiny-taken-later", iterations=150)
+    wait_for_checkpoint(http, home, job_id)
+    # Another writer takes the name meanwhile: the erase cannot publish, and each retry
+    # finds the name taken at once.
+    with Registry(home / "registry").create("tiny-taken-later", {"kind": "text-to-image",
+                                                                 "format": "delta"}):
+        pass
+    try:
+        done = wait_job(http, job_id, timeout_s=300)
+        assert done["status"] == "failed" and done["error"]["code"] == "model_exists", done
+        assert not (home / "checkpoints" / f"{job_id}.pt").exists()
+    finally:
+        Registry(home / "registry").force_remove("tiny-taken-later")
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):

@@ -64,7 +64,7 @@ def test_cascade_returns_base_and_upscaled_images_as_one_job(http):
 
 
 @pytest.mark.parametrize("stage", ["denoising", "upscaling"])
-def test_cascade_cancel_in_either_stage(http, stage):
+def test_cascade_cancel_in_either_stage(http, home, stage):
     body = {"prompt": "a red circle", "model": "tiny-sd", "width": 64, "height": 64,
             "steps": 300 if stage == "denoising" else 2, "upscale": {"steps": 300}}
     job_id = http.post("/generate", json=body).json()["id"]
@@ -77,3 +77,16 @@ def test_cascade_cancel_in_either_stage(http, stage):
     done = wait_job(http, job_id, timeout_s=60)
     assert done["status"] == "canceled", done
     assert done["progress"]["stage"] == stage
+    # The base images written before the upscaling stage go with the job.
+    assert not (home / "outputs" / job_id).exists()
+
+
+def test_a_canceled_upload_leaves_no_file(http, home):
+    r = http.post("/upscale", files={"image": ("in.png", png_bytes(200, 200), "image/png")},
+                  data={"steps": "500"})  # four tiles of 500 steps
+    job_id = r.json()["id"]
+    assert (home / "outputs" / job_id / "input.png").is_file()
+    wait_job(http, job_id, until=("running",))
+    assert http.delete(f"/jobs/{job_id}").status_code == 202
+    assert wait_job(http, job_id)["status"] == "canceled"
+    assert not (home / "outputs" / job_id).exists()
