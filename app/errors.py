@@ -11,8 +11,12 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("lethe.api")
+
+# What a 503 asks a client to wait before it tries again.
+RETRY_AFTER_S = "5"
 
 
 class LetheError(Exception):
@@ -68,6 +72,13 @@ class Unavailable(LetheError):
     status, code = 503, "unavailable"
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message names what it got, but never
+    echoes a 100 kB id back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details}}
 
@@ -90,16 +101,24 @@ def validation_message(errors: list[dict]) -> str:
         if err.get("type") == "missing":
             lines.append(f"`{field}` is required")
         else:
-            value = err.get("input")
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-            lines.append(f"`{field}`: {msg}, got {shown}")
+            lines.append(f"`{field}`: {msg}, got {shown(err.get('input'))}")
     return "; ".join(lines)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on this request's path (a route matches FULL only
+    with its own path and method)."""
+    routes = request.app.router.routes
+    return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in routes)]
 
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
     async def _lethe(_: Request, exc: LetheError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S}
+                   }.get(exc.status)
         return JSONResponse(
             error_body(exc.code, exc.message, exc.details), exc.status, headers=headers
         )
@@ -114,9 +133,16 @@ def install_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+        message, headers = str(exc.detail), exc.headers
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route on the path only
+            # (GET /jobs/{id} without DELETE): a 405 must list them all (RFC 9110).
+            allowed = ", ".join(_allowed_methods(request))
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+            headers = {"Allow": allowed}
+        return JSONResponse(error_body(code, message[:300]), exc.status_code, headers=headers)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -125,7 +151,7 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body("redis_unavailable", "the job store (Redis) is unreachable; retry later"),
             503,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": RETRY_AFTER_S},
         )
 
     @app.exception_handler(Exception)

@@ -32,18 +32,30 @@ def decode_base64(text: str, field: str = "image") -> bytes:
                             f"{text[:20]!r}{'...' if len(text) > 20 else ''}") from None
 
 
+def _unreadable(field: str, exc: Exception) -> InvalidParams:
+    return InvalidParams(f"`{field}` could not be decoded ({str(exc)[:120]}): a truncated or "
+                         "corrupt file?")
+
+
 def open_checked(data: bytes, max_side: int, field: str = "image") -> Image.Image:
-    """Decode ``data`` as an RGB image at most ``max_side`` on a side, or raise a 4xx."""
+    """Decode ``data`` as an RGB image at most ``max_side`` on a side, or raise a 4xx.
+
+    Pillow raises whatever its decoders raise on malformed input (OSError for a cut-short
+    JPEG or WebP, ValueError for a PNG text or ICC chunk that inflates past its limit,
+    SyntaxError, EOFError, struct.error...): any of them is the file's fault, a 422.
+    """
     if not data:
         raise InvalidParams(f"`{field}` is empty: expected image bytes")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data))  # the header, and a PNG's chunks before IDAT
     except Image.DecompressionBombError as exc:  # Pillow's own bound, before ours
         raise TooLarge(f"`{field}` claims too many pixels to decode ({exc})") from None
     except UnidentifiedImageError:
         raise UnsupportedMedia(
             f"`{field}` is not an image this service reads ({', '.join(FORMATS)}); "
             f"its first bytes are {data[:8]!r}") from None
+    except Exception as exc:
+        raise _unreadable(field, exc) from None
     if image.format not in FORMATS:
         raise UnsupportedMedia(f"`{field}` is a {image.format} image; send one of "
                                f"{', '.join(FORMATS)}")
@@ -55,10 +67,9 @@ def open_checked(data: bytes, max_side: int, field: str = "image") -> Image.Imag
         raise InvalidParams(f"`{field}` is {width}×{height} pixels: empty")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on cut-short data
-        raise InvalidParams(f"`{field}` could not be decoded ({exc}): a truncated or "
-                            "corrupt file?") from None
-    return image.convert("RGB")
+        return image.convert("RGB")
+    except Exception as exc:
+        raise _unreadable(field, exc) from None
 
 
 def save_input(image: Image.Image, path: Path) -> Path:

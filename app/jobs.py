@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 
-from app.errors import JobNotFound
+from app.errors import JobNotFound, shown
 from app.queue import cancel_key
 
 
@@ -41,16 +41,18 @@ _FROM_RQ = {
 }
 
 
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def fetch(connection: Redis, job_id: str) -> Job:
-    if not _JOB_ID_RE.match(job_id):  # never a Redis key built from arbitrary text
-        raise JobNotFound(f"no job with id {job_id!r}")
+    # fullmatch: with match and "$", "abc\n" would pass. Never a Redis key built from
+    # arbitrary text.
+    if not _JOB_ID_RE.fullmatch(job_id):
+        raise JobNotFound(f"no job with id {shown(job_id)}")
     try:
         return Job.fetch(job_id, connection=connection)
     except (NoSuchJobError, ValueError):
-        raise JobNotFound(f"no job with id {job_id!r}") from None
+        raise JobNotFound(f"no job with id {shown(job_id)}") from None
 
 
 def reap_if_abandoned(connection: Redis, job: Job) -> None:

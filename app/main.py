@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
-from app.api.deps import require_key
+from app.api.deps import documents_bearer
 from app.api.routes import health, jobs, models, upscale
 from app.config import get_settings
 from app.errors import install_handlers
-from app.limits import BodySizeLimit
+from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
+from app.openapi import with_error_schemas
 from app.queue import connect
 
 
@@ -33,19 +35,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = FastAPI(
+    settings = get_settings()
+    # The docs page's scripts ship with the package (fastapi-offline): no CDN at run time.
+    app = FastAPIOffline(
         title="Lethe",
         version="0.1.0",
         summary="Text-to-image diffusion and concept erasure (ESD) as a service.",
         lifespan=lifespan,
+        static_url="/docs/static",
     )
     install_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    # Outermost last: headers on every answer, then the key, then the body limit.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeys, keys=settings.keys)
+    app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
-    protected = [Depends(require_key)]
+    # The key is checked by ApiKeys before a body is read; the dependency documents it.
+    protected = [Depends(documents_bearer)] if settings.keys else []
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(upscale.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
+    with_error_schemas(app)
     return app
 
 

@@ -195,23 +195,27 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     return params
 
 
+# How messages name the references folder: by its setting, not by this machine's path.
+REFERENCES_SHOWN = "$LETHE_HOME/references/"
+
+
 def _check_reference(reference: str | None, shapes: bool, evaluator: str | None,
                      settings: Settings) -> None:
     if reference == "render":
         if not (shapes and evaluator):
             raise InvalidParams("`reference` 'render' draws shapes-domain scenes; this model "
                                 "is not a shapes model: name a folder under "
-                                f"{settings.references_dir}")
+                                f"{REFERENCES_SHOWN}")
         return
     if reference is None:
         raise InvalidParams("`metrics` fid and precision_recall compare with real images: "
-                            f"set `reference` to a folder name under {settings.references_dir}")
+                            f"set `reference` to a folder name under {REFERENCES_SHOWN}")
     validate_model_id(reference, "reference")  # a plain folder name, never a path
     folder = settings.references_dir / reference
     if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES
                                       for p in folder.iterdir()):
         raise InvalidParams(f"`reference` {reference!r} is not a folder of images under "
-                            f"{settings.references_dir}")
+                            f"{REFERENCES_SHOWN}")
     if settings.inception_path is None:
         raise InvalidParams("`metrics` fid and precision_recall on real images need an "
                             "Inception feature extractor: set LETHE_INCEPTION_PATH to a "

@@ -21,9 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from app.errors import InvalidParams, ModelExists, ModelNotFound, ModelProtected
+from app.errors import InvalidParams, ModelExists, ModelNotFound, ModelProtected, shown
 
-MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Checked with fullmatch: with match and "$", "tiny-sd\n" would pass (and name a folder).
+MODEL_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
 KINDS = ("text-to-image", "upscaler", "classifier")
 _STAGING = ".staging"
@@ -31,10 +32,10 @@ _TRASH = ".trash"
 
 
 def validate_model_id(model_id: str, field: str = "model") -> str:
-    if not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id):
+    if not isinstance(model_id, str) or not MODEL_ID_RE.fullmatch(model_id):
         raise InvalidParams(
             f"`{field}` must match {MODEL_ID_RE.pattern} (lower-case letters, digits, '.', '_', "
-            f"'-'; at most 64 characters), got {model_id!r}"
+            f"'-'; at most 64 characters), got {shown(model_id)}"
         )
     return model_id
 
@@ -75,7 +76,7 @@ class Registry:
         return self.root / validate_model_id(model_id)
 
     def exists(self, model_id: str) -> bool:
-        return MODEL_ID_RE.match(model_id or "") is not None and (
+        return MODEL_ID_RE.fullmatch(model_id or "") is not None and (
             self.root / model_id / MANIFEST
         ).is_file()
 

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
+# A registry id (app.registry.MODEL_ID_RE), as the OpenAPI document states it.
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ModelId = Annotated[str, Field(pattern=MODEL_ID_PATTERN, examples=["shapes-sd"])]
+# Seeds stay within the integers every JSON parser keeps exact (JavaScript's included).
+MAX_SEED = 2**53 - 1
+# Text that must hold more than white space: stated in the document, checked by a
+# validator whose message says so ("must not be blank").
+NOT_BLANK: JsonDict = {"pattern": r"\S"}
+
 
 class _Strict(BaseModel):
-    # An unknown field is a typo the user wants to hear about, not silently ignore.
-    model_config = ConfigDict(extra="forbid")
+    # An unknown field is a typo the user wants to hear about, not silently ignore; a value
+    # of the wrong JSON type (`"steps": "3"`, `"evaluate": 0`) is refused, not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class UpscaleOptions(_Strict):
     """How to upscale: shared by POST /upscale and a cascade's ``upscale`` field."""
 
-    model: str | None = Field(None, description="An upscaler in the registry; default: "
-                              "LETHE_DEFAULT_UPSCALER.")
+    model: ModelId | None = Field(None, description="An upscaler in the registry; default: "
+                                  "LETHE_DEFAULT_UPSCALER.")
     prompt: str | None = Field(None, max_length=1000, description="The x4 upscaler is "
                                "text-conditioned; default: the source job's prompt, else empty.")
     steps: int | None = Field(None, ge=1, le=500, description="Default: the model's.")
@@ -26,19 +37,23 @@ class UpscaleOptions(_Strict):
     noise_level: int | None = Field(None, ge=0, le=1000,
                                     description="Noise added to the input; at most the model's "
                                     "max_noise_level.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: random.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Default: random.")
 
 
 class GenerateCreate(_Strict):
-    prompt: str = Field(..., min_length=1, max_length=1000, examples=["a red circle"])
+    prompt: str = Field(..., min_length=1, max_length=1000, examples=["a red circle"],
+                        json_schema_extra=NOT_BLANK)
     negative_prompt: str | None = Field(None, max_length=1000)
-    model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
+    model: ModelId | None = Field(None, description="Registry id; default: "
+                                  "LETHE_DEFAULT_MODEL.")
     num_images: int = Field(1, ge=1, le=8)
     steps: int | None = Field(None, ge=1, le=500, description="Default: the model's.")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
-    width: int | None = Field(None, ge=8, le=2048, description="Multiple of 8.")
-    height: int | None = Field(None, ge=8, le=2048, description="Multiple of 8.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: random.")
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8,
+                              description="At most the model's max_side.")
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8,
+                               description="At most the model's max_side.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Default: random.")
     scheduler: Scheduler | None = None
     upscale: UpscaleOptions | None = Field(
         None, description="Cascade: upscale every generated image ×4 in the same job.")
@@ -50,23 +65,22 @@ class GenerateCreate(_Strict):
             raise ValueError("must not be blank")
         return v
 
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, v: int | None) -> int | None:
-        if v is not None and v % 8:
-            raise ValueError("must be a multiple of 8")
-        return v
-
 
 class ImageSource(_Strict):
-    job_id: str = Field(..., min_length=1, max_length=64)
+    job_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
     index: int = Field(0, ge=0, le=1000)
 
 
 class UpscaleCreate(UpscaleOptions):
     """JSON body of POST /upscale: exactly one of ``image`` (base64) and ``source``."""
 
-    image: str | None = Field(None, min_length=1, description="Base64 PNG/JPEG/WebP/BMP bytes.")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["image"], "properties": {"image": {"type": "string"}}},
+        {"required": ["source"], "properties": {"source": {"type": "object"}}},
+    ]})
+
+    image: str | None = Field(None, min_length=1, description="Base64 PNG/JPEG/WebP/BMP "
+                              "bytes (a `data:image/...;base64,` prefix is allowed).")
     source: ImageSource | None = Field(None, description="An earlier job's output image.")
 
     @model_validator(mode="after")
@@ -77,11 +91,15 @@ class UpscaleCreate(UpscaleOptions):
 
 
 EraseMethod = Literal["esd-x", "esd-u", "esd-all", "esd-x-strict"]
+Concept = Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=NOT_BLANK)]
 
 
 class EraseCreate(_Strict):
-    base_model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
-    concepts: list[str] = Field(..., min_length=1, max_length=8, examples=[["triangle"]])
+    base_model: ModelId | None = Field(None, description="Registry id; default: "
+                                       "LETHE_DEFAULT_MODEL.")
+    concepts: list[Concept] = Field(..., min_length=1, max_length=8, examples=[["triangle"]],
+                                    json_schema_extra={"uniqueItems": True},
+                                    description="Distinct, ignoring case.")
     method: EraseMethod = "esd-x"
     iterations: int | None = Field(None, ge=1, le=100_000, description="Default: the model's "
                                    "(else the paper's 1000) per concept.")
@@ -97,8 +115,9 @@ class EraseCreate(_Strict):
         "same prompts with another concept of its kind: other colours for a colour). Needs "
         "a model whose manifest names a known domain; default: on there, with varied "
         "prompts.")
-    name: str | None = Field(None, description="Registry id of the result; default derived.")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    name: ModelId | None = Field(None, description="Registry id of the result; default "
+                                 "derived from the base and the concepts.")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     evaluate: bool | None = Field(
         None, description="Measure every concept's accuracy before and after (ESD paper, "
         "Table 2). Default: when the base model names an evaluator.")
@@ -106,9 +125,8 @@ class EraseCreate(_Strict):
     @field_validator("concepts")
     @classmethod
     def _concepts(cls, v: list[str]) -> list[str]:
-        for c in v:
-            if not c.strip() or len(c) > 200:
-                raise ValueError("each concept must be 1 to 200 characters, not blank")
+        if any(not c.strip() for c in v):
+            raise ValueError("each concept must hold more than white space")
         if len({c.strip().lower() for c in v}) != len(v):
             raise ValueError("concepts must be distinct")
         return [c.strip() for c in v]
@@ -122,38 +140,32 @@ PromptSet = Literal["shapes-color", "shapes-full", "shapes-shape"]
 class EvaluateCreate(_Strict):
     """POST /evaluate: draw images from a model and measure them."""
 
-    model: str | None = Field(None, description="Registry id; default: LETHE_DEFAULT_MODEL.")
-    prompts: list[str] | None = Field(None, min_length=1, max_length=500,
-                                      description="The prompts to draw; or `prompt_set`.")
+    model: ModelId | None = Field(None, description="Registry id; default: "
+                                  "LETHE_DEFAULT_MODEL.")
+    prompts: list[Annotated[str, Field(max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=500, description="The prompts to draw; or `prompt_set`.")
     prompt_set: PromptSet | None = Field(None, description="A named set; default for a "
                                          "shapes model: shapes-color (24 prompts).")
     images_per_prompt: int = Field(8, ge=1, le=256)
-    seed: int = Field(0, ge=0, le=2**62, description="Image j uses seed + j.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Image j uses seed + j.")
     metrics: list[Metric] | None = Field(
-        None, description="Default for a shapes model: fid, precision_recall, "
-        "attribute_score, accuracy; otherwise clip_score.")
-    reference: str | None = Field(
-        None, max_length=64, description="'render' (shapes: seeded renders of each prompt) "
-        "or the name of a folder under $LETHE_HOME/references/ holding real images.")
+        None, min_length=1, json_schema_extra={"uniqueItems": True},
+        description="Default for a shapes model: fid, precision_recall, attribute_score, "
+        "accuracy; otherwise clip_score.")
+    reference: ModelId | None = Field(
+        None, description="'render' (shapes: seeded renders of each prompt) or the name of "
+        "a folder under $LETHE_HOME/references/ holding real images.")
     negative_prompt: str | None = Field(None, max_length=1000, description="Drawn with this "
                                         "negative prompt: the inference-time baseline for "
                                         "erasing a concept.")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     steps: int | None = Field(None, ge=1, le=500)
 
-    @field_validator("prompts")
-    @classmethod
-    def _prompts(cls, v: list[str] | None) -> list[str] | None:
-        for p in v or []:
-            if len(p) > 1000:
-                raise ValueError(f"each prompt must be at most 1000 characters, got {len(p)}")
-        return v
-
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError(f"must name distinct metrics, at least one, got {v}")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("must name distinct metrics")
         return v
 
     @model_validator(mode="after")
@@ -215,7 +227,8 @@ class ModelsPublic(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: Literal["ok", "unavailable"]
     redis: bool | None = None
     workers: int | None = None
+    queues: dict[str, int] | None = Field(None, description="Live workers per queue.")
     detail: str | None = None

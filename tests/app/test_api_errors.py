@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -155,6 +156,7 @@ def test_unreachable_redis_is_503_within_seconds(monkeypatch, tiny_model, silent
                 assert r.status_code == 503, r.text
                 assert time.monotonic() - t0 < 3.5
             assert r.json()["status"] == "unavailable"
+            assert str(port) not in r.json()["detail"]  # the host's address stays here
     finally:
         get_settings.cache_clear()
 
@@ -235,3 +237,113 @@ def test_evaluate_on_a_shapes_model_is_queued_with_its_defaults(client):
     assert job["params"]["reference"] == "render"
     assert job["params"]["evaluator"] == "shapes-clf"
     client.delete(r.headers["Location"])
+
+
+def test_ids_are_matched_whole_not_up_to_a_trailing_newline(client):
+    r = client.get("/models/tiny-sd%0a")
+    assert r.status_code == 422 and "'tiny-sd\\n'" in r.json()["error"]["message"]
+    r = client.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
+                                    "name": "tiny-x\n"})
+    assert r.status_code == 422 and "`name`" in r.json()["error"]["message"]
+    assert client.get("/jobs/abc%0a").status_code == 404
+
+
+def test_a_huge_job_id_is_not_echoed_whole(client):
+    r = client.get("/jobs/" + "a" * 30_000)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 200
+
+
+def test_a_chunked_body_over_the_limit_is_413(client):
+    limit = get_settings().max_body_bytes
+
+    def chunks():  # no Content-Length: the size is known only by reading
+        for _ in range(limit // (1 << 20) + 2):
+            yield b" " * (1 << 20)
+
+    r = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+def test_without_a_key_broken_json_is_401_before_422(monkeypatch, tiny_model):
+    from app.main import create_app
+
+    monkeypatch.setenv("LETHE_API_KEYS", "k1")
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as c:
+            r = c.post("/generate", content=b'{"prompt": ', headers={
+                "content-type": "application/json"})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            r = c.post("/generate", content=b'{"prompt": ', headers={
+                "content-type": "application/json", "authorization": "Bearer k1"})
+            assert r.status_code == 422
+            # The description of the API and the docs page stay open.
+            assert c.get("/openapi.json").status_code == 200
+            assert c.get("/docs").status_code == 200
+    finally:
+        get_settings.cache_clear()
+
+
+def test_key_check_accepts_only_a_configured_key():
+    from app.middleware import key_matches
+
+    keys = ("k1-long-secret", "k2")
+    assert key_matches("k2", keys) and key_matches("k1-long-secret", keys)
+    assert not key_matches("k1", keys) and not key_matches("", keys)
+    assert not key_matches("k1-long-secret ", keys) and not key_matches("k2", ())
+
+
+def test_answers_tell_browsers_not_to_sniff_and_405_says_what_is_allowed(client):
+    assert client.get("/healthz").headers["x-content-type-options"] == "nosniff"
+    assert client.get("/nope").headers["x-content-type-options"] == "nosniff"
+    r = client.request("TRACE", "/generate")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # Every method of the path, not those of its first route only.
+    r = client.request("OPTIONS", "/jobs/abc")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+
+
+def test_the_docs_page_loads_nothing_from_elsewhere(client):
+    page = client.get("/docs").text
+    sources = re.findall(r'(?:src|href)=["\']([^"\']+)', page)
+    assert sources and all(s.startswith("/") for s in sources), sources
+    for path in sources:
+        assert client.get(path).status_code == 200, path
+
+
+def test_every_ref_in_the_openapi_document_resolves(client):
+    import json
+
+    doc = client.get("/openapi.json").json()
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert "UpscaleCreate" in refs
+    assert refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
+
+
+def test_messages_do_not_show_this_machines_paths(client, home):
+    r = client.post("/evaluate", json={"model": "tiny-sd", "prompts": ["a"],
+                                       "metrics": ["fid"], "reference": "photos"})
+    assert r.status_code == 422 and str(home) not in r.json()["error"]["message"]
+    assert "$LETHE_HOME/references/" in r.json()["error"]["message"]
+
+
+def test_a_long_poll_reads_redis_a_few_times_a_second(monkeypatch, tiny_model):
+    from app.api.routes import jobs as routes
+    from app.main import create_app
+    from tests.conftest import scratch_redis_url
+
+    reads = []
+    real = routes._read
+    monkeypatch.setattr(routes, "_read", lambda *a: reads.append(1) or real(*a))
+    monkeypatch.setenv("LETHE_REDIS_URL", scratch_redis_url())  # no worker: it stays queued
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as c:
+            job_id = c.post("/generate", json={"prompt": "a", "steps": 2}).json()["id"]
+            t0 = time.monotonic()
+            assert c.get(f"/jobs/{job_id}", params={"wait": 3}).json()["status"] == "queued"
+            assert 3 <= time.monotonic() - t0 < 4
+            c.delete(f"/jobs/{job_id}")
+    finally:
+        get_settings.cache_clear()
+    assert len(reads) <= 16, len(reads)  # 150 at one read every 20 ms

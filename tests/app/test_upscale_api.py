@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
+import struct
+import zlib
 
 import pytest
+from PIL import Image
 
 from tests.app.test_images import bomb_png, png_bytes
 
@@ -100,3 +104,85 @@ def test_cascade_over_the_output_limit_is_422(client, monkeypatch):
         monkeypatch.undo()
         get_settings.cache_clear()
     assert_error(r, 422, "`width/height`", "256×64", "512")
+
+
+def encoded(fmt: str, side: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 200, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_with_chunk(kind: bytes, data: bytes) -> bytes:
+    """A valid PNG with one more chunk right after its header."""
+    chunk = (struct.pack(">I", len(data)) + kind + data
+             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    plain = encoded("PNG")
+    return plain[:33] + chunk + plain[33:]  # 8-byte signature + 25-byte IHDR
+
+
+MALFORMED = {
+    "truncated JPEG": lambda: encoded("JPEG")[:300],
+    "truncated WebP": lambda: encoded("WEBP")[:60],
+    # Text and ICC chunks are inflated while the header is read: past Pillow's bound they
+    # raise before any pixel is touched.
+    "PNG with a 2 MB zTXt": lambda: png_with_chunk(
+        b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * (2 << 20))),
+    "PNG with a 30 MB iCCP": lambda: png_with_chunk(
+        b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * (30 << 20))),
+    "PNG whose chunk length lies": lambda: (
+        encoded("PNG")[:33] + b"\x7f\xff\xff\xffiCCP" + b"x" * 64),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_uploads_are_422_naming_the_field(client, name):
+    data = MALFORMED[name]()
+    for r in (upload(client, data),
+              client.post("/upscale", json={"image": base64.b64encode(data).decode()})):
+        assert_error(r, 422, "`image`", "could not be decoded")
+
+
+def test_a_repeated_form_field_is_422_not_silently_the_last(client):
+    r = client.post("/upscale", files=[("image", ("in.png", png_bytes(), "image/png"))],
+                    data={"steps": ["2", "3"]})
+    assert_error(r, 422, "`steps`", "more than once")
+    r = client.post("/upscale", files=[("image", ("a.png", png_bytes(), "image/png")),
+                                       ("image", ("b.png", png_bytes(), "image/png"))])
+    assert r.status_code in (413, 422), r.text
+
+
+def test_an_upload_refused_for_want_of_redis_leaves_no_file(monkeypatch, tiny_model, home):
+    from fastapi.testclient import TestClient
+
+    from app.config import get_settings
+    from app.main import create_app
+
+    monkeypatch.setenv("LETHE_REDIS_URL", "redis://127.0.0.1:1/0")  # refused at once
+    get_settings.cache_clear()
+    outputs = home / "outputs"
+    before = set(outputs.iterdir()) if outputs.exists() else set()
+    try:
+        with TestClient(create_app()) as c:
+            assert_error(upload(c, png_bytes(16, 16)), 503, "Redis")
+    finally:
+        get_settings.cache_clear()
+    assert (set(outputs.iterdir()) if outputs.exists() else set()) == before
+
+
+def test_a_canceled_queued_upload_leaves_no_file(monkeypatch, tiny_model, home):
+    from fastapi.testclient import TestClient
+
+    from app.config import get_settings
+    from app.main import create_app
+    from tests.conftest import scratch_redis_url
+
+    monkeypatch.setenv("LETHE_REDIS_URL", scratch_redis_url())  # no worker listens there
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as c:
+            job_id = upload(c, png_bytes(16, 16)).json()["id"]
+            assert (home / "outputs" / job_id / "input.png").is_file()
+            assert c.delete(f"/jobs/{job_id}").json()["status"] == "canceled"
+    finally:
+        get_settings.cache_clear()
+    assert not (home / "outputs" / job_id).exists()

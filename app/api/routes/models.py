@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 
 from app.api.deps import RegistryDep
-from app.schemas import ModelPublic, ModelsPublic
+from app.openapi import errors
+from app.schemas import MODEL_ID_PATTERN, ModelPublic, ModelsPublic
 
-router = APIRouter(prefix="/models", tags=["models"])
+PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
+
+router = APIRouter(prefix="/models", tags=["models"], responses=errors(401))
 
 
 @router.get("", response_model=ModelsPublic)
@@ -14,13 +19,13 @@ def list_models(registry: RegistryDep) -> ModelsPublic:
     return ModelsPublic(data=data, count=len(data))
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
-def get_model(model_id: str, registry: RegistryDep) -> ModelPublic:
+@router.get("/{model_id}", response_model=ModelPublic, responses=errors(404, 422))
+def get_model(model_id: PathModelId, registry: RegistryDep) -> ModelPublic:
     return ModelPublic(**registry.get(model_id))
 
 
-@router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, registry: RegistryDep) -> Response:
+@router.delete("/{model_id}", status_code=204, responses=errors(404, 409, 422))
+def delete_model(model_id: PathModelId, registry: RegistryDep) -> Response:
     """Remove a derived (edited) model; base models are protected (409)."""
     registry.remove(model_id)
     return Response(status_code=204)

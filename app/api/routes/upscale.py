@@ -14,16 +14,19 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import jobfiles
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
-from app.api.routes.jobs import created
+from app.api.routes.jobs import CREATED, created
 from app.errors import InvalidParams, UnsupportedMedia
 from app.images import decode_base64, open_checked, save_input
+from app.openapi import errors
 from app.params import SCALE, resolve_source, resolve_upscale
 from app.queue import enqueue
 from app.schemas import JobCreated, UpscaleCreate, UpscaleOptions
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=errors(401, 503))
 
 INPUT_FILE = "input.png"
 
@@ -42,6 +45,7 @@ _MULTIPART_SCHEMA = {
 
 @router.post(
     "/upscale", status_code=202, response_model=JobCreated,
+    responses={**CREATED, **errors(409, 415)},
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/UpscaleCreate"}},
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
@@ -55,14 +59,25 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
     job_id = str(uuid.uuid4())
     data: bytes | None = None
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=len(UpscaleOptions.model_fields) + 1)
+        # Room for one of each field and one more, so that a repeat is ours to name.
+        try:
+            form = await request.form(max_files=2,
+                                      max_fields=len(UpscaleOptions.model_fields) + 2)
+        except StarletteHTTPException as exc:  # starlette's word on a malformed body
+            raise InvalidParams(f"multipart body: {exc.detail}") from None
+        names = [name for name, _ in form.multi_items()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InvalidParams(f"`{repeated[0]}` is given more than once; send each field "
+                                "once")
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise InvalidParams("`image`: a multipart request needs a file field named `image`")
         data = await upload.read()
         fields = {k: v for k, v in form.multi_items() if k != "image"}
         try:
-            options: UpscaleOptions = UpscaleOptions.model_validate(fields)
+            # Form fields are text: parsed as their JSON types ("2" is a step count).
+            options: UpscaleOptions = UpscaleOptions.model_validate_strings(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
         source = None
@@ -90,12 +105,18 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         params = await run_in_threadpool(resolve_upscale, options, registry, settings)
         image = await run_in_threadpool(
             open_checked, data, max(settings.max_upscale_side // SCALE, 1))
-        await run_in_threadpool(save_input, image, settings.outputs_dir / job_id / INPUT_FILE)
+        await run_in_threadpool(save_input, image,
+                                jobfiles.output_dir(settings, job_id) / INPUT_FILE)
         params["input"] = f"{job_id}/{INPUT_FILE}"
         params["source"] = None
     else:  # unreachable: UpscaleCreate asks for exactly one of the two
         raise InvalidParams("give exactly one of `image` and `source`")
-    job = await run_in_threadpool(enqueue, redis, "upscale", params,
-                                  timeout_s=settings.generate_timeout_s,
-                                  result_ttl_s=settings.result_ttl_s, job_id=job_id)
+    try:
+        job = await run_in_threadpool(enqueue, redis, "upscale", params,
+                                      timeout_s=settings.generate_timeout_s,
+                                      result_ttl_s=settings.result_ttl_s, job_id=job_id)
+    except BaseException:
+        # Not queued (Redis unreachable, say): the stored upload belongs to no job.
+        await run_in_threadpool(jobfiles.discard, settings, job_id)
+        raise
     return created(job, "upscale")
