@@ -126,11 +126,10 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         params["name"] = body.name
     else:
         slug = re.sub(r"[^a-z0-9]+", "-", "-".join(body.concepts).lower()).strip("-")[:30]
-        stem = f"{base_id[:24]}-no-{slug or 'concept'}"
-        name, n = stem, 2
-        while registry.exists(name):
-            name, n = f"{stem}-{n}", n + 1
-        params["name"] = name
+        params["name"] = registry.free_id(f"{base_id[:24]}-no-{slug or 'concept'}")
+    # A derived name is a suggestion: if another job takes it first, this one publishes
+    # under the next free one rather than fail after its training.
+    params["name_given"] = bool(body.name)
     return params
 
 

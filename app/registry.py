@@ -98,6 +98,13 @@ class Registry:
             out.append(json.loads((child / MANIFEST).read_text()))
         return out
 
+    def free_id(self, stem: str) -> str:
+        """``stem``, or ``stem-2``, ``stem-3``... whichever no model has yet."""
+        name, n = stem, 2
+        while self.exists(name):
+            name, n = f"{stem}-{n}", n + 1
+        return name
+
     def children(self, model_id: str) -> list[str]:
         return [m["id"] for m in self.models() if (m.get("base") or {}).get("id") == model_id]
 

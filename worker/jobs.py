@@ -55,6 +55,8 @@ def job_function(fn: Callable[[dict, Reporter], dict]) -> Callable[..., dict]:
             raise
         except LetheError as exc:
             reporter.set_meta(error={"code": exc.code, "message": exc.message})
+            if job is not None:  # a refusal comes out the same each time: retries are
+                job.retries_left = 0  # for lost workers and Redis, not for this
             _discard_unless_retried(settings, job)
             raise
         except Exception as exc:
@@ -302,19 +304,37 @@ def _save_checkpoint(trainer: Any, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint whole
 
 
+def _publish(registry: Any, name: str, given: bool, manifest: dict,
+             delta: dict[str, torch.Tensor]) -> str:
+    """Write the edit as model ``name``; a derived name taken meanwhile (by another erase
+    of the same concepts) moves on to the next free one. Returns the id written."""
+    from worker.variants import save_delta
+
+    while True:
+        if not given:
+            name = registry.free_id(name)
+        try:
+            with registry.create(name, manifest) as staging:
+                save_delta(delta, staging)
+            return name
+        except ModelExists:
+            if given:
+                raise
+
+
 @job_function
 def erase(params: dict, reporter: Reporter) -> dict:
     """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
     from worker.esd import ESDConfig, ESDTrainer
     from worker.prompts import training_prompts
-    from worker.variants import save_delta
 
     ctx = get_context()
     job = get_current_job()
     job_id = job.id if job else "local"
     registry = ctx.registry
     base_manifest = registry.get(params["base_model"])
-    if registry.exists(params["name"]):
+    given = params.get("name_given", True)
+    if registry.exists(params["name"]) and given:
         raise ModelExists(f"`name` {params['name']!r} is taken: a model with that id exists")
     total = params["iterations"]
     reporter.progress(0, total, "loading", force=True)
@@ -374,12 +394,10 @@ def erase(params: dict, reporter: Reporter) -> dict:
     if params.get("evaluate") and params.get("evaluator"):
         manifest["metrics"] = {
             "erasure": _evaluate_erasure(ctx, params, base_manifest, delta, reporter)}
-    with registry.create(params["name"], manifest) as staging:
-        save_delta(delta, staging)
+    name = _publish(registry, params["name"], given, manifest, delta)
     ckpt.unlink(missing_ok=True)
     reporter.progress(total, total, "done", force=True)
-    return {"model": params["name"], "base": params["base_model"],
-            "links": {"model": f"/models/{params['name']}"},
+    return {"model": name, "base": params["base_model"], "links": {"model": f"/models/{name}"},
             "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
             "resumed_from": resumed_from}
 

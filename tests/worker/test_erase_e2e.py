@@ -118,3 +118,14 @@ def test_lethe_erase_command_runs_through_the_api(live_url, worker, capsys):
     main(["erase", "blue", "--url", live_url, "--base-model", "tiny-sd", "--iterations", "3",
           "--name", "tiny-no-blue-cli"])
     assert capsys.readouterr().out.strip() == "tiny-no-blue-cli"
+
+
+def test_two_erases_deriving_the_same_name_both_publish(http):
+    # Both are queued before either has published: each derives "tiny-sd-no-green".
+    first, second = (erase(http, concepts=["green"], iterations=3) for _ in range(2))
+    done = [wait_job(http, job_id, timeout_s=120) for job_id in (first, second)]
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
+    names = sorted(d["result"]["model"] for d in done)
+    assert names == ["tiny-sd-no-green", "tiny-sd-no-green-2"], names
+    for name in names:
+        assert http.delete(f"/models/{name}").status_code == 204
