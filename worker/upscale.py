@@ -61,6 +61,16 @@ def plan(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, in
     return [(x, y, min(tile, width), min(tile, height)) for y in ys for x in xs]
 
 
+def pad_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
+    """``image`` grown right and down to sides that are multiples of ``multiple``, by
+    repeating its edge pixels (no new edge for the model to draw)."""
+    pad_w, pad_h = -image.width % multiple, -image.height % multiple
+    if not (pad_w or pad_h):
+        return image
+    pixels = np.asarray(image)
+    return Image.fromarray(np.pad(pixels, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge"))
+
+
 StepCallback = Callable[[int, int], None]  # (steps done over all tiles, total steps)
 
 
@@ -71,6 +81,9 @@ def upscale(pipe, image: Image.Image, p: UpscaleParams,
     pipe = rebuild(pipe, scheduler=pipe.scheduler.__class__.from_config(pipe.scheduler.config))
     image = image.convert("RGB")
     width, height = image.size
+    # The pipeline cuts its input down to a multiple of the VAE's factor (13 px became 12,
+    # and a side under it nothing): each tile goes in padded, its result is cropped back.
+    multiple = getattr(pipe, "vae_scale_factor", 1)
     tiles = plan(width, height, p.tile, p.overlap)
     total = len(tiles) * p.steps
     out = np.zeros((height * SCALE, width * SCALE, 3), np.float32)
@@ -84,12 +97,13 @@ def upscale(pipe, image: Image.Image, p: UpscaleParams,
 
         with torch.inference_mode():
             result = pipe(
-                prompt=p.prompt, image=image.crop((x, y, x + w, y + h)),
+                prompt=p.prompt, image=pad_to_multiple(image.crop((x, y, x + w, y + h)),
+                                                       multiple),
                 num_inference_steps=p.steps, guidance_scale=p.guidance_scale,
                 noise_level=p.noise_level, output_type="np",
                 generator=torch.Generator("cpu").manual_seed(p.seed + k),
                 callback=callback, callback_steps=1,
-            ).images[0]
+            ).images[0][:h * SCALE, :w * SCALE]
         # Ramp only the sides that overlap a neighbour; the image's own edges keep weight 1.
         i, j = xs.index(x), ys.index(y)
         left = (xs[i - 1] + w - x) * SCALE if i > 0 else 0

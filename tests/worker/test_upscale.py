@@ -74,3 +74,13 @@ def test_cancel_from_the_step_callback_stops_between_steps(pipe):
     with pytest.raises(JobCanceled):
         upscale(pipe, image, UpscaleParams(steps=10, tile=16), on_step)
     assert done == [1, 2]
+
+
+@pytest.mark.parametrize("size", [(13, 9), (3, 3), (1, 1), (37, 21)])
+def test_any_size_comes_out_exactly_four_times_larger(pipe, size):
+    # The pipeline rounds its input down to a multiple of the VAE's factor (4 here): 13
+    # pixels became 12 and the tile no longer fit its place; 3 became nothing.
+    assert pipe.vae_scale_factor == 4
+    image = Image.new("RGB", size, (10, 200, 30))
+    out = upscale(pipe, image, UpscaleParams(steps=2, tile=16, overlap=4))
+    assert out.size == (size[0] * 4, size[1] * 4)
