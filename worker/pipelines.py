@@ -39,6 +39,11 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
 }
 
+# Set on top of the model's own scheduler config. PNDM as Stable Diffusion ships it: PLMS
+# steps only; its Runge-Kutta warm-up needs more steps than a request may ask (1 to 3
+# steps failed with a shape error).
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -73,7 +78,8 @@ def with_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
     A scheduler holds per-run state (timesteps, step index), so concurrent or consecutive
     requests must never share one; building the pipeline object itself is cheap.
     """
-    return rebuild(pipe, scheduler=SCHEDULERS[name].from_config(pipe.scheduler.config))
+    return rebuild(pipe, scheduler=SCHEDULERS[name].from_config(
+        pipe.scheduler.config, **SCHEDULER_OPTIONS.get(name, {})))
 
 
 def rebuild(pipe: DiffusionPipeline, **replace: Any) -> DiffusionPipeline:
