@@ -105,6 +105,13 @@ def describe(job: Job) -> dict[str, Any]:
 def _error_from_exc(job: Job) -> dict[str, str]:
     latest = job.latest_result()
     text = (latest.exc_string if latest else "") or ""
+    if "stuck in intermediate queue" in text:
+        # RQ moved it from its queue to a worker's hands, then no worker ever started it
+        # (the worker, or Redis, went away in between): RQ's sweep fails it a minute later.
+        return {
+            "code": "worker_lost",
+            "message": "a worker took this job but stopped (or lost Redis) before it started",
+        }
     if "AbandonedJobError" in text:
         return {
             "code": "worker_lost",

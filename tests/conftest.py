@@ -114,6 +114,15 @@ def worker(tiny_model: str, home: Path):
     stop_worker(handle.proc)
 
 
+@pytest.fixture
+def scratch_redis() -> Redis:
+    """An emptied database of the test Redis that no worker reads."""
+    redis = Redis.from_url(scratch_redis_url())
+    redis.flushdb()
+    yield redis
+    redis.flushdb()
+
+
 def scratch_redis_url() -> str:
     """The test Redis on another database: jobs queued there reach no worker."""
     if REDIS_URL.startswith("unix://"):

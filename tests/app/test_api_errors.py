@@ -342,7 +342,7 @@ def test_a_long_poll_reads_redis_a_few_times_a_second(monkeypatch, tiny_model):
             job_id = c.post("/generate", json={"prompt": "a", "steps": 2}).json()["id"]
             t0 = time.monotonic()
             assert c.get(f"/jobs/{job_id}", params={"wait": 3}).json()["status"] == "queued"
-            assert 3 <= time.monotonic() - t0 < 4
+            assert 3 <= time.monotonic() - t0 < 6
             c.delete(f"/jobs/{job_id}")
     finally:
         get_settings.cache_clear()

@@ -12,15 +12,11 @@ from rq.job import JobStatus
 from app import jobfiles
 from app.config import Settings
 from app.queue import enqueue
-from tests.conftest import scratch_redis_url
 
 
 @pytest.fixture
-def scratch(tmp_path):
-    redis = Redis.from_url(scratch_redis_url())
-    redis.flushdb()
-    yield redis, Settings(home=tmp_path)
-    redis.flushdb()
+def scratch(scratch_redis, tmp_path):
+    return scratch_redis, Settings(home=tmp_path)
 
 
 def files_of(settings: Settings, job_id: str, checkpoint: bool = False, age_s: float = 600
@@ -71,3 +67,4 @@ def test_sweep_keeps_live_and_succeeded_jobs_and_removes_the_rest(scratch):
     assert not jobfiles.checkpoint_path(settings, done).exists()
     assert jobfiles.output_dir(settings, young).is_dir()
     assert jobfiles.sweep(redis, settings) == []
+
