@@ -185,9 +185,14 @@ def test_a_killed_embedded_redis_is_restarted_and_the_queue_survives(served):
         time.sleep(0.05)
     print(f"kill -9 of the embedded redis: ready again in {time.monotonic() - killed_at:.2f}s")
     assert served.wait(queued)["status"] == "succeeded"
-    lost = served.wait(running, timeout_s=HEARTBEAT_TTL_S + 10)
-    assert lost["status"] == "failed" and lost["error"]["code"] == "redis_lost", lost
-    assert time.monotonic() - killed_at < HEARTBEAT_TTL_S + 10
+    # The running job either rode out the restart (the worker's client retries a failed
+    # write with back-off) or ended failed, saying why; never "running" for good.
+    ended = served.wait(running, timeout_s=120)
+    assert ended["status"] == "succeeded" or (
+        ended["status"] == "failed" and ended["error"]["code"] == "redis_lost"), ended
+    print(f"the job running at the kill: {ended['status']}")
+    if ended["status"] == "failed":  # as soon as Redis answers again, within a heartbeat TTL
+        assert time.monotonic() - killed_at < HEARTBEAT_TTL_S + 10
     assert served.proc.poll() is None and len(served.children("app.cli worker")) == 2
 
 
