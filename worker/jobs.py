@@ -61,11 +61,18 @@ def job_function(fn: Callable[[dict, Reporter], dict]) -> Callable[..., dict]:
             raise
         except Exception as exc:
             reporter.set_meta(error={"code": "job_failed",
-                                     "message": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                                     "message": _shown_error(exc, settings)})
             _discard_unless_retried(settings, job)
             raise
 
     return run
+
+
+def _shown_error(exc: Exception, settings: Any) -> str:
+    """An unexpected error as a client may see it: its type and text, with this machine's
+    data folder named by its setting (a FileNotFoundError would show the path)."""
+    text = f"{type(exc).__name__}: {exc}".replace(str(settings.home.resolve()), "$LETHE_HOME")
+    return text.replace(str(settings.home), "$LETHE_HOME")[:300]
 
 
 def _discard_unless_retried(settings: Any, job: Any, canceled: bool = False) -> None:

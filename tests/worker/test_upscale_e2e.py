@@ -90,3 +90,19 @@ def test_a_canceled_upload_leaves_no_file(http, home):
     assert http.delete(f"/jobs/{job_id}").status_code == 202
     assert wait_job(http, job_id)["status"] == "canceled"
     assert not (home / "outputs" / job_id).exists()
+
+
+def test_a_failed_job_shows_no_path_of_this_machine(http, redis, home):
+    from app.queue import enqueue
+
+    r = http.post("/upscale", files={"image": ("in.png", png_bytes(8, 8), "image/png")},
+                  data={"steps": "1"})
+    params = wait_job(http, r.json()["id"])["params"]
+    # Its stored input gone (deleted by hand, say): the worker fails on a missing file.
+    job = enqueue(redis, "upscale", {**params, "input": "gone/input.png"}, timeout_s=60,
+                  result_ttl_s=600)
+    failed = wait_job(http, job.id)
+    assert failed["status"] == "failed", failed
+    message = failed["error"]["message"]
+    assert "FileNotFoundError" in message and "$LETHE_HOME" in message, message
+    assert str(home) not in message
