@@ -61,7 +61,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from worker.demo.train import DemoConfig, train_demo
+    from worker.domains.shapes.train import DemoConfig, train_demo
 
     cfg = DemoConfig(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:

@@ -15,7 +15,7 @@ class Settings(BaseSettings):
     home: Path = Field(Path("./data"), description="Data folder: registry/, outputs/, redis/.")
     redis_url: str | None = Field(None, description="Unset: `lethe serve` embeds a Redis.")
     api_keys: str = Field("", description="Comma-separated bearer keys; empty: open service.")
-    # The shipped demo models (worker/demo/models): meaningful pictures with no download.
+    # The shipped demo models (worker/domains/shapes/models): meaningful pictures with no download.
     default_model: str = Field("shapes-sd", description="Model used when a request names none.")
     default_upscaler: str = Field("shapes-x4", description="Upscaler used when a request "
                                   "names none.")

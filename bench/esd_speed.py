@@ -93,7 +93,7 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     from app.config import Settings
     from worker.context import WorkerContext
     from worker.defaults import ensure_default_models
-    from worker.demo.erasure import concept_accuracy
+    from worker.domains.shapes.erasure import concept_accuracy
     from worker.esd import ESDConfig, ESDTrainer
     from worker.prompts import training_prompts
     from worker.variants import build_variant

@@ -45,15 +45,15 @@ def image(http: httpx.Client, job: dict, index: int = 0) -> np.ndarray:
 
 
 def main() -> None:
-    from worker.demo.classifier import ShapesClassifier
-    from worker.demo.degrade import bicubic
-    from worker.demo.quality import PROMPTS, downsample, psnr
-    from worker.demo.render import render, sample_scene
+    from worker.domains.shapes.classifier import ShapesClassifier
+    from worker.domains.shapes.degrade import bicubic
+    from worker.domains.shapes.quality import PROMPTS, downsample, psnr
+    from worker.domains.shapes.render import render, sample_scene
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--classifier", default="worker/demo/models/shapes-clf")
+    parser.add_argument("--classifier", default="worker/domains/shapes/models/shapes-clf")
     args = parser.parse_args()
     clf = ShapesClassifier.from_pretrained(args.classifier).float().eval()
     http = httpx.Client(base_url=args.url, timeout=60)

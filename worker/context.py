@@ -33,7 +33,7 @@ class WorkerContext:
                 base, _ = cache.get(base_id)  # cached base: no disk read of its weights
                 return build_variant(base, load_delta(registry.path(model_id)), base_id)
             if manifest["format"] == "shapes-classifier":
-                from worker.demo.classifier import ShapesClassifier
+                from worker.domains.shapes.classifier import ShapesClassifier
 
                 return ShapesClassifier.from_pretrained(
                     registry.path(model_id), torch_dtype=torch.float32

@@ -12,9 +12,10 @@ from worker.tiny import save_tiny_pipeline, save_tiny_upscaler
 
 log = logging.getLogger("lethe.worker.defaults")
 
-# The trained "shapes" family ships inside the package (worker/demo/models/<id>/).
-DEMO_DIR = Path(__file__).parent / "demo" / "models"
-_DEMO_SOURCE = "trained by `lethe train demo` (worker/demo/train.py); see worker/demo/models"
+# The trained "shapes" family ships inside the package (worker/domains/shapes/models/<id>/).
+DEMO_DIR = Path(__file__).parent / "domains" / "shapes" / "models"
+_DEMO_SOURCE = ("trained by `lethe train demo` (worker/domains/shapes/train.py); see "
+                "worker/domains/shapes/models")
 DEMO_MANIFESTS: dict[str, dict] = {
     "shapes-sd": {
         "kind": "text-to-image", "format": "diffusers", "pipeline": "StableDiffusionPipeline",
@@ -24,7 +25,7 @@ DEMO_MANIFESTS: dict[str, dict] = {
         "limits": {"max_side": 128},
         "evaluator": "shapes-clf",
         "domain": "shapes",
-        # Found by experiment (python -m worker.demo.erase_study; numbers in the model
+        # Found by experiment (python -m worker.domains.shapes.erase_study; numbers in the model
         # card): esd-x at 1e-3 erases a shape in 200 iterations, a colour needs 600 at 5e-4
         # to spare its neighbours (orange); esd-u trains every other weight and needs 1e-4.
         "erase_defaults": {"iterations": 600, "learning_rate": 5e-4, "ddim_steps": 30,

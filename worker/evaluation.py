@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from worker.demo.erasure import concept_prompts
-from worker.demo.judge import ShapesJudge, references
-from worker.demo.render import SHAPES
-from worker.demo.sample import generate
+from worker.domains.shapes.erasure import concept_prompts
+from worker.domains.shapes.judge import ShapesJudge, references
+from worker.domains.shapes.render import SHAPES
+from worker.domains.shapes.sample import generate
 from worker.features import ClipScorer, InceptionFeatures, load_folder
 from worker.metrics import fid, precision_recall
 

@@ -1,6 +1,6 @@
 """Feature extractors and scorers for real (non-shapes) models, loaded from local paths only.
 
-The shapes family measures itself with ``shapes-clf`` (``worker.demo.judge``). A Stable
+The shapes family measures itself with ``shapes-clf`` (``worker.domains.shapes.judge``). A Stable
 Diffusion model needs the usual instruments, which the operator provides on disk (nothing
 is downloaded): Inception-v3 pool features for FID and precision/recall, as a TorchScript
 file; a CLIP model folder for CLIP score.

@@ -266,7 +266,7 @@ def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
     leave alone, for the base (cached on its manifest), the edit, and the base with the
     concepts as a negative prompt: the inference-time way to avoid them, which the paper
     compares fine-tuning with."""
-    from worker.demo.erasure import PROTOCOL, erasure_report
+    from worker.domains.shapes.erasure import PROTOCOL, erasure_report
     from worker.variants import build_variant
 
     clf, _ = ctx.cache.get(params["evaluator"])

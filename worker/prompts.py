@@ -17,8 +17,8 @@ the trainer holds unchanged. Only a known domain says what a neighbour is.
 
 from __future__ import annotations
 
-from worker.demo.erasure import concept_prompts
-from worker.demo.render import COLORS, SHAPES
+from worker.domains.shapes.erasure import concept_prompts
+from worker.domains.shapes.render import COLORS, SHAPES
 from worker.esd import ESDPrompt
 
 # For concepts outside a known domain: the phrasings users most often wrap a subject in.

@@ -79,8 +79,9 @@ def test_the_worker_image_carries_the_shipped_demo_models():
     import tomllib
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = data["package-data"]["worker.demo"]
-    models = ROOT / "worker" / "demo" / "models"
-    shipped = [p for p in models.rglob("*") if p.is_file()]
-    covered = {p for pat in patterns for p in (ROOT / "worker" / "demo").glob(pat) if p.is_file()}
+    patterns = data["package-data"]["worker.domains.shapes"]
+    package = ROOT / "worker" / "domains" / "shapes"
+    shipped = [p for p in (package / "models").rglob("*") if p.is_file()]
+    assert len(shipped) > 10
+    covered = {p for pat in patterns for p in package.glob(pat) if p.is_file()}
     assert set(shipped) <= covered, set(shipped) - covered

@@ -1,6 +1,6 @@
 """The experiments behind ``shapes-sd``'s erase defaults: one line of JSON per setting.
 
-    python -m worker.demo.erase_study --concept triangle --method esd-x \
+    python -m worker.domains.shapes.erase_study --concept triangle --method esd-x \
         --train-prompts varied plain --iterations 200 --lr 1e-3
 
 Each run trains ESD on the registry's ``shapes-sd`` (as an erase job does, without the
@@ -17,8 +17,8 @@ import time
 
 from worker.context import get_context
 from worker.defaults import ensure_default_models
-from worker.demo.erasure import erasure_report
-from worker.demo.render import SHAPES
+from worker.domains.shapes.erasure import erasure_report
+from worker.domains.shapes.render import SHAPES
 from worker.esd import ESDConfig, ESDTrainer
 from worker.prompts import training_prompts
 from worker.variants import build_variant

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from worker.demo.judge import ShapesJudge, attributes, references
-from worker.demo.render import BACKGROUNDS, COLORS, SHAPES
-from worker.demo.sample import generate
+from worker.domains.shapes.judge import ShapesJudge, attributes, references
+from worker.domains.shapes.render import BACKGROUNDS, COLORS, SHAPES
+from worker.domains.shapes.sample import generate
 from worker.metrics import fid, precision_recall
 
 

@@ -9,8 +9,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 from PIL import Image
 
 from app.cli import main
-from worker.demo.classifier import ShapesClassifier, to_tensor
-from worker.demo.render import Scene, render
+from worker.domains.shapes.classifier import ShapesClassifier, to_tensor
+from worker.domains.shapes.render import Scene, render
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_classifier_folder_loads_and_predicts(trained):
 
 
 def test_rescaled_vae_keeps_images_and_scaled_latents():
-    from worker.demo.train import UPSCALER_SCALING_FACTOR, make_vae, rescale_latents
+    from worker.domains.shapes.train import UPSCALER_SCALING_FACTOR, make_vae, rescale_latents
 
     torch.manual_seed(0)
     vae = make_vae().eval()

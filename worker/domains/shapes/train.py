@@ -38,9 +38,9 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from worker.demo.classifier import ShapesClassifier, to_tensor
-from worker.demo.degrade import degrade
-from worker.demo.render import (
+from worker.domains.shapes.classifier import ShapesClassifier, to_tensor
+from worker.domains.shapes.degrade import degrade
+from worker.domains.shapes.render import (
     BACKGROUNDS,
     COLORS,
     PROMPT_FORMS,

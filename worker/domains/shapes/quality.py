@@ -1,6 +1,6 @@
 """The "shapes" family's quality report: the numbers issue-level acceptance asks for.
 
-    python -m worker.demo.quality [--out worker/demo/models] [--per-prompt 9]
+    python -m worker.domains.shapes.quality [--out worker/domains/shapes/models] [--per-prompt 9]
 
 Generation runs through the service's own path (registry -> the worker's pipeline cache ->
 a per-request scheduler), as a job would. Writes QUALITY.md and contact_sheet.png.
@@ -20,10 +20,10 @@ from PIL import Image
 
 from worker.context import get_context
 from worker.defaults import ensure_default_models
-from worker.demo.classifier import ShapesClassifier
-from worker.demo.degrade import bicubic
-from worker.demo.render import COLORS, SHAPES, render, sample_scene
-from worker.demo.sample import generate
+from worker.domains.shapes.classifier import ShapesClassifier
+from worker.domains.shapes.degrade import bicubic
+from worker.domains.shapes.render import COLORS, SHAPES, render, sample_scene
+from worker.domains.shapes.sample import generate
 
 PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # the 24 colour×shape prompts
 

@@ -3,8 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.demo.degrade import bicubic, bsr, degrade
-from worker.demo.render import BACKGROUNDS, COLORS, SHAPES, Scene, batch, render, sample_scene
+from worker.domains.shapes.degrade import bicubic, bsr, degrade
+from worker.domains.shapes.render import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    Scene,
+    batch,
+    render,
+    sample_scene,
+)
 
 
 def centred(shape: str, color: str = "red", background: str = "white") -> Scene:

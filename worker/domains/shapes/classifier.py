@@ -13,7 +13,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from worker.demo.render import BACKGROUNDS, COLORS, SHAPES
+from worker.domains.shapes.render import BACKGROUNDS, COLORS, SHAPES
 
 
 class ShapesClassifier(ModelMixin, ConfigMixin):

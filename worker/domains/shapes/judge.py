@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.demo.classifier import to_tensor
-from worker.demo.render import BACKGROUNDS, COLORS, SHAPES, render, sample_scene
+from worker.domains.shapes.classifier import to_tensor
+from worker.domains.shapes.render import BACKGROUNDS, COLORS, SHAPES, render, sample_scene
 
 KINDS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
 

@@ -10,9 +10,9 @@ from PIL import Image
 from app.registry import Registry
 from worker.context import WorkerContext
 from worker.defaults import DEMO_DIR, ensure_default_models
-from worker.demo.degrade import bicubic
-from worker.demo.quality import psnr
-from worker.demo.render import render, sample_scene
+from worker.domains.shapes.degrade import bicubic
+from worker.domains.shapes.quality import psnr
+from worker.domains.shapes.render import render, sample_scene
 from worker.pipelines import with_scheduler
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "shapes-sd").is_dir(),
