@@ -60,13 +60,17 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(export_model(registry, args.id, Path(args.to), args.dtype))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from worker.domains.shapes.train import DemoConfig, train_demo
+# What `lethe train` builds, by the name of the domain that trains it.
+TRAINABLE = {"demo": "shapes"}
 
-    cfg = DemoConfig(seed=args.seed, threads=args.threads)
-    if args.scale != 1.0:
-        cfg = cfg.scaled(args.scale)
-    for model_id, path in train_demo(Path(args.out), cfg).items():
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from worker.domains import get_domain
+
+    domain = get_domain(TRAINABLE[args.what])
+    trained = domain.train(Path(args.out), seed=args.seed,  # type: ignore[attr-defined]
+                           threads=args.threads, scale=args.scale)
+    for model_id, path in trained.items():
         print(f"{model_id}: {path}")
 
 
@@ -185,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train models")
-    p.add_argument("what", choices=["demo"], help="demo: the shapes family, from scratch")
+    p.add_argument("what", choices=sorted(TRAINABLE),
+                   help="demo: the shapes family, from scratch")
     p.add_argument("--out", required=True, help="folder for the trained model folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0,

@@ -175,6 +175,7 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     n_prompts = len(body.prompts) if body.prompts is not None else None
     params = body.model_dump()
     params.update(model=model_id, metrics=list(metrics), reference=reference,
+                  domain=_lineage_value(manifest, registry, "domain"),
                   evaluator=evaluator if shapes else None,
                   prompt_set=None if body.prompts is not None else
                   (body.prompt_set or "shapes-color"))

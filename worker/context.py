@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-
 from app.config import Settings, get_settings
 from app.registry import Registry
+from worker.domains import get_domain
 from worker.pipelines import PipelineCache, Runtime, load_pipeline
 
 
@@ -32,12 +31,13 @@ class WorkerContext:
                 base_id = manifest["base"]["id"]
                 base, _ = cache.get(base_id)  # cached base: no disk read of its weights
                 return build_variant(base, load_delta(registry.path(model_id)), base_id)
-            if manifest["format"] == "shapes-classifier":
-                from worker.domains.shapes.classifier import ShapesClassifier
-
-                return ShapesClassifier.from_pretrained(
-                    registry.path(model_id), torch_dtype=torch.float32
-                ).to(runtime.device).eval()
+            if manifest["kind"] == "classifier":
+                # A domain's judge; "<domain>-classifier" names it in manifests that predate
+                # the field.
+                domain = manifest.get("domain") or manifest["format"].removesuffix(
+                    "-classifier")
+                return get_domain(domain).load_classifier(registry.path(model_id),
+                                                          runtime.device)
             return load_pipeline(registry.path(model_id), runtime)
 
         cache = PipelineCache(loader, settings.cache_max_models, settings.cache_max_bytes)

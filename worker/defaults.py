@@ -43,7 +43,7 @@ DEMO_MANIFESTS: dict[str, dict] = {
     },
     "shapes-clf": {
         "kind": "classifier", "format": "shapes-classifier", "class": "ShapesClassifier",
-        "base": None, "source": _DEMO_SOURCE,
+        "domain": "shapes", "base": None, "source": _DEMO_SOURCE,
     },
 }
 

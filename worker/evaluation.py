@@ -2,8 +2,10 @@
 
 The API (``app.params.resolve_evaluate``) has already checked that every metric asked for
 has what it needs; this module draws, extracts features and calls ``worker.metrics``.
-Shapes models are judged by ``shapes-clf`` against seeded renders; other models by the
-operator's Inception and CLIP files against a folder of real images.
+A model's domain (``worker.domains``) supplies its named prompt sets, its judge (for
+accuracy, attribute scores and the features of the ``render`` reference) and the renders;
+other models are measured with the operator's Inception and CLIP files against a folder of
+real images.
 """
 
 from __future__ import annotations
@@ -13,20 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from worker.domains.shapes.erasure import concept_prompts
-from worker.domains.shapes.judge import ShapesJudge, references
-from worker.domains.shapes.render import SHAPES
-from worker.domains.shapes.sample import generate
+from worker.domains import get_domain
 from worker.features import ClipScorer, InceptionFeatures, load_folder
 from worker.metrics import fid, precision_recall
-
-
-def prompt_set(name: str) -> list[str]:
-    """The named prompt sets of the shapes domain."""
-    if name == "shapes-shape":
-        return [f"a {s}" for s in SHAPES]
-    form = {"shapes-color": "color", "shapes-full": "full"}[name]
-    return [p for p, _, _ in concept_prompts("", form)]
+from worker.sampling import generate
 
 
 def _batch(height: int, width: int) -> int:
@@ -40,7 +32,8 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
 
     ``on_progress(done, total, stage)`` may raise to stop.
     """
-    prompts = params.get("prompts") or prompt_set(params["prompt_set"])
+    domain = get_domain(params.get("domain"))
+    prompts = params.get("prompts") or domain.prompt_set(params["prompt_set"])
     per = params["images_per_prompt"]
     drawn = [p for p in prompts for _ in range(per)]
     seed, metrics = params["seed"], set(params["metrics"])
@@ -64,7 +57,7 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
     if on_progress:
         on_progress(len(drawn), len(drawn), "measuring")
     out = report["metrics"]
-    judge = ShapesJudge(clf) if clf is not None else None
+    judge = domain.judge(clf)
     if judge and metrics & {"accuracy", "attribute_score"}:
         verdict = judge.judge(images, drawn)
         if "accuracy" in metrics:
@@ -76,7 +69,7 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
     if metrics & {"fid", "precision_recall"}:
         if params["reference"] == "render":
             extractor: Any = judge
-            real = references(drawn, seed + 1, side=size[0])
+            real = domain.references(drawn, seed + 1, side=size[0])
         else:
             extractor = InceptionFeatures(settings.inception_path, pipe.device)
             real = load_folder(settings.references_dir / params["reference"], size,
@@ -89,8 +82,8 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
             if params["reference"] == "render":
                 # Two independent render sets of the same prompts: the FID a perfect model
                 # would score at this sample size (FID is biased upward for small sets).
-                out["fid_floor"] = fid(real_f, judge.features(references(drawn, seed + 2,
-                                                                         side=size[0])))
+                out["fid_floor"] = fid(real_f, judge.features(
+                    domain.references(drawn, seed + 2, side=size[0])))
         if "precision_recall" in metrics:
             out["precision"], out["recall"] = precision_recall(real_f, fake_f)
     if "clip_score" in metrics:

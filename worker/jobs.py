@@ -266,9 +266,10 @@ def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
     leave alone, for the base (cached on its manifest), the edit, and the base with the
     concepts as a negative prompt: the inference-time way to avoid them, which the paper
     compares fine-tuning with."""
-    from worker.domains.shapes.erasure import PROTOCOL, erasure_report
+    from worker.domains import get_domain
     from worker.variants import build_variant
 
+    domain = get_domain(base_manifest.get("domain"))
     clf, _ = ctx.cache.get(params["evaluator"])
     base_id = params["base_model"]
     base, _ = ctx.cache.get(base_id)
@@ -283,10 +284,10 @@ def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
         key = f"{kind}:{','.join(sorted(concepts))}"
         reports = metrics.get("erasure_baselines") or {}
         report = reports.get(key)
-        if (not report or report.get("protocol") != PROTOCOL
+        if (not report or report.get("protocol") != domain.report_protocol
                 or report.get("per_prompt") != EVAL_PER_PROMPT):
-            report = erasure_report(base, clf, concepts, EVAL_PER_PROMPT, guidance,
-                                    negative_prompt=negative_prompt)
+            report = domain.erasure_report(base, clf, concepts, EVAL_PER_PROMPT, guidance,
+                                           negative_prompt=negative_prompt)
             metrics = metrics | {"erasure_baselines": reports | {key: report}}
             ctx.registry.update_manifest(base_id, metrics=metrics)
         return report
@@ -299,7 +300,7 @@ def _evaluate_erasure(ctx: Any, params: dict, base_manifest: dict,
     reporter.check()
     reporter.progress(2, 3, "evaluating", force=True)
     variant = build_variant(base, delta, base_id).pipe
-    after = erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, guidance)
+    after = domain.erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, guidance)
     return {"before": before, "after": after, "negative_prompt": negative_baseline,
             "erased": concepts}
 

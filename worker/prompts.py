@@ -12,30 +12,13 @@ With several concepts, every anchor leaves all of them out: "a red triangle" era
 
 ``preserve`` pairs each varied prompt with a neighbour's: the same prompt with another
 concept of the erased one's kind in its place ("a orange circle" for "a red circle"), which
-the trainer holds unchanged. Only a known domain says what a neighbour is.
+the trainer holds unchanged. Only the model's domain knows what a neighbour is.
 """
 
 from __future__ import annotations
 
-from worker.domains.shapes.erasure import concept_prompts
-from worker.domains.shapes.render import COLORS, SHAPES
+from worker.domains import get_domain
 from worker.esd import ESDPrompt
-
-# For concepts outside a known domain: the phrasings users most often wrap a subject in.
-GENERIC_TEMPLATES = (
-    "{}", "a {}", "a photo of a {}", "a painting of a {}", "a drawing of a {}",
-    "an image of a {}", "a close-up of a {}", "a picture with a {} in it",
-)
-
-
-def shapes_prompts(concept: str) -> list[str]:
-    """Every prompt form of the shapes domain that names ``concept``."""
-    prompts = [concept]
-    if concept in SHAPES:
-        prompts.append(f"a {concept}")
-    prompts += [p for p, _, _ in concept_prompts(concept, "color")]
-    prompts += [p for p, _, _ in concept_prompts(concept, "full")]
-    return prompts
 
 
 def replace(prompt: str, concept: str, by: str) -> str | None:
@@ -56,12 +39,6 @@ def without(prompt: str, concepts: list[str]) -> str:
     return prompt
 
 
-def neighbours(concept: str, erased: list[str]) -> list[str]:
-    """The shapes-domain concepts of ``concept``'s kind that the job keeps."""
-    kind = SHAPES if concept in SHAPES else COLORS
-    return [c for c in kind if c != concept and c not in erased]
-
-
 def _kept(prompt: str | None, erased: list[str]) -> str | None:
     """``prompt`` unless it names an erased concept ("a red circle" is no neighbour to hold
     while red goes)."""
@@ -77,15 +54,16 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
 
     plain: the concept alone against the empty prompt (the paper). varied: the concept in
     each prompt that uses it, against that prompt without it, so only the concept moves;
-    with ``preserve`` (shapes domain only) each also names a neighbour's prompt to hold.
+    with ``preserve`` each also names a neighbour's prompt to hold, where the ``domain``
+    (the model's, ``worker.domains``) knows the concept's neighbours.
     """
     if style == "plain":
         return tuple(ESDPrompt(c, c) for c in concepts)
+    known = get_domain(domain)
     per_concept = []
     for c in concepts:
-        known = domain == "shapes" and (c in SHAPES or c in COLORS)
-        texts = shapes_prompts(c) if known else [t.format(c) for t in GENERIC_TEMPLATES]
-        near = neighbours(c, concepts) if known and preserve else []
+        texts = known.training_texts(c)
+        near = known.neighbours(c, concepts) if preserve else []
         per_concept.append([ESDPrompt(p, p, without(p, concepts),
                                       _kept(replace(p, c, near[i % len(near)]), concepts)
                                       if near else None)

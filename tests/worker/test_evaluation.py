@@ -6,7 +6,9 @@ from __future__ import annotations
 def test_the_apis_prompt_set_sizes_match_the_sets_the_worker_draws():
     from app.params import PROMPT_SET_SIZES
     from app.schemas import PromptSet
-    from worker.evaluation import prompt_set
+    from worker.domains import get_domain
 
+    shapes = get_domain("shapes")
     assert set(PROMPT_SET_SIZES) == set(PromptSet.__args__)
-    assert {name: len(prompt_set(name)) for name in PROMPT_SET_SIZES} == PROMPT_SET_SIZES
+    assert shapes.info()["prompt_sets"] == PROMPT_SET_SIZES
+    assert {name: len(shapes.prompt_set(name)) for name in PROMPT_SET_SIZES} == PROMPT_SET_SIZES

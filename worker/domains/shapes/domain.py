@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,3 +67,11 @@ class ShapesDomain:
                        ) -> dict[str, Any]:
         return erasure.erasure_report(pipe, classifier, erased, per_prompt, guidance,
                                       negative_prompt=negative_prompt)
+
+    def train(self, out: Path, seed: int = 0, threads: int = 0, scale: float = 1.0
+              ) -> dict[str, Path]:
+        """``lethe train demo``: the family from scratch (``scale`` < 1 for a smoke run)."""
+        from worker.domains.shapes.train import DemoConfig, train_demo
+
+        cfg = DemoConfig(seed=seed, threads=threads)
+        return train_demo(out, cfg.scaled(scale) if scale != 1.0 else cfg)

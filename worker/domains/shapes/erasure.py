@@ -15,8 +15,8 @@ import numpy as np
 
 from worker.domains.shapes.judge import ShapesJudge, attributes, references
 from worker.domains.shapes.render import BACKGROUNDS, COLORS, SHAPES
-from worker.domains.shapes.sample import generate
 from worker.metrics import fid, precision_recall
+from worker.sampling import generate
 
 
 def concept_prompts(concept: str, form: str = "color") -> list[tuple[str, str, str]]:

@@ -23,7 +23,7 @@ from worker.defaults import ensure_default_models
 from worker.domains.shapes.classifier import ShapesClassifier
 from worker.domains.shapes.degrade import bicubic
 from worker.domains.shapes.render import COLORS, SHAPES, render, sample_scene
-from worker.domains.shapes.sample import generate
+from worker.sampling import generate
 
 PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # the 24 colour×shape prompts
 

@@ -1,4 +1,4 @@
-"""Seeded, batched 32×32 sampling for the shapes reports: image ``j`` uses ``seeds[j]``."""
+"""Seeded, batched sampling for evaluations and reports: image ``j`` uses ``seeds[j]``."""
 
 from __future__ import annotations
 
