@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model")
     p.add_argument("--prompt", action="append", help="a prompt to draw (repeatable)")
-    p.add_argument("--prompt-set", choices=["shapes-color", "shapes-full", "shapes-shape"])
+    p.add_argument("--prompt-set", help="a named set of the model's domain "
+                   "(shapes: shapes-color, shapes-full, shapes-shape)")
     p.add_argument("--images-per-prompt", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--metric", action="append",

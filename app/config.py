@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     default_upscaler: str = Field("shapes-x4", description="Upscaler used when a request "
                                   "names none.")
     queues: str = Field("images,train", description="Queues a `lethe worker` listens on.")
+    domains: str = Field("", description="Plug-in domains a worker adds to the built-in "
+                         "ones: name=package.module:Class, comma-separated.")
 
     # Job lifetimes, in seconds.
     generate_timeout_s: int = 600

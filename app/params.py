@@ -15,7 +15,7 @@ from redis import Redis
 
 from app import jobs
 from app.config import Settings
-from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists
+from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists, Unavailable
 from app.registry import Registry, validate_model_id
 from app.schemas import (
     EraseCreate,
@@ -74,17 +74,28 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
     return params
 
 
-# Domains whose concepts have known neighbours (worker.prompts).
-PRESERVE_DOMAINS = ("shapes",)
+def _domain(registry: Registry, manifest: dict) -> tuple[str | None, dict[str, Any]]:
+    """A model's domain (its own, else its base's) and what the workers published about it
+    (``worker.domains``: prompt sets, default metrics, judge, references, preservation)."""
+    name = _lineage_value(manifest, registry, "domain")
+    info = registry.domains().get(name or GENERIC)
+    if info is None:
+        if name is not None:
+            raise Unavailable(f"model {manifest['id']!r} belongs to domain {name!r}, which no "
+                              "worker has published; start a worker that knows it "
+                              "(LETHE_DOMAINS)")
+        info = GENERIC_INFO  # no worker has started yet: what any model offers
+    return name, info
 
 
-def _resolve_preserve(body: EraseCreate, domain: str | None, base_id: str) -> bool:
-    known = domain in PRESERVE_DOMAINS and body.train_prompts == "varied"
+def _resolve_preserve(body: EraseCreate, domain: str | None, info: dict, base_id: str
+                      ) -> bool:
+    known = bool(info["preserve"]) and body.train_prompts == "varied"
     if body.preserve and not known:
         raise InvalidParams(
             f"`preserve` is true but model {base_id!r} has no domain whose neighbouring "
             f"concepts are known (domain {domain!r}, train_prompts {body.train_prompts!r}); "
-            "it needs a shapes model and train_prompts 'varied'")
+            "it needs a domain that knows neighbours and train_prompts 'varied'")
     return known if body.preserve is None else body.preserve
 
 
@@ -115,8 +126,8 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
     params["ddim_steps"] = defaults.get("ddim_steps", 50)
     params["start_guidance"] = defaults.get("start_guidance", 3.0)
-    params["domain"] = manifest.get("domain")  # known prompt forms for "varied" training
-    params["preserve"] = _resolve_preserve(body, params["domain"], base_id)
+    params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
+    params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
     gen = _drawing_defaults(manifest)
     params["height"], params["width"] = gen["height"], gen["width"]
     if body.name:
@@ -133,14 +144,16 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     return params
 
 
-SHAPES_METRICS = ["fid", "precision_recall", "attribute_score", "accuracy"]
 # Metrics that compare with real images, and those that need the domain's classifier.
 REFERENCE_METRICS = {"fid", "precision_recall"}
 JUDGE_METRICS = {"attribute_score", "accuracy"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Prompts in each named set (``worker.evaluation.prompt_set`` builds them; a test keeps the
-# two in step, since the API cannot import the worker side).
-PROMPT_SET_SIZES = {"shapes-color": 24, "shapes-full": 72, "shapes-shape": 4}
+GENERIC = "generic"
+# What the generic domain offers (worker.domains.generic publishes the same): for a model
+# that names no domain before any worker has published.
+GENERIC_INFO: dict[str, Any] = {
+    "prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
+    "judge_metrics": [], "reference": None, "preserve": False}
 
 
 def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
@@ -154,32 +167,34 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     """Check that every metric asked for can be computed here, before anything is queued."""
     model_id = body.model or settings.default_model
     manifest = _text_to_image(registry, model_id)
-    shapes = _lineage_value(manifest, registry, "domain") == "shapes"
-    evaluator = _lineage_value(manifest, registry, "evaluator")
-    if body.prompts is None and body.prompt_set is None and not shapes:
-        raise InvalidParams(f"`prompts` is required for model {model_id!r}: only shapes "
-                            "models have a default prompt set")
-    if body.prompt_set is not None and not shapes:
-        raise InvalidParams(f"`prompt_set` {body.prompt_set!r} is a shapes-domain set; "
-                            f"model {model_id!r} is not a shapes model")
-    metrics = body.metrics or (SHAPES_METRICS if shapes else ["clip_score"])
+    domain, info = _domain(registry, manifest)
+    judged = bool(info["judge_metrics"])  # the domain has a classifier to judge with
+    evaluator = _lineage_value(manifest, registry, "evaluator") if judged else None
+    sets: dict[str, int] = info["prompt_sets"]
+    if body.prompts is None and body.prompt_set is None and not info["default_prompt_set"]:
+        raise InvalidParams(f"`prompts` is required for model {model_id!r}: its domain "
+                            f"({domain or GENERIC}) has no default prompt set")
+    if body.prompt_set is not None and body.prompt_set not in sets:
+        raise InvalidParams(f"`prompt_set` {body.prompt_set!r} is not a set of model "
+                            f"{model_id!r}'s domain ({domain or GENERIC}), which has "
+                            f"{sorted(sets) or 'none'}")
+    metrics = body.metrics or info["default_metrics"]
     if "clip_score" in metrics and settings.clip_model_path is None:
         raise InvalidParams("`metrics` asks for 'clip_score' but no CLIP model is configured: "
                             "set LETHE_CLIP_MODEL_PATH to a local CLIP folder")
-    if JUDGE_METRICS & set(metrics) and not (shapes and evaluator):
+    if JUDGE_METRICS & set(metrics) and not evaluator:
         raise InvalidParams(f"`metrics` {sorted(JUDGE_METRICS & set(metrics))} need the "
                             f"model's domain classifier; model {model_id!r} names none")
-    reference = body.reference or ("render" if shapes else None)
+    reference = body.reference or info["reference"]
     if REFERENCE_METRICS & set(metrics):
-        _check_reference(reference, shapes, evaluator, settings)
+        _check_reference(reference, info, evaluator, settings)
     n_prompts = len(body.prompts) if body.prompts is not None else None
     params = body.model_dump()
     params.update(model=model_id, metrics=list(metrics), reference=reference,
-                  domain=_lineage_value(manifest, registry, "domain"),
-                  evaluator=evaluator if shapes else None,
+                  domain=domain, evaluator=evaluator,
                   prompt_set=None if body.prompts is not None else
-                  (body.prompt_set or "shapes-color"))
-    total = (n_prompts or PROMPT_SET_SIZES[params["prompt_set"]]) * body.images_per_prompt
+                  (body.prompt_set or info["default_prompt_set"]))
+    total = (n_prompts or sets[params["prompt_set"]]) * body.images_per_prompt
     if total > settings.max_eval_images:
         raise InvalidParams(f"`images_per_prompt` {body.images_per_prompt} × "
                             f"{total // body.images_per_prompt} prompts is {total} images; "
@@ -199,12 +214,12 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
 REFERENCES_SHOWN = "$LETHE_HOME/references/"
 
 
-def _check_reference(reference: str | None, shapes: bool, evaluator: str | None,
+def _check_reference(reference: str | None, info: dict, evaluator: str | None,
                      settings: Settings) -> None:
     if reference == "render":
-        if not (shapes and evaluator):
-            raise InvalidParams("`reference` 'render' draws shapes-domain scenes; this model "
-                                "is not a shapes model: name a folder under "
+        if not (info["reference"] == "render" and evaluator):
+            raise InvalidParams("`reference` 'render' needs a domain that renders its own "
+                                "scenes, and this model's does not: name a folder under "
                                 f"{REFERENCES_SHOWN}")
         return
     if reference is None:

@@ -27,6 +27,8 @@ from app.errors import InvalidParams, ModelExists, ModelNotFound, ModelProtected
 MODEL_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
 KINDS = ("text-to-image", "upscaler", "classifier")
+# What the workers' domains offer (worker.domains.published), for the API to read.
+DOMAINS_FILE = ".domains.json"
 _STAGING = ".staging"
 _TRASH = ".trash"
 
@@ -195,6 +197,27 @@ class Registry:
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.root / model_id, trash)  # gone from listings in one step
         shutil.rmtree(trash, ignore_errors=True)
+
+    def publish_domains(self, info: dict[str, dict[str, Any]]) -> None:
+        """Merge a worker's domain facts into ``DOMAINS_FILE``: each worker adds what it
+        knows (a plug-in domain included) and nobody takes away what another published."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".domains.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                merged = self.domains() | info
+                tmp = self.root / f".domains.{uuid.uuid4().hex[:8]}.tmp"
+                tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
+                os.replace(tmp, self.root / DOMAINS_FILE)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def domains(self) -> dict[str, dict[str, Any]]:
+        """What the workers published about each domain, by name ({} before any did)."""
+        try:
+            return json.loads((self.root / DOMAINS_FILE).read_text())
+        except FileNotFoundError:
+            return {}
 
     def import_folder(
         self, source: Path, model_id: str, manifest: dict[str, Any]

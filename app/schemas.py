@@ -133,8 +133,6 @@ class EraseCreate(_Strict):
 
 
 Metric = Literal["fid", "precision_recall", "attribute_score", "accuracy", "clip_score"]
-# Named prompt sets of the shapes domain (DESIGN.md's prompt forms).
-PromptSet = Literal["shapes-color", "shapes-full", "shapes-shape"]
 
 
 class EvaluateCreate(_Strict):
@@ -144,17 +142,19 @@ class EvaluateCreate(_Strict):
                                   "LETHE_DEFAULT_MODEL.")
     prompts: list[Annotated[str, Field(max_length=1000)]] | None = Field(
         None, min_length=1, max_length=500, description="The prompts to draw; or `prompt_set`.")
-    prompt_set: PromptSet | None = Field(None, description="A named set; default for a "
-                                         "shapes model: shapes-color (24 prompts).")
+    prompt_set: ModelId | None = Field(
+        None, description="A named set of the model's domain (the shapes domain has "
+        "shapes-color, shapes-full, shapes-shape); default: the domain's, if it has one.")
     images_per_prompt: int = Field(8, ge=1, le=256)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Image j uses seed + j.")
     metrics: list[Metric] | None = Field(
         None, min_length=1, json_schema_extra={"uniqueItems": True},
-        description="Default for a shapes model: fid, precision_recall, attribute_score, "
-        "accuracy; otherwise clip_score.")
+        description="Default: the model's domain's (shapes: fid, precision_recall, "
+        "attribute_score, accuracy; any other model: clip_score).")
     reference: ModelId | None = Field(
-        None, description="'render' (shapes: seeded renders of each prompt) or the name of "
-        "a folder under $LETHE_HOME/references/ holding real images.")
+        None, description="'render' (a domain that renders its own scenes: seeded renders of "
+        "each prompt) or the name of a folder under $LETHE_HOME/references/ holding real "
+        "images.")
     negative_prompt: str | None = Field(None, max_length=1000, description="Drawn with this "
                                         "negative prompt: the inference-time baseline for "
                                         "erasing a concept.")

@@ -33,6 +33,7 @@ from app.config import Settings
 from app.queue import connect
 from worker.context import get_context
 from worker.defaults import ensure_default_models
+from worker.domains import register_from_setting
 
 log = logging.getLogger("lethe.worker")
 
@@ -151,6 +152,7 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False,
         raise SystemExit("LETHE_REDIS_URL is not set; `lethe serve` sets it for its workers")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    register_from_setting(settings.domains)
     ctx = get_context()
     _set_threads(settings, ctx.runtime.device.type)
     ensure_default_models(ctx.registry)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 
-def test_the_apis_prompt_set_sizes_match_the_sets_the_worker_draws():
-    from app.params import PROMPT_SET_SIZES
-    from app.schemas import PromptSet
-    from worker.domains import get_domain
+def test_what_the_worker_publishes_is_what_its_domains_draw_and_the_api_reads(tmp_path):
+    from app.params import GENERIC_INFO
+    from app.registry import Registry
+    from worker.domains import get_domain, published
 
-    shapes = get_domain("shapes")
-    assert set(PROMPT_SET_SIZES) == set(PromptSet.__args__)
-    assert shapes.info()["prompt_sets"] == PROMPT_SET_SIZES
-    assert {name: len(shapes.prompt_set(name)) for name in PROMPT_SET_SIZES} == PROMPT_SET_SIZES
+    info = published()
+    assert {"generic", "shapes"} <= set(info)
+    for name, facts in info.items():
+        domain = get_domain(name)
+        assert {s: len(domain.prompt_set(s)) for s in facts["prompt_sets"]} == facts[
+            "prompt_sets"]
+        assert facts["default_prompt_set"] in (None, *facts["prompt_sets"])
+    assert info["shapes"]["prompt_sets"] == {"shapes-color": 24, "shapes-full": 72,
+                                             "shapes-shape": 4}
+    assert info["generic"] == GENERIC_INFO  # the API's fallback before any worker published
+    registry = Registry(tmp_path)
+    registry.publish_domains({"shapes": info["shapes"]})
+    registry.publish_domains({"generic": info["generic"]})  # a second worker adds, keeps
+    assert registry.domains() == {"generic": info["generic"], "shapes": info["shapes"]}
+    assert registry.models() == []  # the file is no model

@@ -72,6 +72,10 @@ class Domain(Protocol):
         ...
 
 
+# A domain may also ship models in its package: ``shipped()`` -> {id: (folder, manifest)},
+# registered at a worker's first start (worker.defaults).
+
+
 def register(name: str, target: str) -> None:
     """Add (or replace) a domain: ``target`` is ``"module:Class"``."""
     DOMAINS[name] = target

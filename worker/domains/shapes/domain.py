@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,41 @@ import torch
 from worker.domains.shapes import erasure
 from worker.domains.shapes.judge import ShapesJudge, references
 from worker.domains.shapes.render import COLORS, SHAPES
+
+# The trained family ships inside the package (models/<id>/ beside this file).
+DEMO_DIR = Path(__file__).parent / "models"
+_DEMO_SOURCE = ("trained by `lethe train demo` (worker/domains/shapes/train.py); see "
+                "worker/domains/shapes/models")
+DEMO_MANIFESTS: dict[str, dict] = {
+    "shapes-sd": {
+        "kind": "text-to-image", "format": "diffusers", "pipeline": "StableDiffusionPipeline",
+        "base": None, "source": _DEMO_SOURCE,
+        "defaults": {"steps": 30, "guidance_scale": 4.0, "width": 32, "height": 32,
+                     "scheduler": "ddim"},
+        "limits": {"max_side": 128},
+        "evaluator": "shapes-clf",
+        "domain": "shapes",
+        # Found by experiment (python -m worker.domains.shapes.erase_study; numbers in the
+        # model card): esd-x at 1e-3 erases a shape in 200 iterations, a colour needs 600 at 5e-4
+        # to spare its neighbours (orange); esd-u trains every other weight and needs 1e-4.
+        "erase_defaults": {"iterations": 600, "learning_rate": 5e-4, "ddim_steps": 30,
+                           "start_guidance": 3.0,
+                           "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200},
+                                         "esd-all": {"learning_rate": 1e-4,
+                                                     "iterations": 200}}},
+    },
+    "shapes-x4": {
+        "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",
+        "base": None, "source": _DEMO_SOURCE,
+        # One step from t = 999 returns the model's estimate of the posterior mean: the
+        # best PSNR (see its quality report); more steps sample sharper, less exact detail.
+        "defaults": {"steps": 1, "guidance_scale": 0.0, "noise_level": 0},
+    },
+    "shapes-clf": {
+        "kind": "classifier", "format": "shapes-classifier", "class": "ShapesClassifier",
+        "domain": "shapes", "base": None, "source": _DEMO_SOURCE,
+    },
+}
 
 # The named prompt sets and how many prompts each holds (DESIGN.md's prompt forms).
 PROMPT_SETS = {"shapes-color": 24, "shapes-full": 72, "shapes-shape": 4}
@@ -75,3 +111,11 @@ class ShapesDomain:
 
         cfg = DemoConfig(seed=seed, threads=threads)
         return train_demo(out, cfg.scaled(scale) if scale != 1.0 else cfg)
+
+    def shipped(self) -> dict[str, tuple[Path, dict[str, Any]]]:
+        """The trained models in this package, with their manifests, for first start."""
+        quality = DEMO_DIR / "quality.json"
+        metrics = json.loads(quality.read_text()) if quality.is_file() else None
+        return {model_id: (DEMO_DIR / model_id,
+                           {**manifest, "metrics": metrics} if metrics else manifest)
+                for model_id, manifest in DEMO_MANIFESTS.items()}

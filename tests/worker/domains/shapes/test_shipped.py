@@ -9,8 +9,9 @@ from PIL import Image
 
 from app.registry import Registry
 from worker.context import WorkerContext
-from worker.defaults import DEMO_DIR, ensure_default_models
+from worker.defaults import ensure_default_models
 from worker.domains.shapes.degrade import bicubic
+from worker.domains.shapes.domain import DEMO_DIR
 from worker.domains.shapes.quality import psnr
 from worker.domains.shapes.render import render, sample_scene
 from worker.pipelines import with_scheduler

@@ -1,0 +1,66 @@
+"""A domain from outside the core (tests/worker/toy_domain.py) joins a worker through
+LETHE_DOMAINS and serves evaluate and erase end to end, no file of the core changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import start_worker, stop_worker, wait_job
+
+pytestmark = pytest.mark.slow
+
+PLUGIN = "toy=tests.worker.toy_domain:ToyDomain"
+
+
+@pytest.fixture
+def toy_worker(home, worker, monkeypatch):
+    """The only worker while the test runs: the session's knows no toy domain."""
+    from app.registry import Registry
+    from worker.defaults import TINY_MANIFEST
+
+    registry = Registry(home / "registry")
+    if not registry.exists("toy-sd"):
+        with registry.create("toy-clf", {"kind": "classifier", "format": "toy-classifier",
+                                         "domain": "toy", "base": None}) as staging:
+            (staging / "weights.txt").write_text("brightness: no weights\n")
+        registry.import_folder(registry.path("tiny-sd"), "toy-sd",
+                               {**TINY_MANIFEST, "domain": "toy", "evaluator": "toy-clf"})
+    stop_worker(worker.proc)
+    monkeypatch.setenv("LETHE_DOMAINS", PLUGIN)
+    proc = start_worker("test-toy", log=home / "worker-toy.log")
+    monkeypatch.delenv("LETHE_DOMAINS")
+    yield registry
+    stop_worker(proc)
+    worker.proc = start_worker("test-main", log=home / "worker-main.log")
+
+
+def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
+    assert "toy" in toy_worker.domains()  # published by the worker that knows it
+
+    # evaluate: the domain's default prompt set, metric and judge.
+    r = http.post("/evaluate", json={"model": "toy-sd", "images_per_prompt": 3})
+    assert r.status_code == 202, r.text
+    job = wait_job(http, r.json()["id"], timeout_s=120)
+    assert job["status"] == "succeeded", job
+    report = job["result"]["report"]
+    assert report["prompt_set"] == "toy-pair" and report["images"] == 6
+    assert set(report["metrics"]) == {"accuracy"}
+    assert 0.0 <= report["metrics"]["accuracy"]["brightness"] <= 1.0
+    r = http.post("/evaluate", json={"model": "toy-sd", "prompt_set": "shapes-color"})
+    assert r.status_code == 422 and "toy-pair" in r.json()["error"]["message"]
+
+    # erase: the domain's training prompts and neighbours, and its report before and after.
+    r = http.post("/erase", json={"base_model": "toy-sd", "concepts": ["light"],
+                                  "iterations": 6, "name": "toy-no-light"})
+    assert r.status_code == 202, r.text
+    job = wait_job(http, r.json()["id"], timeout_s=300)
+    assert job["status"] == "succeeded", job
+    assert job["params"]["preserve"] is True  # the toy domain knows light's neighbour
+    model = http.get("/models/toy-no-light").json()
+    prompts = {p["prompt"]: p for p in model["edit"]["prompts"]}
+    assert set(prompts) == {"light", "a light scene", "a wide light scene"}
+    assert prompts["a light scene"]["preserve"] == "a dark scene"
+    erasure = model["metrics"]["erasure"]
+    assert erasure["before"]["protocol"] == erasure["after"]["protocol"] == 1
+    assert set(erasure["after"]["accuracy"]) == {"light", "dark"}
+    assert http.delete("/models/toy-no-light").status_code == 204
