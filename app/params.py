@@ -130,6 +130,8 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
     gen = _drawing_defaults(manifest)
     params["height"], params["width"] = gen["height"], gen["width"]
+    # How the job's comparison grid is drawn (worker.evidence): as the model draws.
+    params["draw_steps"], params["draw_guidance"] = gen["steps"], gen["guidance_scale"]
     if body.name:
         validate_model_id(body.name, "name")
         if registry.exists(body.name):

@@ -402,12 +402,34 @@ def erase(params: dict, reporter: Reporter) -> dict:
     if params.get("evaluate") and params.get("evaluator"):
         manifest["metrics"] = {
             "erasure": _evaluate_erasure(ctx, params, base_manifest, delta, reporter)}
+    grid_entry, manifest["evidence"] = _erase_evidence(ctx, params, pipe, delta, job_id,
+                                                       reporter)
     name = _publish(registry, params["name"], given, manifest, delta)
     ckpt.unlink(missing_ok=True)
     reporter.progress(total, total, "done", force=True)
     return {"model": name, "base": params["base_model"], "links": {"model": f"/models/{name}"},
             "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "images": [grid_entry],
+            "evidence": manifest["evidence"]}
+
+
+def _erase_evidence(ctx: Any, params: dict, pipe: Any,
+                    delta: dict[str, torch.Tensor], job_id: str, reporter: Reporter
+                    ) -> tuple[dict, dict]:
+    """The comparison grid (stored as the job's image 0) and its report, for every erase."""
+    from worker.domains import get_domain
+    from worker.evidence import evidence
+    from worker.variants import build_variant
+
+    reporter.progress(0, 1, "evidence", force=True)
+    edited = build_variant(pipe, delta, params["base_model"]).pipe
+    grid, report = evidence(
+        pipe, edited, get_domain(params.get("domain")), list(params["concepts"]),
+        guidance=params["draw_guidance"], steps=params["draw_steps"],
+        size=(params["height"], params["width"]), seed=params["seed"], check=reporter.check)
+    save_png(grid, jobfiles.output_dir(ctx.settings, job_id) / "grid.png")
+    entry = _image_entry(job_id, 0, "grid.png", grid, params["seed"], role="grid")
+    return entry, report | {"grid": entry["url"], "job": job_id}
 
 
 @job_function

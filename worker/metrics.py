@@ -96,3 +96,31 @@ def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
     return float((100 * cos.clamp(min=0)).mean())
 
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 N×H×W×C image sets, pooled over all
+    pixels (inf for identical sets)."""
+    mse = ((a.double() - b.double()) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * torch.log10(255.0**2 / mse))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two uint8 N×H×W×C image sets:
+    Gaussian windows, each channel on its own, borders left out (torchmetrics' default)."""
+    x = a.double().permute(0, 3, 1, 2) / 255.0
+    y = b.double().permute(0, 3, 1, 2) / 255.0
+    channels = x.shape[1]
+    coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum())[None, :] * (g / g.sum())[:, None]
+    kernel = g.expand(channels, 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    index = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(index.mean())

@@ -63,4 +63,9 @@ def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
     erasure = model["metrics"]["erasure"]
     assert erasure["before"]["protocol"] == erasure["after"]["protocol"] == 1
     assert set(erasure["after"]["accuracy"]) == {"light", "dark"}
+    # The neighbour's rows, and its same-seed drift between the base and the edit.
+    evidence = model["evidence"]
+    assert [r["kind"] for r in evidence["rows"]] == ["erased", "erased", "neighbour"]
+    assert evidence["drift"]["prompts"] == ["a dark scene"]
+    assert evidence["drift"]["psnr"] > 0 and -1 <= evidence["drift"]["ssim"] <= 1
     assert http.delete("/models/toy-no-light").status_code == 204

@@ -40,6 +40,17 @@ def test_erase_writes_a_delta_model_that_serves_at_once(http):
     assert model["format"] == "delta" and model["base"]["id"] == "tiny-sd"
     assert model["edit"]["method"] == "esd-x" and model["edit"]["concepts"] == ["red"]
     assert model["files"] == {"unet_delta.safetensors": model["files"]["unet_delta.safetensors"]}
+    # Every erase shows its evidence: same-seed rows before and after, beside the
+    # negative-prompt and SLD alternatives, as the job's image 0.
+    evidence = model["evidence"]
+    grid = job["result"]["images"][0]
+    assert grid["role"] == "grid" and evidence["grid"] == grid["url"]
+    assert [r["prompt"] for r in evidence["rows"]] == ["a red", "a photo of a red"]
+    assert evidence["columns"] == ["base", "edit", "negative_prompt", "sld"]
+    sheet = Image.open(io.BytesIO(http.get(grid["url"]).content))
+    assert sheet.size == (4 * 128, 2 * 128)  # columns × rows cells, 32 px images ×4
+    # The generic domain knows no neighbours of "red": no drift, and the report says why.
+    assert evidence["drift"] is None and "neighbours" in evidence["drift_note"]
     base, edited = image(http, "tiny-sd"), image(http, "tiny-no-red")
     assert np.abs(base - edited).mean() > 0.5  # the edit changes what the model draws
     # A second erase under the same name is a conflict; the derived model can be deleted.

@@ -104,3 +104,22 @@ def test_too_few_images_is_a_clear_error():
     with pytest.raises(InvalidParams, match="at least 2"):
         fid(torch.randn(1, 4), torch.randn(10, 4))
 
+
+
+def test_psnr_and_ssim_are_torchmetrics_definitions():
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    from worker.metrics import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 32, 32, 3), generator=g, dtype=torch.uint8)
+    b = (a.int() + torch.randint(-20, 21, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    as_float = [t.permute(0, 3, 1, 2).double() for t in (a, b)]
+    expected = structural_similarity_index_measure(as_float[1], as_float[0], data_range=255.0)
+    assert ssim(a, b) == pytest.approx(float(expected), abs=1e-4)  # its kernel rounds
+    assert psnr(a, b) == pytest.approx(float(peak_signal_noise_ratio(
+        as_float[1], as_float[0], data_range=255.0)), abs=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")

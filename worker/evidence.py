@@ -1,0 +1,124 @@
+"""What an erase shows: the same seeds drawn before and after, side by side, and how far the
+concepts it should have kept moved.
+
+ESD users judge an erasure first by looking at same-seed images before and after. Every
+erase job draws a comparison grid: rows are prompts of the erased concepts, then prompts of
+their neighbours (the concepts the model's domain says the edit should keep); columns are
+the base, the edit, and the two inference-time alternatives the ESD paper measures itself
+against: the concepts as a negative prompt, and Safe Latent Diffusion (Schramowski et al.,
+CVPR 2023) with the concepts as its unsafe concept. A row uses one seed in every column.
+
+Same-seed drift is the judge-free measure of collateral damage: PSNR and SSIM between the
+base's and the edit's images of the neighbour prompts drawn with equal seeds. A lenient
+classifier can call a circle drawn with a dark outline a circle; drift sees the outline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from worker.metrics import psnr, ssim
+from worker.prompts import replace
+from worker.sampling import generate
+
+COLUMNS = ("base", "edit", "negative_prompt", "sld")
+# SLD's "medium" configuration from its paper (warm-up given for 50 steps; scaled).
+SLD_MEDIUM = {"sld_guidance_scale": 1000.0, "sld_threshold": 0.01, "sld_momentum_scale": 0.3,
+              "sld_mom_beta": 0.4}
+SLD_WARMUP_OF_50 = 7
+DRIFT_SEEDS = 4  # seeds per neighbour prompt in the drift measure
+TILE = 128  # least pixels a side of a grid cell (small images are enlarged, nearest)
+
+
+def grid_rows(domain: Any, concepts: list[str], per_concept: int = 2,
+              neighbours: int = 2) -> list[tuple[str, str]]:
+    """(kind, prompt) rows: ``per_concept`` prompts naming each erased concept, then the
+    first of them with a neighbour in its place, for up to ``neighbours`` neighbours."""
+    rows: list[tuple[str, str]] = []
+    for c in concepts:
+        texts = [t for t in domain.training_texts(c) if t != c][:per_concept] or [c]
+        rows += [("erased", t) for t in texts]
+        for n in domain.neighbours(c, concepts)[:neighbours]:
+            kept = replace(texts[0], c, n)
+            if kept is not None:
+                rows.append(("neighbour", kept))
+    return rows
+
+
+def _sld_images(base: Any, prompts: list[str], seeds: list[int], concepts: list[str],
+                guidance: float, steps: int, size: tuple[int, int]) -> np.ndarray:
+    from diffusers import DDIMScheduler, StableDiffusionPipelineSafe
+
+    c = base.components
+    safe = StableDiffusionPipelineSafe(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
+        scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    safe.set_progress_bar_config(disable=True)
+    safe.safety_concept = ", ".join(concepts)
+    out = []
+    # One prompt a call: the pipeline tokenizes a batch untruncated as one tensor, which
+    # fails when its prompts run past the tokenizer's length by different amounts.
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        with torch.inference_mode():
+            out.append(safe(prompt, height=size[0], width=size[1], num_inference_steps=steps,
+                            guidance_scale=guidance, output_type="np",
+                            generator=torch.Generator("cpu").manual_seed(seed),
+                            sld_warmup_steps=max(1, steps * SLD_WARMUP_OF_50 // 50),
+                            **SLD_MEDIUM).images[0])
+    return (np.stack(out) * 255).round().astype(np.uint8)
+
+
+def grid_image(columns: list[np.ndarray]) -> Image.Image:
+    """One PNG: rows × columns cells, each column's images top to bottom."""
+    rows, h, w = columns[0].shape[:3]
+    scale = max(1, TILE // max(h, w))
+    sheet = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
+    image = Image.fromarray(sheet)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance: float,
+             steps: int, size: tuple[int, int], seed: int = 0,
+             check: Callable[[], None] = lambda: None) -> tuple[Image.Image, dict[str, Any]]:
+    """The comparison grid and the report that goes with it (rows, columns, drift).
+    ``check`` runs between the drawings and may raise to stop (a cancel)."""
+    rows = grid_rows(domain, concepts)
+    prompts = [p for _, p in rows]
+    seeds = [seed + r for r in range(len(rows))]
+    draw: dict[str, Callable[[], np.ndarray]] = {
+        "base": lambda: generate(base, prompts, seeds, guidance, steps=steps, size=size),
+        "edit": lambda: generate(edited, prompts, seeds, guidance, steps=steps, size=size),
+        "negative_prompt": lambda: generate(base, prompts, seeds, guidance, steps=steps,
+                                            size=size, negative_prompt=", ".join(concepts)),
+        "sld": lambda: _sld_images(base, prompts, seeds, concepts, guidance, steps, size),
+    }
+    columns = []
+    for name in COLUMNS:
+        check()
+        columns.append(draw[name]())
+    kept = [p for kind, p in rows if kind == "neighbour"]
+    drift = None
+    if kept:
+        check()
+        drawn = [p for p in kept for _ in range(DRIFT_SEEDS)]
+        drift_seeds = [seed + 1000 + j for j in range(len(drawn))]
+        before = torch.from_numpy(generate(base, drawn, drift_seeds, guidance, steps=steps,
+                                           size=size))
+        after = torch.from_numpy(generate(edited, drawn, drift_seeds, guidance, steps=steps,
+                                          size=size))
+        db = psnr(before, after)  # inf when nothing moved: JSON has no infinity
+        drift = {"prompts": kept, "seeds_per_prompt": DRIFT_SEEDS,
+                 "psnr": round(db, 3) if db != float("inf") else None,
+                 "identical": db == float("inf"), "ssim": round(ssim(before, after), 4)}
+    report = {"rows": [{"kind": k, "prompt": p, "seed": s}
+                       for (k, p), s in zip(rows, seeds, strict=True)],
+              "columns": list(COLUMNS), "drift": drift,
+              "drift_note": None if drift else "the model's domain names no neighbours of "
+              "these concepts: no same-seed drift"}
+    return grid_image(columns), report
