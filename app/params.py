@@ -90,6 +90,13 @@ def _domain(registry: Registry, manifest: dict) -> tuple[str | None, dict[str, A
 
 def _resolve_preserve(body: EraseCreate, domain: str | None, info: dict, base_id: str
                       ) -> bool:
+    if body.preserve_prompts is not None:
+        if body.preserve is False or body.train_prompts != "varied":
+            raise InvalidParams("`preserve_prompts` are held while varied prompts are trained: "
+                                f"they need preserve true and train_prompts 'varied', got "
+                                f"preserve {body.preserve!r}, train_prompts "
+                                f"{body.train_prompts!r}")
+        return True
     known = bool(info["preserve"]) and body.train_prompts == "varied"
     if body.preserve and not known:
         raise InvalidParams(
@@ -128,6 +135,11 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["start_guidance"] = defaults.get("start_guidance", 3.0)
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
+    kinds = info.get("concept_kinds") or []
+    if body.concept_kind is not None and body.concept_kind not in kinds:
+        raise InvalidParams(f"`concept_kind` {body.concept_kind!r} means nothing to model "
+                            f"{base_id!r}'s domain ({params['domain'] or GENERIC}), which "
+                            f"knows {kinds or 'no kinds'}")
     gen = _drawing_defaults(manifest)
     params["height"], params["width"] = gen["height"], gen["width"]
     # How the job's comparison grid is drawn (worker.evidence): as the model draws.
@@ -155,7 +167,8 @@ GENERIC = "generic"
 # that names no domain before any worker has published.
 GENERIC_INFO: dict[str, Any] = {
     "prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
-    "judge_metrics": [], "reference": None, "preserve": False}
+    "judge_metrics": [], "reference": None, "preserve": True,
+    "concept_kinds": ["object", "style", "unsafe"]}
 
 
 def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:

@@ -115,6 +115,14 @@ class EraseCreate(_Strict):
         "same prompts with another concept of its kind: other colours for a colour). Needs "
         "a model whose manifest names a known domain; default: on there, with varied "
         "prompts.")
+    concept_kind: Literal["object", "style", "unsafe"] | None = Field(
+        None, description="What the concepts are, for models of the generic domain: it "
+        "picks the phrasings trained and the neighbours held. Default: inferred (a "
+        "capitalised name or a word like 'style' is a style; 'nudity', 'violence'... unsafe; "
+        "anything else an object).")
+    preserve_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=32, description="Prompts to hold unchanged while the "
+        "concepts go (instead of the domain's neighbours).")
     name: ModelId | None = Field(None, description="Registry id of the result; default "
                                  "derived from the base and the concepts.")
     seed: int = Field(0, ge=0, le=MAX_SEED)

@@ -35,18 +35,23 @@ DRIFT_SEEDS = 4  # seeds per neighbour prompt in the drift measure
 TILE = 128  # least pixels a side of a grid cell (small images are enlarged, nearest)
 
 
-def grid_rows(domain: Any, concepts: list[str], per_concept: int = 2,
-              neighbours: int = 2) -> list[tuple[str, str]]:
+def grid_rows(domain: Any, concepts: list[str], per_concept: int = 2, neighbours: int = 2,
+              kind: str | None = None, preserve_prompts: list[str] | None = None
+              ) -> list[tuple[str, str]]:
     """(kind, prompt) rows: ``per_concept`` prompts naming each erased concept, then the
-    first of them with a neighbour in its place, for up to ``neighbours`` neighbours."""
+    first of them with a neighbour in its place, for up to ``neighbours`` neighbours (or
+    the request's first ``preserve_prompts``)."""
     rows: list[tuple[str, str]] = []
     for c in concepts:
-        texts = [t for t in domain.training_texts(c) if t != c][:per_concept] or [c]
+        texts = [t for t in domain.training_texts(c, kind) if t != c][:per_concept] or [c]
         rows += [("erased", t) for t in texts]
-        for n in domain.neighbours(c, concepts)[:neighbours]:
+        if preserve_prompts:
+            continue
+        for n in domain.neighbours(c, concepts, kind)[:neighbours]:
             kept = replace(texts[0], c, n)
             if kept is not None:
                 rows.append(("neighbour", kept))
+    rows += [("neighbour", p) for p in (preserve_prompts or [])[:neighbours]]
     return rows
 
 
@@ -85,10 +90,12 @@ def grid_image(columns: list[np.ndarray]) -> Image.Image:
 
 def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance: float,
              steps: int, size: tuple[int, int], seed: int = 0,
-             check: Callable[[], None] = lambda: None) -> tuple[Image.Image, dict[str, Any]]:
+             check: Callable[[], None] = lambda: None, kind: str | None = None,
+             preserve_prompts: list[str] | None = None
+             ) -> tuple[Image.Image, dict[str, Any]]:
     """The comparison grid and the report that goes with it (rows, columns, drift).
     ``check`` runs between the drawings and may raise to stop (a cancel)."""
-    rows = grid_rows(domain, concepts)
+    rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
     prompts = [p for _, p in rows]
     seeds = [seed + r for r in range(len(rows))]
     draw: dict[str, Callable[[], np.ndarray]] = {

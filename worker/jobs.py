@@ -349,7 +349,9 @@ def erase(params: dict, reporter: Reporter) -> dict:
     pipe, _ = ctx.cache.get(params["base_model"])
     style = params.get("train_prompts", "plain")
     prompts = training_prompts(params["concepts"], style, params.get("domain"),
-                               preserve=bool(params.get("preserve")))
+                               preserve=bool(params.get("preserve")),
+                               kind=params.get("concept_kind"),
+                               preserve_prompts=params.get("preserve_prompts"))
     cfg = ESDConfig(
         concepts=tuple(params["concepts"]), prompts=prompts, method=params["method"],
         iterations=total,
@@ -384,6 +386,8 @@ def erase(params: dict, reporter: Reporter) -> dict:
                                    "negative_guidance", "erase_from", "seed", "ddim_steps",
                                    "start_guidance")}
     edit |= {"train_prompts": style, "preserve": bool(params.get("preserve")),
+             "concept_kind": params.get("concept_kind"),
+             "preserve_prompts": params.get("preserve_prompts"),
              "prompts": [{"prompt": p.prompt, "anchor": p.anchor}
                          | ({"preserve": p.preserve} if p.preserve else {})
                          for p in dict.fromkeys(prompts)]}
@@ -426,7 +430,8 @@ def _erase_evidence(ctx: Any, params: dict, pipe: Any,
     grid, report = evidence(
         pipe, edited, get_domain(params.get("domain")), list(params["concepts"]),
         guidance=params["draw_guidance"], steps=params["draw_steps"],
-        size=(params["height"], params["width"]), seed=params["seed"], check=reporter.check)
+        size=(params["height"], params["width"]), seed=params["seed"], check=reporter.check,
+        kind=params.get("concept_kind"), preserve_prompts=params.get("preserve_prompts"))
     save_png(grid, jobfiles.output_dir(ctx.settings, job_id) / "grid.png")
     entry = _image_entry(job_id, 0, "grid.png", grid, params["seed"], role="grid")
     return entry, report | {"grid": entry["url"], "job": job_id}

@@ -48,25 +48,31 @@ def _kept(prompt: str | None, erased: list[str]) -> str | None:
 
 
 def training_prompts(concepts: list[str], style: str, domain: str | None = None,
-                     preserve: bool = False) -> tuple[ESDPrompt, ...]:
+                     preserve: bool = False, kind: str | None = None,
+                     preserve_prompts: list[str] | None = None) -> tuple[ESDPrompt, ...]:
     """The prompts to train ``concepts`` in, interleaved so each concept is seen as often
     (a concept with fewer prompts repeats them).
 
     plain: the concept alone against the empty prompt (the paper). varied: the concept in
     each prompt that uses it, against that prompt without it, so only the concept moves;
     with ``preserve`` each also names a neighbour's prompt to hold, where the ``domain``
-    (the model's, ``worker.domains``) knows the concept's neighbours.
+    (the model's, ``worker.domains``) knows the concept's neighbours, or one of the
+    request's ``preserve_prompts`` in turn. ``kind`` is the request's ``concept_kind``.
     """
     if style == "plain":
         return tuple(ESDPrompt(c, c) for c in concepts)
     known = get_domain(domain)
     per_concept = []
     for c in concepts:
-        texts = known.training_texts(c)
-        near = known.neighbours(c, concepts) if preserve else []
-        per_concept.append([ESDPrompt(p, p, without(p, concepts),
-                                      _kept(replace(p, c, near[i % len(near)]), concepts)
-                                      if near else None)
+        texts = known.training_texts(c, kind)
+        near = known.neighbours(c, concepts, kind) if preserve else []
+
+        def held(i: int, p: str, c: str = c, near: list[str] = near) -> str | None:
+            if preserve_prompts:
+                return preserve_prompts[i % len(preserve_prompts)]
+            return _kept(replace(p, c, near[i % len(near)]), concepts) if near else None
+
+        per_concept.append([ESDPrompt(p, p, without(p, concepts), held(i, p))
                             for i, p in enumerate(texts)])
     longest = max(len(p) for p in per_concept)
     interleaved = [p[i % len(p)] for i in range(longest) for p in per_concept]

@@ -180,8 +180,15 @@ def test_health(client):
         ({"concepts": ["red"], "name": "Bad Name"}, 422, "'Bad Name'"),
         ({"concepts": ["red"], "name": "tiny-sd"}, 409, "'tiny-sd'"),
         ({"concepts": ["red"], "evaluate": True}, 422, "`evaluate`"),
-        # tiny-sd names no domain: there is no neighbour to preserve.
-        ({"concepts": ["red"], "preserve": True}, 422, "`preserve`"),
+        # Neighbours are held while varied prompts are trained, not with the bare concept.
+        ({"concepts": ["red"], "preserve": True, "train_prompts": "plain"}, 422,
+         "`preserve`"),
+        ({"concepts": ["red"], "preserve_prompts": ["a cat"], "train_prompts": "plain"}, 422,
+         "`preserve_prompts`"),
+        ({"concepts": ["red"], "concept_kind": "colour"}, 422, "'colour'"),
+        # shapes-sd's domain knows no kinds: the field means nothing there.
+        ({"concepts": ["red"], "concept_kind": "style", "base_model": "shapes-sd"}, 422,
+         "`concept_kind`"),
     ],
 )
 def test_invalid_erase_requests(client, body, status, needle):

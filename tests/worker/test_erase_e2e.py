@@ -45,12 +45,16 @@ def test_erase_writes_a_delta_model_that_serves_at_once(http):
     evidence = model["evidence"]
     grid = job["result"]["images"][0]
     assert grid["role"] == "grid" and evidence["grid"] == grid["url"]
-    assert [r["prompt"] for r in evidence["rows"]] == ["a red", "a photo of a red"]
+    # "red" is an object to the generic domain: its phrasings, then other objects held.
+    assert [(r["kind"], r["prompt"]) for r in evidence["rows"]] == [
+        ("erased", "a photo of a red"), ("erased", "a red"),
+        ("neighbour", "a photo of a dog"), ("neighbour", "a photo of a cat")]
     assert evidence["columns"] == ["base", "edit", "negative_prompt", "sld"]
     sheet = Image.open(io.BytesIO(http.get(grid["url"]).content))
-    assert sheet.size == (4 * 128, 2 * 128)  # columns × rows cells, 32 px images ×4
-    # The generic domain knows no neighbours of "red": no drift, and the report says why.
-    assert evidence["drift"] is None and "neighbours" in evidence["drift_note"]
+    assert sheet.size == (4 * 128, 4 * 128)  # columns × rows cells, 32 px images ×4
+    assert evidence["drift"]["prompts"] == ["a photo of a dog", "a photo of a cat"]
+    assert evidence["drift"]["psnr"] > 0 and evidence["drift"]["ssim"] <= 1
+    assert job["params"]["preserve"] is True
     base, edited = image(http, "tiny-sd"), image(http, "tiny-no-red")
     assert np.abs(base - edited).mean() > 0.5  # the edit changes what the model draws
     # A second erase under the same name is a conflict; the derived model can be deleted.

@@ -58,16 +58,42 @@ def test_preserve_names_a_neighbour_of_the_same_kind_that_is_kept():
     assert not any("triangle" in p.preserve for p in tri)
     # "a red circle" is no neighbour of "a red triangle" while red is erased too.
     assert {p.preserve for p in prompts if p.prompt == "a red triangle"} == {None}
-    # Without a known domain there is no neighbour to hold.
-    assert training_prompts(["dog"], "varied", None, preserve=True)[0].preserve is None
+    # A model of no domain is generic: "dog" is an object, and another object is held.
+    assert training_prompts(["dog"], "varied", None, preserve=True)[0].preserve == "cat"
     assert training_prompts(["red"], "varied", "shapes")[0].preserve is None
 
 
 def test_concepts_outside_the_domain_use_generic_phrasings():
-    prompts = training_prompts(["Van Gogh"], "varied", "shapes")
-    assert ESDPrompt("a painting of a Van Gogh", "a painting of a Van Gogh",
-                     "a painting of a") in prompts
-    assert [p.prompt for p in training_prompts(["dog"], "varied", None)[:2]] == ["dog", "a dog"]
+    prompts = training_prompts(["Van Gogh"], "varied", "shapes")  # a style, to generic
+    assert ESDPrompt("a painting in the style of Van Gogh",
+                     "a painting in the style of Van Gogh", "a painting in the style of"
+                     ) in prompts
+    assert [p.prompt for p in training_prompts(["dog"], "varied", None)[:2]] == [
+        "dog", "a photo of a dog"]
     assert without("a dog in the park", ["dog"]) == "a in the park"
     assert without("a cat", ["dog"]) == "a cat"
     assert without("Van Gogh", ["Van Gogh"]) == ""
+
+
+def test_generic_concepts_train_in_the_phrasings_of_their_kind_and_hold_neighbours():
+    from worker.domains.generic import infer_kind
+
+    assert [infer_kind(c) for c in ("dog", "Van Gogh", "pop art", "nudity", "church")] == [
+        "object", "style", "style", "unsafe", "object"]
+    dog = training_prompts(["dog"], "varied", None, preserve=True)
+    assert {p.prompt: p.anchor for p in dog}["dog in a field"] == "in a field"
+    assert {p.prompt: p.preserve for p in dog}["a photo of a dog"] == "a photo of a car"
+    style = {p.prompt: p for p in training_prompts(["Van Gogh"], "varied", None, True)}
+    assert style["a painting in the style of Van Gogh"].anchor == "a painting in the style of"
+    assert style["a painting in the style of Van Gogh"].preserve.startswith(
+        "a painting in the style of ")
+    # The request's kind wins over the inference: "Apple" the company's style, say.
+    assert "Apple style artwork" in [
+        p.prompt for p in training_prompts(["Apple"], "varied", None, kind="style")]
+
+
+def test_the_requests_preserve_prompts_are_held_in_turn():
+    held = ["a photo of a cat", "a city street"]
+    prompts = training_prompts(["dog"], "varied", None, preserve=True,
+                               preserve_prompts=held)
+    assert [p.preserve for p in prompts[:4]] == held * 2

@@ -51,10 +51,11 @@ class ToyDomain:
     def prompt_set(self, name: str) -> list[str]:
         return [f"a {k} scene" for k in KINDS]
 
-    def training_texts(self, concept: str) -> list[str]:
+    def training_texts(self, concept: str, kind: str | None = None) -> list[str]:
         return [concept, f"a {concept} scene", f"a wide {concept} scene"]
 
-    def neighbours(self, concept: str, erased: list[str]) -> list[str]:
+    def neighbours(self, concept: str, erased: list[str], kind: str | None = None
+                   ) -> list[str]:
         return [k for k in KINDS if k != concept and k not in erased]
 
     def judge(self, classifier: Any) -> BrightnessJudge | None:

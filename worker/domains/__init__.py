@@ -43,16 +43,19 @@ class Domain(Protocol):
     def info(self) -> dict[str, Any]:
         """What the API needs to know, as JSON: ``prompt_sets`` (name -> size),
         ``default_prompt_set``, ``default_metrics``, ``judge_metrics``, ``reference``
-        (the default for fid, or None), ``preserve`` (neighbours are known)."""
+        (the default for fid, or None), ``preserve`` (neighbours are known), and optionally
+        ``concept_kinds`` (the values ``concept_kind`` may take)."""
         ...
 
     def prompt_set(self, name: str) -> list[str]: ...
 
-    def training_texts(self, concept: str) -> list[str]:
-        """The prompts that name ``concept``, for "varied" erase training."""
+    def training_texts(self, concept: str, kind: str | None = None) -> list[str]:
+        """The prompts that name ``concept``, for "varied" erase training; ``kind`` is the
+        request's ``concept_kind`` (a domain may ignore it)."""
         ...
 
-    def neighbours(self, concept: str, erased: list[str]) -> list[str]:
+    def neighbours(self, concept: str, erased: list[str], kind: str | None = None
+                   ) -> list[str]:
         """Concepts of ``concept``'s kind the edit should keep ([]: none known)."""
         ...
 

@@ -1,7 +1,19 @@
 """The generic domain: any text-to-image model, with no classifier of its own.
 
-Its prompts wrap a concept in the phrasings users most often put a subject in; it knows no
-neighbours to preserve and no judge (CLIP scores, when configured, measure such models).
+A concept is one of the three kinds the ESD paper erases, each with its own phrasings to
+train in and its own neighbours to hold while it goes:
+
+- ``object`` ("dog", "church"): "a photo of a {c}", "{c} in a field", ...; neighbours:
+  other common objects;
+- ``style`` ("Van Gogh", "pop art"): "a painting in the style of {c}", "{c} style
+  artwork", ...; neighbours: other painters (the paper's artist experiments);
+- ``unsafe`` ("nudity", "violence"): "a photo of {c}", "an image showing {c}", ...;
+  neighbours: people and scenes the edit must still draw.
+
+A request names the kind (``concept_kind``); otherwise ``infer_kind`` decides: a concept
+that says "style", "art", "painting" or "painter", or one written as a capitalised name of
+two words or more, is a style; one of a short list of unsafe words is unsafe; anything else
+is an object. A request may also give its own ``preserve_prompts``.
 """
 
 from __future__ import annotations
@@ -10,11 +22,33 @@ from typing import Any
 
 import numpy as np
 
-# For concepts outside a known domain: the phrasings users most often wrap a subject in.
-TEMPLATES = (
-    "{}", "a {}", "a photo of a {}", "a painting of a {}", "a drawing of a {}",
-    "an image of a {}", "a close-up of a {}", "a picture with a {} in it",
-)
+KINDS = ("object", "style", "unsafe")
+TEMPLATES = {
+    "object": ("{}", "a photo of a {}", "a {}", "{} in a field", "a close-up of a {}",
+               "a drawing of a {}", "an image of a {}", "a picture with a {} in it"),
+    "style": ("{}", "a painting in the style of {}", "{} style artwork", "an artwork by {}",
+              "a landscape in the style of {}", "a portrait painted by {}"),
+    "unsafe": ("{}", "a photo of {}", "an image showing {}", "a picture with {}",
+               "a painting of {}"),
+}
+NEIGHBOURS = {
+    "object": ("dog", "cat", "car", "tree", "house", "chair"),
+    "style": ("Claude Monet", "Rembrandt", "Andy Warhol", "Pablo Picasso"),
+    "unsafe": ("people", "a crowd", "a family"),
+}
+_STYLE_WORDS = {"style", "art", "painting", "painter", "artist"}
+_UNSAFE_WORDS = {"nudity", "nude", "naked", "violence", "violent", "blood", "gore", "weapon",
+                 "weapons", "nsfw"}
+
+
+def infer_kind(concept: str) -> str:
+    words = concept.split()
+    lowered = {w.lower() for w in words}
+    if lowered & _STYLE_WORDS or (len(words) >= 2 and all(w[:1].isupper() for w in words)):
+        return "style"
+    if lowered & _UNSAFE_WORDS:
+        return "unsafe"
+    return "object"
 
 
 class GenericDomain:
@@ -23,16 +57,19 @@ class GenericDomain:
 
     def info(self) -> dict[str, Any]:
         return {"prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
-                "judge_metrics": [], "reference": None, "preserve": False}
+                "judge_metrics": [], "reference": None, "preserve": True,
+                "concept_kinds": list(KINDS)}
 
     def prompt_set(self, name: str) -> list[str]:
         raise KeyError(f"the generic domain has no prompt set {name!r}")
 
-    def training_texts(self, concept: str) -> list[str]:
-        return [t.format(concept) for t in TEMPLATES]
+    def training_texts(self, concept: str, kind: str | None = None) -> list[str]:
+        return [t.format(concept) for t in TEMPLATES[kind or infer_kind(concept)]]
 
-    def neighbours(self, concept: str, erased: list[str]) -> list[str]:
-        return []
+    def neighbours(self, concept: str, erased: list[str], kind: str | None = None
+                   ) -> list[str]:
+        taken = {c.lower() for c in erased} | {concept.lower()}
+        return [n for n in NEIGHBOURS[kind or infer_kind(concept)] if n.lower() not in taken]
 
     def judge(self, classifier: Any) -> None:
         return None

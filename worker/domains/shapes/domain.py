@@ -68,13 +68,13 @@ class ShapesDomain:
         form = {"shapes-color": "color", "shapes-full": "full"}[name]
         return [p for p, _, _ in erasure.concept_prompts("", form)]
 
-    def training_texts(self, concept: str) -> list[str]:
+    def training_texts(self, concept: str, kind: str | None = None) -> list[str]:
         """Every prompt form that names ``concept``; a word outside the domain gets the
         generic phrasings."""
         if concept not in SHAPES and concept not in COLORS:
             from worker.domains import get_domain
 
-            return get_domain("generic").training_texts(concept)
+            return get_domain("generic").training_texts(concept, kind)
         prompts = [concept]
         if concept in SHAPES:
             prompts.append(f"a {concept}")
@@ -82,7 +82,8 @@ class ShapesDomain:
         prompts += [p for p, _, _ in erasure.concept_prompts(concept, "full")]
         return prompts
 
-    def neighbours(self, concept: str, erased: list[str]) -> list[str]:
+    def neighbours(self, concept: str, erased: list[str], kind: str | None = None
+                   ) -> list[str]:
         kind = SHAPES if concept in SHAPES else COLORS if concept in COLORS else ()
         return [c for c in kind if c != concept and c not in erased]
 
