@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from worker.metrics import psnr, ssim
-from worker.prompts import replace
+from worker.prompts import replace, without
 from worker.sampling import generate
 
 COLUMNS = ("base", "edit", "negative_prompt", "sld")
@@ -91,9 +91,10 @@ def grid_image(columns: list[np.ndarray]) -> Image.Image:
 def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance: float,
              steps: int, size: tuple[int, int], seed: int = 0,
              check: Callable[[], None] = lambda: None, kind: str | None = None,
-             preserve_prompts: list[str] | None = None
+             preserve_prompts: list[str] | None = None, clip: Any = None
              ) -> tuple[Image.Image, dict[str, Any]]:
-    """The comparison grid and the report that goes with it (rows, columns, drift).
+    """The comparison grid and the report that goes with it (rows, columns, drift, and
+    CLIP zero-shot scores when ``clip``, a ``worker.features.ClipScorer``, is given).
     ``check`` runs between the drawings and may raise to stop (a cancel)."""
     rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
     prompts = [p for _, p in rows]
@@ -109,23 +110,63 @@ def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance:
     for name in COLUMNS:
         check()
         columns.append(draw[name]())
+    # Every row again with DRIFT_SEEDS seeds, before and after: the neighbours' drift, and
+    # the CLIP zero-shot scores where a CLIP model is configured.
+    check()
+    drawn = [p for p in prompts for _ in range(DRIFT_SEEDS)]
+    more_seeds = [seed + 1000 + j for j in range(len(drawn))]
+    before = generate(base, drawn, more_seeds, guidance, steps=steps, size=size)
+    after = generate(edited, drawn, more_seeds, guidance, steps=steps, size=size)
     kept = [p for kind, p in rows if kind == "neighbour"]
     drift = None
     if kept:
-        check()
-        drawn = [p for p in kept for _ in range(DRIFT_SEEDS)]
-        drift_seeds = [seed + 1000 + j for j in range(len(drawn))]
-        before = torch.from_numpy(generate(base, drawn, drift_seeds, guidance, steps=steps,
-                                           size=size))
-        after = torch.from_numpy(generate(edited, drawn, drift_seeds, guidance, steps=steps,
-                                          size=size))
-        db = psnr(before, after)  # inf when nothing moved: JSON has no infinity
+        near = np.array([p in kept for p in drawn])
+        b, a = torch.from_numpy(before[near]), torch.from_numpy(after[near])
+        db = psnr(b, a)  # inf when nothing moved: JSON has no infinity
         drift = {"prompts": kept, "seeds_per_prompt": DRIFT_SEEDS,
                  "psnr": round(db, 3) if db != float("inf") else None,
-                 "identical": db == float("inf"), "ssim": round(ssim(before, after), 4)}
+                 "identical": db == float("inf"), "ssim": round(ssim(b, a), 4)}
     report = {"rows": [{"kind": k, "prompt": p, "seed": s}
                        for (k, p), s in zip(rows, seeds, strict=True)],
               "columns": list(COLUMNS), "drift": drift,
               "drift_note": None if drift else "the model's domain names no neighbours of "
               "these concepts: no same-seed drift"}
+    if clip is None:
+        report["clip"] = None
+        report["clip_note"] = ("set LETHE_CLIP_MODEL_PATH to a local CLIP folder to add CLIP "
+                               "zero-shot scores before and after")
+    else:
+        report["clip"] = clip_wins(clip, rows, concepts, drawn, before, after)
     return grid_image(columns), report
+
+
+def clip_wins(clip: Any, rows: list[tuple[str, str]], concepts: list[str],
+              drawn: list[str], before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """How often CLIP matches an image to its prompt rather than to the prompt without the
+    row's concept (erased rows: the erased concept; neighbour rows: the concept held),
+    before and after, over the erased rows and over the neighbour rows."""
+    out: dict[str, Any] = {}
+    for kind in ("erased", "neighbour"):
+        prompts = {p for k, p in rows if k == kind}
+        pick = [i for i, p in enumerate(drawn) if p in prompts]
+        if not pick:
+            out[kind] = None
+            continue
+        texts = [drawn[i] for i in pick]
+        anchors = [without(t, concepts) if kind == "erased" else _anchor(t, rows)
+                   for t in texts]
+        scores = {}
+        for when, images in (("before", before), ("after", after)):
+            img, with_concept = clip.embeddings(images[pick], texts)
+            _, without_concept = clip.embeddings(images[pick], anchors)
+            wins = (img * with_concept).sum(1) > (img * without_concept).sum(1)
+            scores[when] = round(float(wins.float().mean()), 4)
+        out[kind] = scores | {"images": len(pick)}
+    return out
+
+
+def _anchor(prompt: str, rows: list[tuple[str, str]]) -> str:
+    """A neighbour row's prompt without its neighbour: the words it does not share with
+    the first erased row (whose concept it replaced)."""
+    first = next(p for k, p in rows if k == "erased").split()
+    return " ".join(w for w in prompt.split() if w in first)

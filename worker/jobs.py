@@ -427,11 +427,17 @@ def _erase_evidence(ctx: Any, params: dict, pipe: Any,
 
     reporter.progress(0, 1, "evidence", force=True)
     edited = build_variant(pipe, delta, params["base_model"]).pipe
+    clip = None
+    if ctx.settings.clip_model_path is not None:
+        from worker.features import ClipScorer
+
+        clip = ClipScorer(ctx.settings.clip_model_path, pipe.device)
     grid, report = evidence(
         pipe, edited, get_domain(params.get("domain")), list(params["concepts"]),
         guidance=params["draw_guidance"], steps=params["draw_steps"],
         size=(params["height"], params["width"]), seed=params["seed"], check=reporter.check,
-        kind=params.get("concept_kind"), preserve_prompts=params.get("preserve_prompts"))
+        kind=params.get("concept_kind"), preserve_prompts=params.get("preserve_prompts"),
+        clip=clip)
     save_png(grid, jobfiles.output_dir(ctx.settings, job_id) / "grid.png")
     entry = _image_entry(job_id, 0, "grid.png", grid, params["seed"], role="grid")
     return entry, report | {"grid": entry["url"], "job": job_id}
