@@ -98,25 +98,25 @@ def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance:
     ``check`` runs between the drawings and may raise to stop (a cancel)."""
     rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
     prompts = [p for _, p in rows]
-    seeds = [seed + r for r in range(len(rows))]
+    # Every row with DRIFT_SEEDS seeds, before and after: the neighbours' drift, the CLIP
+    # scores, and (each row's first seed) the grid's base and edit cells.
+    drawn = [p for p in prompts for _ in range(DRIFT_SEEDS)]
+    drawn_seeds = [seed + j for j in range(len(drawn))]
+    seeds = drawn_seeds[::DRIFT_SEEDS]
     draw: dict[str, Callable[[], np.ndarray]] = {
-        "base": lambda: generate(base, prompts, seeds, guidance, steps=steps, size=size),
-        "edit": lambda: generate(edited, prompts, seeds, guidance, steps=steps, size=size),
+        "base": lambda: generate(base, drawn, drawn_seeds, guidance, steps=steps, size=size),
+        "edit": lambda: generate(edited, drawn, drawn_seeds, guidance, steps=steps, size=size),
         "negative_prompt": lambda: generate(base, prompts, seeds, guidance, steps=steps,
                                             size=size, negative_prompt=", ".join(concepts)),
         "sld": lambda: _sld_images(base, prompts, seeds, concepts, guidance, steps, size),
     }
-    columns = []
+    drawings = {}
     for name in COLUMNS:
         check()
-        columns.append(draw[name]())
-    # Every row again with DRIFT_SEEDS seeds, before and after: the neighbours' drift, and
-    # the CLIP zero-shot scores where a CLIP model is configured.
-    check()
-    drawn = [p for p in prompts for _ in range(DRIFT_SEEDS)]
-    more_seeds = [seed + 1000 + j for j in range(len(drawn))]
-    before = generate(base, drawn, more_seeds, guidance, steps=steps, size=size)
-    after = generate(edited, drawn, more_seeds, guidance, steps=steps, size=size)
+        drawings[name] = draw[name]()
+    before, after = drawings["base"], drawings["edit"]
+    columns = [before[::DRIFT_SEEDS], after[::DRIFT_SEEDS], drawings["negative_prompt"],
+               drawings["sld"]]
     kept = [p for kind, p in rows if kind == "neighbour"]
     drift = None
     if kept:
