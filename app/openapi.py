@@ -39,10 +39,11 @@ _DESCRIPTIONS = {
     503: "Redis is unreachable or too slow (or no worker is alive): retry after "
          "`Retry-After` seconds.",
 }
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                               "description": "Seconds to wait before trying again."}}
 _HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}},
-    503: {"Retry-After": {"schema": {"type": "integer"},
-                          "description": "Seconds to wait before trying again."}},
+    503: RETRY_AFTER,
 }
 
 

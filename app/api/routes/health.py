@@ -9,6 +9,7 @@ from redis.exceptions import RedisError
 from app import workers
 from app.api.deps import RedisDep
 from app.errors import RETRY_AFTER_S
+from app.openapi import RETRY_AFTER
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -21,8 +22,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health,
-            responses={503: {"model": Health, "headers": {"Retry-After": {
-                "schema": {"type": "integer"}}}}})
+            responses={503: {"model": Health, "headers": RETRY_AFTER}})
 def readyz(redis: RedisDep) -> JSONResponse:
     """Readiness: Redis answers and at least one worker is alive (it beat within its TTL)."""
     try:
@@ -31,10 +31,10 @@ def readyz(redis: RedisDep) -> JSONResponse:
         # The exception's text names the socket or host: this machine's, not the caller's.
         body = Health(status="unavailable", redis=False,
                       detail=f"redis: unreachable ({type(exc).__name__})")
-        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
-    queues = Counter(q for info in live.values() for q in info.get("queues", []))
-    body = Health(status="ok", redis=True, workers=len(live), queues=dict(queues))
-    if not live:
-        body.status, body.detail = "unavailable", "no worker is alive"
-        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
-    return JSONResponse(body.model_dump())
+    else:
+        queues = Counter(q for info in live.values() for q in info.get("queues", []))
+        body = Health(status="ok" if live else "unavailable", redis=True, workers=len(live),
+                      queues=dict(queues), detail=None if live else "no worker is alive")
+    if body.status == "ok":
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
