@@ -31,7 +31,7 @@ serve: install
 	$(BIN)/lethe serve --host $(HOST) --port $(PORT)
 
 lint: install-dev
-	$(BIN)/ruff check app worker tests
+	$(BIN)/ruff check app worker tests bench
 	$(BIN)/mypy
 
 test: lint

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
+from app.client import ApiError, LetheClient
 from app.config import get_settings
 from app.errors import LetheError
 from app.registry import Registry
@@ -74,66 +74,59 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{model_id}: {path}")
 
 
-def _client(url: str):
-    import httpx
-
+def _client(url: str) -> LetheClient:
     keys = get_settings().keys
-    headers = {"Authorization": f"Bearer {sorted(keys)[0]}"} if keys else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=30)
+    return LetheClient(url, api_key=sorted(keys)[0] if keys else None)
 
 
-def _submit_and_wait(client, path: str, body: dict) -> dict:
+def _show(job: dict) -> None:
+    p = job.get("progress") or {}
+    loss = f" loss {p['loss']:.4f}" if "loss" in p else ""
+    print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
+          f"{p.get('total', 0)}{loss}   ", end="", file=sys.stderr)
+
+
+def _submit_and_wait(client: LetheClient, path: str, body: dict) -> dict:
     """POST a job, show its progress on stderr, return the finished job."""
-    created = client.post(path, json=body)
-    if created.status_code != 202:
-        raise SystemExit(f"error {created.status_code}: {created.text}")
-    job_id = created.json()["id"]
+    try:
+        job_id = client.submit(path, body)
+    except ApiError as refused:
+        raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}") from None
     print(f"job {job_id}", file=sys.stderr)
-    while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        p = job.get("progress") or {}
-        loss = f" loss {p['loss']:.4f}" if "loss" in p else ""
-        print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
-              f"{p.get('total', 0)}{loss}   ", end="", file=sys.stderr)
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            print(file=sys.stderr)
-            break
-        time.sleep(0.2 if path in ("/generate", "/upscale") else 0.5)
+    job = client.wait(job_id, on_progress=_show,
+                      every_s=0.2 if path in ("/generate", "/upscale") else 0.5)
+    print(file=sys.stderr)
     if job["status"] != "succeeded":
         raise SystemExit(f"job {job['status']}: {job.get('error')}")
     return job
 
 
-def _drop_none(d: dict) -> dict:
-    return {k: v for k, v in d.items() if v is not None}
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     """Client: POST /generate, poll the job, save its PNGs."""
-    body = _drop_none({
+    body = {
         "prompt": args.prompt, "model": args.model, "steps": args.steps, "seed": args.seed,
         "num_images": args.num_images, "width": args.width, "height": args.height,
         "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-    })
+    }
     with _client(args.url) as client:
         job = _submit_and_wait(client, "/generate", body)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for image in job["result"]["images"]:
             path = out / f"{job['id']}-{image['index']}.png"
-            path.write_bytes(client.get(image["url"]).content)
+            path.write_bytes(client.image(job["id"], image["index"]))
             print(path)
 
 
 def cmd_erase(args: argparse.Namespace) -> None:
     """Client: POST /erase, poll the job, print the new model's id."""
-    body = _drop_none({
+    body = {
         "base_model": args.base_model, "concepts": args.concepts, "method": args.method,
         "iterations": args.iterations, "learning_rate": args.learning_rate,
         "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
         "train_prompts": args.train_prompts, "preserve": args.preserve,
         "name": args.name, "seed": args.seed,
-    })
+    }
     with _client(args.url) as client:
         job = _submit_and_wait(client, "/erase", body)
         print(job["result"]["model"])
@@ -141,12 +134,12 @@ def cmd_erase(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Client: POST /evaluate, poll the job, print the report as JSON."""
-    body = _drop_none({
+    body = {
         "model": args.model, "prompts": args.prompt or None, "prompt_set": args.prompt_set,
         "images_per_prompt": args.images_per_prompt, "seed": args.seed,
         "metrics": args.metric or None, "reference": args.reference,
         "negative_prompt": args.negative_prompt,
-    })
+    }
     with _client(args.url) as client:
         job = _submit_and_wait(client, "/evaluate", body)
         print(json.dumps(job["result"]["report"], indent=2))

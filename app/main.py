@@ -10,9 +10,9 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.api.deps import documents_bearer
+from app.api.handlers import install_handlers
 from app.api.routes import health, jobs, models, upscale
 from app.config import get_settings
-from app.errors import install_handlers
 from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect

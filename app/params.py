@@ -14,8 +14,10 @@ from typing import Any
 from redis import Redis
 
 from app import jobs
+from app import jobspecs as d
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists, Unavailable
+from app.jobspecs import EraseJob, EvaluateJob, GenerateJob, UpscaleJob
 from app.registry import Registry, validate_model_id
 from app.schemas import (
     EraseCreate,
@@ -30,13 +32,14 @@ SCALE = 4  # the upscalers' factor (Stability's x4 layout)
 
 def _drawing_defaults(manifest: dict) -> dict[str, Any]:
     """How a model draws when a request does not say: its manifest's ``defaults``, else
-    30 DDIM steps at guidance 7.5 and 512×512 (Stable Diffusion's)."""
-    d = manifest.get("defaults") or {}
-    side = d.get("size") or 512
-    return {"steps": d.get("steps") or 30,
-            "guidance_scale": 7.5 if d.get("guidance_scale") is None else d["guidance_scale"],
-            "scheduler": d.get("scheduler") or "ddim",
-            "height": d.get("height") or side, "width": d.get("width") or side}
+    ``app.jobspecs``' (Stable Diffusion's: 30 DDIM steps at guidance 7.5, 512×512)."""
+    m = manifest.get("defaults") or {}
+    side = m.get("size") or d.DRAW_SIDE
+    return {"steps": m.get("steps") or d.DRAW_STEPS,
+            "guidance_scale": d.DRAW_GUIDANCE if m.get("guidance_scale") is None
+            else m["guidance_scale"],
+            "scheduler": m.get("scheduler") or d.DRAW_SCHEDULER,
+            "height": m.get("height") or side, "width": m.get("width") or side}
 
 
 def _text_to_image(registry: Registry, model_id: str) -> dict:
@@ -48,7 +51,8 @@ def _text_to_image(registry: Registry, model_id: str) -> dict:
     return manifest
 
 
-def resolve_generate(body: GenerateCreate, registry: Registry, settings: Settings) -> dict:
+def resolve_generate(body: GenerateCreate, registry: Registry, settings: Settings
+                     ) -> GenerateJob:
     """Fill defaults from the model's manifest and check the request against its limits."""
     model_id = body.model or settings.default_model
     max_side = settings.max_side
@@ -71,7 +75,7 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
         check_input_size(params["width"], params["height"], settings, "width/height")
         params["upscale"] = resolve_upscale(body.upscale, registry, settings,
                                             prompt=params["prompt"], seed=params["seed"])
-    return params
+    return GenerateJob(**params)
 
 
 def _domain(registry: Registry, manifest: dict) -> tuple[str | None, dict[str, Any]]:
@@ -106,7 +110,7 @@ def _resolve_preserve(body: EraseCreate, domain: str | None, info: dict, base_id
     return known if body.preserve is None else body.preserve
 
 
-def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> dict:
+def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> EraseJob:
     base_id = body.base_model or settings.default_model
     manifest = registry.get(base_id)
     if manifest["kind"] != "text-to-image" or manifest["format"] != "diffusers":
@@ -129,10 +133,12 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["base_model"] = base_id
     # A default is per concept: a job erasing two trains each as long as a job erasing one.
     params["iterations"] = params["iterations"] or (
-        defaults.get("iterations", 1000) * len(body.concepts))
-    params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate", 1e-5)
-    params["ddim_steps"] = defaults.get("ddim_steps", 50)
-    params["start_guidance"] = defaults.get("start_guidance", 3.0)
+        defaults.get("iterations", d.ERASE_ITERATIONS) * len(body.concepts))
+    params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate",
+                                                                      d.ERASE_LEARNING_RATE)
+    params["ddim_steps"] = defaults.get("ddim_steps", d.ERASE_DDIM_STEPS)
+    params["start_guidance"] = defaults.get("start_guidance", d.ERASE_START_GUIDANCE)
+    params["preserve_weight"] = defaults.get("preserve_weight", d.PRESERVE_WEIGHT)
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
     kinds = info.get("concept_kinds") or []
@@ -155,7 +161,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     # A derived name is a suggestion: if another job takes it first, this one publishes
     # under the next free one rather than fail after its training.
     params["name_given"] = bool(body.name)
-    return params
+    return EraseJob(**params)
 
 
 # Metrics that compare with real images, and those that need the domain's classifier.
@@ -178,7 +184,8 @@ def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
     return registry.get(manifest["base"]["id"]).get(key)
 
 
-def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Settings) -> dict:
+def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Settings
+                     ) -> EvaluateJob:
     """Check that every metric asked for can be computed here, before anything is queued."""
     model_id = body.model or settings.default_model
     manifest = _text_to_image(registry, model_id)
@@ -222,7 +229,7 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     params["guidance_scale"] = (defaults["guidance_scale"] if body.guidance_scale is None
                                 else body.guidance_scale)
     params["height"], params["width"] = defaults["height"], defaults["width"]
-    return params
+    return EvaluateJob(**params)
 
 
 # How messages name the references folder: by its setting, not by this machine's path.
@@ -253,19 +260,23 @@ def _check_reference(reference: str | None, info: dict, evaluator: str | None,
 
 
 def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Settings,
-                    prompt: str | None = None, seed: int | None = None) -> dict[str, Any]:
+                    prompt: str | None = None, seed: int | None = None,
+                    **inputs: Any) -> UpscaleJob:
     """Fill an upscale's defaults from the upscaler's manifest and check them against it;
-    ``prompt`` and ``seed`` are the fallbacks a source or cascade supplies."""
+    ``prompt`` and ``seed`` are the fallbacks a source or cascade supplies; ``inputs``
+    (``input``, ``source``) say where POST /upscale's image is stored."""
     model_id = options.model or settings.default_upscaler
     manifest = registry.get(model_id)
     if manifest["kind"] != "upscaler":
         raise InvalidParams(f"`model` {model_id!r} is a {manifest['kind']} model, not an upscaler")
     defaults = manifest.get("defaults") or {}
-    params = options.model_dump()
+    # Only the options: a JSON body's `image` (base64) is stored as a file, never queued.
+    params = options.model_dump(include=set(UpscaleOptions.model_fields))
     params["model"] = model_id
     params["prompt"] = params["prompt"] if params["prompt"] is not None else (prompt or "")
-    params["steps"] = params["steps"] or defaults.get("steps", 20)
-    for key, fallback in (("guidance_scale", 0.0), ("noise_level", 20)):
+    params["steps"] = params["steps"] or defaults.get("steps", d.UPSCALE_STEPS)
+    for key, fallback in (("guidance_scale", d.UPSCALE_GUIDANCE),
+                          ("noise_level", d.UPSCALE_NOISE_LEVEL)):
         if params[key] is None:
             params[key] = defaults.get(key, fallback)
     index = registry.path(model_id) / "model_index.json"
@@ -277,7 +288,7 @@ def resolve_upscale(options: UpscaleOptions, registry: Registry, settings: Setti
     if params["seed"] is None:
         params["seed"] = secrets.randbelow(2**31) if seed is None else seed
     params["tile"], params["overlap"] = settings.upscale_tile, settings.upscale_overlap
-    return params
+    return UpscaleJob(**params, **inputs)
 
 
 def check_input_size(width: int, height: int, settings: Settings, field: str) -> None:

@@ -5,8 +5,6 @@ Jobs are enqueued by dotted path ("worker.jobs.generate") so the API never impor
 
 from __future__ import annotations
 
-from typing import Any
-
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
@@ -14,6 +12,7 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from app.errors import Unavailable
+from app.jobspecs import JobSpec
 
 IMAGES, TRAIN = "images", "train"
 
@@ -77,14 +76,14 @@ return 0
 def enqueue(
     connection: Redis,
     job_type: str,
-    params: dict[str, Any],
+    spec: JobSpec,
     *,
     timeout_s: int,
     result_ttl_s: int,
     retries: int = 0,
     job_id: str | None = None,
 ) -> Job:
-    """Queue a job, or raise ``Unavailable`` with nothing queued.
+    """Queue a job (its spec, as JSON), or raise ``Unavailable`` with nothing queued.
 
     Redis applies commands that reach it while it is stalled once it resumes, so a client
     that got a 503 could still find its job running later (and run it twice by retrying).
@@ -92,13 +91,13 @@ def enqueue(
     before, with a lifetime of ``SUBMIT_WINDOW_MS``, which a script at the end of the same
     transaction checks; past it, the transaction removes the job it has just added.
     """
-    spec = JOB_TYPES[job_type]
-    queue = Queue(spec["queue"], connection=connection)
+    kind = JOB_TYPES[job_type]
+    queue = Queue(kind["queue"], connection=connection)
     queue.get_redis_server_version()  # RQ asks for it mid-enqueue otherwise: ask it first
     job = queue.create_job(
-        spec["func"],
+        kind["func"],
         job_id=job_id,
-        kwargs={"params": params},
+        kwargs={"params": spec.queued()},
         timeout=timeout_s,
         result_ttl=result_ttl_s,
         failure_ttl=result_ttl_s,

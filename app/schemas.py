@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
+from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE
+
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
 # A registry id (app.registry.MODEL_ID_RE), as the OpenAPI document states it.
@@ -105,7 +107,8 @@ class EraseCreate(_Strict):
                                    "(else the paper's 1000) per concept.")
     learning_rate: float | None = Field(None, gt=0, le=1, description="Default: the model's "
                                         "for the method (else the paper's 1e-5).")
-    negative_guidance: float = Field(1.0, ge=0, le=100, description="η in the ESD paper.")
+    negative_guidance: float = Field(ERASE_NEGATIVE_GUIDANCE, ge=0, le=100,
+                                     description="η in the ESD paper.")
     erase_from: str | None = Field(None, min_length=1, max_length=200)
     train_prompts: Literal["varied", "plain"] = Field(
         "varied", description="varied: train each concept inside the prompts it appears in "
@@ -129,6 +132,10 @@ class EraseCreate(_Strict):
     evaluate: bool | None = Field(
         None, description="Measure every concept's accuracy before and after (ESD paper, "
         "Table 2). Default: when the base model names an evaluator.")
+    drift_checks: int = Field(
+        DRIFT_CHECKS, ge=0, le=20, description="How many times during training to measure "
+        "the neighbour prompts' same-seed drift (PSNR, SSIM against the base); the last "
+        "measure is the erase's evidence. 0: only that last one.")
 
     @field_validator("concepts")
     @classmethod

@@ -17,9 +17,10 @@ import os
 import threading
 import time
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from app.client import LetheClient
 
 
 def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) -> dict:
@@ -31,20 +32,18 @@ def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) 
     batched = []
     lock = threading.Lock()
     with Stack() as stack:
-        with httpx.Client(base_url=stack.url, timeout=600) as http:  # load the model once
-            warm = http.post("/generate", json={"prompt": "a", "model": model, "steps": 1})
-            wait(http, warm.json()["id"])
+        with LetheClient(stack.url, timeout_s=600) as lethe:  # load the model once
+            succeeded(lethe, lethe.generate(prompt="a", model=model, steps=1))
 
         def client(c: int) -> None:
-            with httpx.Client(base_url=stack.url, timeout=600) as http:
+            with LetheClient(stack.url, timeout_s=600) as lethe:
                 for r in range(rounds):
                     seed = 1000 + c * rounds + r
                     t0 = time.perf_counter()
-                    job_id = http.post("/generate", json={
-                        "prompt": f"a {['red', 'blue'][c % 2]} circle", "model": model,
-                        "steps": steps, "seed": seed}).json()["id"]
-                    job = wait(http, job_id)
-                    png = http.get(job["result"]["images"][0]["url"]).content
+                    job = succeeded(lethe, lethe.generate(
+                        prompt=f"a {['red', 'blue'][c % 2]} circle", model=model,
+                        steps=steps, seed=seed))
+                    png = lethe.image(job["id"], 0)
                     with lock:
                         latencies.append(time.perf_counter() - t0)
                         images[seed] = np.asarray(Image.open(io.BytesIO(png))).astype(int)
@@ -62,11 +61,9 @@ def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) 
             "images": images}
 
 
-def wait(http: httpx.Client, job_id: str) -> dict:
-    from bench.stack import finished
-
-    job = finished(http, job_id)
-    if job is None or job["status"] != "succeeded":
+def succeeded(lethe: LetheClient, job_id: str) -> dict:
+    job = lethe.wait(job_id, timeout_s=600)
+    if job["status"] != "succeeded":
         raise RuntimeError(f"job {job_id} did not succeed: {job}")
     return job
 

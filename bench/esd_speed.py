@@ -119,8 +119,7 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
         if clf is None:  # a model without a classifier (tiny-sd in the smoke run)
             return None
         variant = build_variant(base, delta, model).pipe
-        return concept_accuracy(variant, clf, concept, per_prompt,
-                                guidance=gen.get("guidance_scale", 4.0))
+        return concept_accuracy(variant, clf, concept, gen["guidance_scale"], per_prompt)
 
     ref_delta, ref_s = reference_train(base, cfg)
     t0 = time.perf_counter()

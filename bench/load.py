@@ -16,9 +16,7 @@ import statistics
 import threading
 import time
 
-import httpx
-
-from bench.stack import finished
+from app.client import ApiError, JobWaitTimeout, LetheClient
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -44,7 +42,7 @@ def run(model: str = "shapes-sd", requests: int = 300, clients: int = 16, steps:
         done = threading.Event()
 
         def client() -> None:
-            with httpx.Client(base_url=stack.url, timeout=60) as http:
+            with LetheClient(stack.url, timeout_s=60) as lethe:
                 while True:
                     with lock:
                         i = next_index[0]
@@ -52,8 +50,8 @@ def run(model: str = "shapes-sd", requests: int = 300, clients: int = 16, steps:
                     if i >= requests:
                         return
                     t0 = time.perf_counter()
-                    outcome = one_job(http, {"prompt": "a red circle", "model": model,
-                                             "steps": steps, "seed": i}, job_timeout_s)
+                    outcome = one_job(lethe, {"prompt": "a red circle", "model": model,
+                                              "steps": steps, "seed": i}, job_timeout_s)
                     with lock:
                         outcomes[outcome] = outcomes.get(outcome, 0) + 1
                         if outcome == "succeeded":
@@ -83,19 +81,23 @@ def run(model: str = "shapes-sd", requests: int = 300, clients: int = 16, steps:
             "queue_depth": depth, "max_queue_depth": max((d for _, d in depth), default=0)}
 
 
-def one_job(http: httpx.Client, body: dict, timeout_s: float) -> str:
+def one_job(lethe: LetheClient, body: dict, timeout_s: float) -> str:
     """submitted → finished → PNG fetched; the outcome's name."""
-    r = http.post("/generate", json=body)
-    if r.status_code != 202:
-        return f"http_{r.status_code}"
-    job_id = r.json()["id"]
-    job = finished(http, job_id, timeout_s)
-    if job is None:
+    try:
+        job_id = lethe.generate(**body)
+    except ApiError as refused:
+        return f"http_{refused.status}"
+    try:
+        job = lethe.wait(job_id, timeout_s=timeout_s)
+    except JobWaitTimeout:
         return "lost"
     if job["status"] != "succeeded":
         return job["status"]
-    png = http.get(job["result"]["images"][0]["url"])
-    return "succeeded" if png.status_code == 200 else "image_missing"
+    try:
+        lethe.image(job_id, 0)
+    except ApiError:
+        return "image_missing"
+    return "succeeded"
 
 
 def main() -> None:

@@ -16,17 +16,14 @@ import statistics
 import sys
 import time
 
-import httpx
-
-from bench.stack import finished
+from app.client import LetheClient
 
 
-def run_job(http: httpx.Client, body: dict, worker_run_s: list[float] | None = None) -> float:
+def run_job(lethe: LetheClient, body: dict, worker_run_s: list[float] | None = None) -> float:
     t0 = time.perf_counter()
-    job_id = http.post("/generate", json=body).json()["id"]
-    job = finished(http, job_id)
-    assert job is not None and job["status"] == "succeeded", job
-    http.get(job["result"]["images"][0]["url"]).raise_for_status()
+    job = lethe.wait(lethe.generate(**body), timeout_s=600)
+    assert job["status"] == "succeeded", job
+    lethe.image(job["id"], 0)
     if worker_run_s is not None:
         worker_run_s.append(job["result"]["timings"]["run_s"])
     return time.perf_counter() - t0
@@ -80,11 +77,11 @@ def run(model: str = "shapes-sd", steps: int = 20, size: int | None = None,
         direct: list[float] = []
         inside: list[float] = []
         cached: list[float] = []
-        with httpx.Client(base_url=stack.url, timeout=600) as http:
-            cold = run_job(http, body)
+        with LetheClient(stack.url, timeout_s=600) as lethe:
+            cold = run_job(lethe, body)
             direct_call()  # warm-up of this process's copy
             for _ in range(repeats):
-                cached.append(run_job(http, body, inside))
+                cached.append(run_job(lethe, body, inside))
                 direct.append(direct_call())
         device = torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu"
         return {"model": model, "size": size, "steps": steps, "device": device,

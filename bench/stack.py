@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +37,7 @@ class Stack:
         os.environ["LETHE_REDIS_URL"] = self._redis_url or self._redis.url
         get_settings.cache_clear()
         from app.registry import Registry
-        from tests.support import LiveServer, start_worker
+        from app.testing import LiveServer, start_worker
         from worker.defaults import ensure_default_models
 
         self.redis_url = os.environ["LETHE_REDIS_URL"]
@@ -51,7 +50,7 @@ class Stack:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        from tests.support import stop_worker
+        from app.testing import stop_worker
 
         if self._server:
             self._server.__exit__(kind, exc, tb)
@@ -61,13 +60,3 @@ class Stack:
             self._redis.stop()
         shutil.rmtree(self.home, ignore_errors=True)
 
-
-def finished(http: Any, job_id: str, timeout_s: float = 600) -> dict | None:
-    """The job once it has finished (long polling, as a client of the service would), or
-    None if it has not within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            return job
-    return None

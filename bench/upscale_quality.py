@@ -20,28 +20,19 @@ import json
 import os
 import time
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from app.client import LetheClient
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def wait(http: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = http.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            assert job["status"] == "succeeded", job
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
-
-
-def image(http: httpx.Client, job: dict, index: int = 0) -> np.ndarray:
-    r = http.get(job["result"]["images"][index]["url"])
-    r.raise_for_status()
-    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+def image(lethe: LetheClient, job_id: str) -> np.ndarray:
+    """Image 0 of a job that must succeed."""
+    job = lethe.wait(job_id, timeout_s=600)
+    assert job["status"] == "succeeded", job
+    return np.asarray(Image.open(io.BytesIO(lethe.image(job_id, 0))).convert("RGB"))
 
 
 def main() -> None:
@@ -56,21 +47,16 @@ def main() -> None:
     parser.add_argument("--classifier", default="worker/domains/shapes/models/shapes-clf")
     args = parser.parse_args()
     clf = ShapesClassifier.from_pretrained(args.classifier).float().eval()
-    http = httpx.Client(base_url=args.url, timeout=60)
+    lethe = LetheClient(args.url, timeout_s=60)
     t0 = time.monotonic()
 
     # 1. generate -> upscale an earlier output; the judge before and after.
     originals, upscaled = [], []
     for i in range(args.n):
         color, shape = PROMPTS[i % len(PROMPTS)]
-        gen = http.post("/generate", json={"prompt": f"a {color} {shape}", "model": "shapes-sd",
-                                           "seed": 5000 + i})
-        gen_job = wait(http, gen.json()["id"])
-        up = http.post("/upscale", json={"source": {"job_id": gen_job["id"], "index": 0}})
-        assert up.status_code == 202, up.text
-        up_job = wait(http, up.json()["id"])
-        originals.append(image(http, gen_job))
-        upscaled.append(image(http, up_job))
+        gen = lethe.generate(prompt=f"a {color} {shape}", model="shapes-sd", seed=5000 + i)
+        originals.append(image(lethe, gen))
+        upscaled.append(image(lethe, lethe.upscale(source={"job_id": gen, "index": 0})))
     big = np.stack(upscaled)
     before, after = clf.predict(np.stack(originals)), clf.predict(downsample(big))
     kept = float(np.mean([(a["shape"], a["color"]) == (b["shape"], b["color"])
@@ -85,10 +71,7 @@ def main() -> None:
         low = bicubic(hi)
         buf = io.BytesIO()
         Image.fromarray(low).save(buf, format="PNG")
-        r = http.post("/upscale", files={"image": ("low.png", buf.getvalue(), "image/png")},
-                      data={"prompt": scene.prompt("color"), "seed": "0"})
-        assert r.status_code == 202, r.text
-        out = image(http, wait(http, r.json()["id"]))
+        out = image(lethe, lethe.upscale(buf.getvalue(), prompt=scene.prompt("color"), seed=0))
         model_psnr.append(psnr(out, hi))
         bic = np.asarray(Image.fromarray(low).resize((128, 128), Image.BICUBIC))
         bic_psnr.append(psnr(bic, hi))

@@ -18,7 +18,8 @@ import pytest
 from redis import Redis
 
 from app.embedded import EmbeddedRedis
-from tests.support import LiveServer, start_worker, stop_worker, wait_job  # noqa: F401
+from app.testing import LiveServer, start_worker, stop_worker
+from tests.support import wait_job  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="lethe-test-"))

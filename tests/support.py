@@ -1,96 +1,24 @@
-"""Helpers for tests and benchmarks: a live API server and real worker processes.
-
-No side effects on import: the environment (LETHE_*) is the caller's.
-"""
+"""Helpers for tests: job specs, and waiting for jobs through the client (the live server
+and workers come from ``app.testing``, which the benchmarks use too)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
-
-from redis import Redis
-
-ROOT = Path(__file__).resolve().parents[1]
+from app.client import FINISHED, JobWaitTimeout, LetheClient
+from app.jobspecs import GenerateJob
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def generate_spec(**fields) -> GenerateJob:
+    """A small generate job as the API would queue it (tiny-sd, 64×64, one step)."""
+    return GenerateJob(**{"prompt": "a", "model": "tiny-sd", "num_images": 1, "steps": 1,
+                          "guidance_scale": 5.0, "width": 64, "height": 64,
+                          "scheduler": "ddim", "seed": 1, **fields})
 
 
-class LiveServer:
-    """uvicorn serving the real app on a loopback port, in a thread."""
-
-    def __init__(self) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config("app.main:app", host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def start_worker(name: str, queues: str = "images,train", log: Path | None = None
-                 ) -> subprocess.Popen:
-    """A real `lethe worker` process on the test Redis; returns once it beats."""
-    from app import workers
-
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--name", name],
-        cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT,
-    )
-    redis = Redis.from_url(os.environ["LETHE_REDIS_URL"])
-    deadline = time.monotonic() + 120
-    while name not in workers.alive(redis):
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker {name} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"worker {name} did not register")
-        time.sleep(0.2)
-    return proc
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_job(http, job_id: str, timeout_s: float = 60, until=("succeeded", "failed", "canceled")
-             ) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = http.get(f"/jobs/{job_id}").json()
-        if job["status"] in until:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s: {job}")
-        time.sleep(0.05)
+def wait_job(http, job_id: str, timeout_s: float = 60, until=FINISHED) -> dict:
+    """``LetheClient.wait`` over the test's httpx client; a job still short of ``until``
+    after ``timeout_s`` fails the test."""
+    try:
+        return LetheClient(http=http).wait(job_id, timeout_s=timeout_s, until=until)
+    except JobWaitTimeout as late:
+        raise AssertionError(f"job {job_id} still {late.job['status']} after {timeout_s}s: "
+                             f"{late.job}") from None

@@ -22,6 +22,8 @@ from typing import Any
 from redis import Redis
 from rq.job import Job
 
+from app.jobspecs import GenerateJob
+
 # The params that must match for two jobs to share a pipeline call.
 BATCH_KEYS = ("model", "width", "height", "steps", "scheduler", "guidance_scale",
               "negative_prompt")
@@ -36,7 +38,8 @@ def result_key(job_id: str) -> str:
     return f"lethe:batch:result:{job_id}"
 
 
-def batch_key(params: dict) -> tuple | None:
+def batch_key(params: dict[str, Any]) -> tuple | None:
+    # On the queued form (``JobSpec.queued``): what the other jobs in the queue hold.
     """What must match; None for a job that never batches (a cascade upscales per job)."""
     if params.get("upscale"):
         return None
@@ -104,12 +107,14 @@ def collect(redis: Redis, job_id: str, check: Callable[[], None] = lambda: None,
         time.sleep(poll_s)
 
 
-def merged_inputs(members: list[tuple[str, dict]]) -> dict[str, Any]:
+def merged_inputs(members: list[tuple[str, GenerateJob]]) -> dict[str, Any]:
     """The prompts, negative prompts and seeds of a batch, image by image."""
-    prompts, negatives, seeds = [], [], []
+    prompts: list[str] = []
+    negatives: list[str | None] = []
+    seeds: list[int] = []
     for _, p in members:
-        n = p["num_images"]
-        prompts += [p["prompt"]] * n
-        negatives += [p.get("negative_prompt")] * n
-        seeds += [p["seed"] + i for i in range(n)]
+        n = p.num_images
+        prompts += [p.prompt] * n
+        negatives += [p.negative_prompt] * n
+        seeds += [p.seed + i for i in range(n)]
     return {"prompts": prompts, "negatives": negatives, "seeds": seeds}

@@ -44,6 +44,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
+from app import jobspecs
 from app.errors import InvalidParams
 
 METHODS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
@@ -106,13 +107,17 @@ class ESDPrompt:
 class ESDConfig:
     concepts: tuple[str, ...]
     method: str = "esd-x"
-    iterations: int = 1000
-    learning_rate: float = 1e-5
-    negative_guidance: float = 1.0  # η
-    preserve_weight: float = 1.0  # λ of the preservation term (prompts that carry one)
+    iterations: int = jobspecs.ERASE_ITERATIONS
+    learning_rate: float = jobspecs.ERASE_LEARNING_RATE
+    negative_guidance: float = jobspecs.ERASE_NEGATIVE_GUIDANCE  # η
+    # λ of the preservation term (prompts that carry one)
+    preserve_weight: float = jobspecs.PRESERVE_WEIGHT
+    # Hold a preserved prompt at x_t from its own trajectory, not from the erased concept's.
+    preserve_trajectory: bool = False
     erase_from: str | None = None
-    ddim_steps: int = 50
-    start_guidance: float = 3.0  # guidance of the frozen model's trajectory to x_t
+    ddim_steps: int = jobspecs.ERASE_DDIM_STEPS
+    # guidance of the frozen model's trajectory to x_t
+    start_guidance: float = jobspecs.ERASE_START_GUIDANCE
     seed: int = 0
     # Training prompts taken in turn (a repeated one weighs more). Empty: each concept as
     # its own prompt with the empty anchor (the paper's form).
@@ -123,6 +128,12 @@ class ESDConfig:
     # most rows one teacher call takes (bounds memory for large latents).
     block: int = 8
     max_rows: int = 32
+
+
+# One iteration's sample: x_t, t, the target, θ*'s prediction for the preserved prompt and
+# the x_t it was made at (None: the same x_t).
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+               torch.Tensor | None]
 
 
 @dataclass
@@ -166,7 +177,7 @@ class ESDTrainer:
         if cfg.block < 1:
             raise InvalidParams(f"`block` must be at least 1, got {cfg.block}")
         self.state = ESDState(0, [])
-        self._block: tuple[int, list[tuple[torch.Tensor, ...]]] | None = None
+        self._block: tuple[int, list[Sample]] | None = None
 
     def _latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.pipe.vae_scale_factor
@@ -181,7 +192,7 @@ class ESDTrainer:
                           for i in range(0, len(x), step)])
 
     @torch.no_grad()
-    def _draw_block(self, block: int) -> list[tuple[torch.Tensor, ...]]:
+    def _draw_block(self, block: int) -> list[Sample]:
         """x_t, t and the teacher's targets for the iterations of ``block``, drawn together.
 
         Each iteration still gets its own fresh trajectory and stopping step, as in the
@@ -200,10 +211,17 @@ class ESDTrainer:
             g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i)
             stops.append(int(torch.randint(0, cfg.ddim_steps, (1,), generator=g)))
             noise.append(torch.randn(self._latent_shape(1), generator=g))
-        stops_t = torch.tensor(stops)
-        x = torch.cat(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-        froms = torch.stack([self._from(p) for p in prompts])
-        uncond = self.emb[""][None].expand(len(iters), -1, -1)
+        n = len(iters)
+        # With ``preserve_trajectory``, a preserved prompt's x_t comes from its own guided
+        # trajectory (from the same noise, stopped at the same step): rows n.. of x.
+        own = [j for j, p in enumerate(prompts)
+               if p.preserve is not None and cfg.preserve_trajectory]
+        stops_t = torch.tensor(stops + [stops[j] for j in own])
+        x = torch.cat(noise + [noise[j] for j in own]).to(self.device, self.dtype) \
+            * self.scheduler.init_noise_sigma
+        froms = torch.stack([self._from(p) for p in prompts]
+                            + [self.emb[prompts[j].preserve] for j in own])  # type: ignore[index]
+        uncond = self.emb[""][None].expand(len(stops_t), -1, -1)
         for k, t in enumerate(self.scheduler.timesteps[:max(stops)]):
             run = (stops_t > k).nonzero().flatten().to(self.device)  # still on their way to x_t
             xr = x[run]
@@ -215,14 +233,18 @@ class ESDTrainer:
         # Teacher rows per iteration: anchor, concept, c_from, and the preserved prompt.
         rows = [[self.emb[p.anchor], self.emb[p.concept], self._from(p)]
                 + ([self.emb[p.preserve]] if p.preserve is not None else []) for p in prompts]
-        owner = [j for j, r in enumerate(rows) for _ in r]
+        own_x = {j: n + k for k, j in enumerate(own)}  # a preserved row's own x_t
+        owner = [own_x.get(j, j) if r_i == 3 else j
+                 for j, r in enumerate(rows) for r_i in range(len(r))]
         eps = self._teacher(x[owner], ts[owner],
                             torch.stack([e for r in rows for e in r])).split(
                                 [len(r) for r in rows])
-        out = []
+        out: list[Sample] = []
         for j, e in enumerate(eps):
             target = esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
-            out.append((x[j:j + 1], ts[j:j + 1], target, e[3:4] if len(e) > 3 else None))
+            keep_x = x[own_x[j]:own_x[j] + 1] if j in own_x else None
+            out.append((x[j:j + 1], ts[j:j + 1], target, e[3:4] if len(e) > 3 else None,
+                        keep_x))
         return out
 
     def _from(self, p: ESDPrompt) -> torch.Tensor:
@@ -234,10 +256,12 @@ class ESDTrainer:
         block = i // cfg.block
         if self._block is None or self._block[0] != block:
             self._block = (block, self._draw_block(block))
-        x_t, t, target, keep_eps = self._block[1][i - block * cfg.block]
+        x_t, t, target, keep_eps, keep_x = self._block[1][i - block * cfg.block]
         p = self.prompts[i % len(self.prompts)]
-        student = [self._from(p)] + ([self.emb[p.preserve]] if keep_eps is not None else [])
-        pred = self.unet(x_t.float().expand(len(student), -1, -1, -1), t.expand(len(student)),
+        held = [self.emb[p.preserve]] if keep_eps is not None and p.preserve is not None else []
+        student = [self._from(p), *held]
+        x_in = x_t.expand(len(student), -1, -1, -1) if keep_x is None else torch.cat([x_t, keep_x])
+        pred = self.unet(x_in.float(), t.expand(len(student)),
                          encoder_hidden_states=torch.stack(student).float()).sample
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
         if keep_eps is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from app.jobspecs import EvaluateJob
 from worker.domains import get_domain
 from worker.features import ClipScorer, InceptionFeatures, load_folder
 from worker.metrics import fid, precision_recall
@@ -26,24 +27,25 @@ def _batch(height: int, width: int) -> int:
     return max(1, min(48, 48 * 32 * 32 // (height * width)))
 
 
-def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
+def evaluate(pipe: Any, params: EvaluateJob, *, clf: Any = None, settings: Any = None,
              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Draw ``images_per_prompt`` images per prompt (image j with seed + j) and measure them.
 
     ``on_progress(done, total, stage)`` may raise to stop.
     """
-    domain = get_domain(params.get("domain"))
-    prompts = params.get("prompts") or domain.prompt_set(params["prompt_set"])
-    per = params["images_per_prompt"]
+    domain = get_domain(params.domain)
+    # The API sets one of the two (app.params.resolve_evaluate).
+    prompts = params.prompts or domain.prompt_set(params.prompt_set or "")
+    per = params.images_per_prompt
     drawn = [p for p in prompts for _ in range(per)]
-    seed, metrics = params["seed"], set(params["metrics"])
-    size = (params["height"], params["width"])
+    seed, metrics = params.seed, set(params.metrics)
+    size = (params.height, params.width)
     report: dict[str, Any] = {
-        "model": params["model"], "prompts": len(prompts),
-        "prompt_set": params.get("prompt_set"), "images_per_prompt": per,
-        "images": len(drawn), "seed": seed, "steps": params["steps"],
-        "guidance_scale": params["guidance_scale"],
-        "negative_prompt": params.get("negative_prompt"), "metrics": {},
+        "model": params.model, "prompts": len(prompts),
+        "prompt_set": params.prompt_set, "images_per_prompt": per,
+        "images": len(drawn), "seed": seed, "steps": params.steps,
+        "guidance_scale": params.guidance_scale,
+        "negative_prompt": params.negative_prompt, "metrics": {},
     }
 
     def progress(done: int) -> None:
@@ -51,8 +53,8 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
             on_progress(done, len(drawn), "drawing")
 
     images = generate(pipe, drawn, [seed + j for j in range(len(drawn))],
-                      params["guidance_scale"], steps=params["steps"],
-                      batch=_batch(*size), negative_prompt=params.get("negative_prompt"),
+                      params.guidance_scale, steps=params.steps,
+                      batch=_batch(*size), negative_prompt=params.negative_prompt,
                       size=size, on_batch=progress)
     if on_progress:
         on_progress(len(drawn), len(drawn), "measuring")
@@ -67,22 +69,22 @@ def evaluate(pipe: Any, params: dict, *, clf: Any = None, settings: Any = None,
         if "attribute_score" in metrics:
             out["attribute_score"] = verdict["attribute_score"]
     if metrics & {"fid", "precision_recall"}:
-        if params["reference"] == "render":
-            extractor: Any = judge
+        if params.reference == "render":
+            extractor: Any = judge  # the API allows "render" only with a judge
             real = domain.references(drawn, seed + 1, side=size[0])
         else:
             extractor = InceptionFeatures(settings.inception_path, pipe.device)
-            real = load_folder(settings.references_dir / params["reference"], size,
+            real = load_folder(settings.references_dir / params.reference, size,
                                settings.max_eval_images)
         real_f, fake_f = extractor.features(real), extractor.features(images)
-        report |= {"features": extractor.name, "reference": params["reference"],
+        report |= {"features": extractor.name, "reference": params.reference,
                    "reference_images": len(real)}
         if "fid" in metrics:
             out["fid"] = fid(real_f, fake_f)
-            if params["reference"] == "render":
+            if params.reference == "render":
                 # Two independent render sets of the same prompts: the FID a perfect model
                 # would score at this sample size (FID is biased upward for small sets).
-                out["fid_floor"] = fid(real_f, judge.features(
+                out["fid_floor"] = fid(real_f, extractor.features(
                     domain.references(drawn, seed + 2, side=size[0])))
         if "precision_recall" in metrics:
             out["precision"], out["recall"] = precision_recall(real_f, fake_f)

@@ -88,46 +88,71 @@ def grid_image(columns: list[np.ndarray]) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def drift_of(before: np.ndarray, after: np.ndarray, prompts: list[str]) -> dict[str, Any]:
+    """PSNR and SSIM between two same-seed drawings of ``prompts`` (uint8 N×H×W×3)."""
+    b, a = torch.from_numpy(before), torch.from_numpy(after)
+    db = psnr(b, a)  # inf when nothing moved: JSON has no infinity
+    return {"prompts": prompts, "seeds_per_prompt": DRIFT_SEEDS,
+            "psnr": round(db, 3) if db != float("inf") else None,
+            "identical": db == float("inf"), "ssim": round(ssim(b, a), 4)}
+
+
+class Drawing:
+    """The evidence's prompts drawn by the base once, each row with ``DRIFT_SEEDS`` seeds;
+    ``drift(edited)`` draws the neighbour rows again with the same seeds and measures how far
+    they moved. An erase job asks it during training too (``drift_checks``), which costs
+    only the neighbour rows each time."""
+
+    def __init__(self, base: Any, domain: Any, concepts: list[str], guidance: float,
+                 steps: int, size: tuple[int, int], seed: int = 0, kind: str | None = None,
+                 preserve_prompts: list[str] | None = None):
+        self.base, self.concepts = base, concepts
+        self.guidance, self.steps, self.size = guidance, steps, size
+        self.rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
+        self.prompts = [p for _, p in self.rows]
+        self.drawn = [p for p in self.prompts for _ in range(DRIFT_SEEDS)]
+        self.drawn_seeds = [seed + j for j in range(len(self.drawn))]
+        self.seeds = self.drawn_seeds[::DRIFT_SEEDS]  # each row's first: the grid's cells
+        self.kept = [p for kind, p in self.rows if kind == "neighbour"]
+        self.near = np.array([p in self.kept for p in self.drawn])
+        self.before = self.draw(base)
+
+    def draw(self, pipe: Any, rows: np.ndarray | None = None) -> np.ndarray:
+        pick = np.ones(len(self.drawn), bool) if rows is None else rows
+        prompts = [p for p, keep in zip(self.drawn, pick, strict=True) if keep]
+        seeds = [s for s, keep in zip(self.drawn_seeds, pick, strict=True) if keep]
+        return generate(pipe, prompts, seeds, self.guidance, steps=self.steps, size=self.size)
+
+    def drift(self, edited: Any) -> dict[str, Any] | None:
+        """The neighbour rows' same-seed drift from the base to ``edited``; None when the
+        domain names no neighbours."""
+        if not self.kept:
+            return None
+        return drift_of(self.before[self.near], self.draw(edited, self.near), self.kept)
+
+
 def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance: float,
              steps: int, size: tuple[int, int], seed: int = 0,
              check: Callable[[], None] = lambda: None, kind: str | None = None,
-             preserve_prompts: list[str] | None = None, clip: Any = None
-             ) -> tuple[Image.Image, dict[str, Any]]:
+             preserve_prompts: list[str] | None = None, clip: Any = None,
+             drawing: Drawing | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """The comparison grid and the report that goes with it (rows, columns, drift, and
     CLIP zero-shot scores when ``clip``, a ``worker.features.ClipScorer``, is given).
-    ``check`` runs between the drawings and may raise to stop (a cancel)."""
-    rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
-    prompts = [p for _, p in rows]
-    # Every row with DRIFT_SEEDS seeds, before and after: the neighbours' drift, the CLIP
-    # scores, and (each row's first seed) the grid's base and edit cells.
-    drawn = [p for p in prompts for _ in range(DRIFT_SEEDS)]
-    drawn_seeds = [seed + j for j in range(len(drawn))]
-    seeds = drawn_seeds[::DRIFT_SEEDS]
-    draw: dict[str, Callable[[], np.ndarray]] = {
-        "base": lambda: generate(base, drawn, drawn_seeds, guidance, steps=steps, size=size),
-        "edit": lambda: generate(edited, drawn, drawn_seeds, guidance, steps=steps, size=size),
-        "negative_prompt": lambda: generate(base, prompts, seeds, guidance, steps=steps,
-                                            size=size, negative_prompt=", ".join(concepts)),
-        "sld": lambda: _sld_images(base, prompts, seeds, concepts, guidance, steps, size),
-    }
-    drawings = {}
-    for name in COLUMNS:
-        check()
-        drawings[name] = draw[name]()
-    before, after = drawings["base"], drawings["edit"]
-    columns = [before[::DRIFT_SEEDS], after[::DRIFT_SEEDS], drawings["negative_prompt"],
-               drawings["sld"]]
-    kept = [p for kind, p in rows if kind == "neighbour"]
-    drift = None
-    if kept:
-        near = np.array([p in kept for p in drawn])
-        b, a = torch.from_numpy(before[near]), torch.from_numpy(after[near])
-        db = psnr(b, a)  # inf when nothing moved: JSON has no infinity
-        drift = {"prompts": kept, "seeds_per_prompt": DRIFT_SEEDS,
-                 "psnr": round(db, 3) if db != float("inf") else None,
-                 "identical": db == float("inf"), "ssim": round(ssim(b, a), 4)}
+    ``check`` runs between the drawings and may raise to stop (a cancel); ``drawing`` is the
+    base's, when the caller made it already (for the checks during training)."""
+    d = drawing or Drawing(base, domain, concepts, guidance, steps, size, seed, kind,
+                           preserve_prompts)
+    check()
+    before, after = d.before, d.draw(edited)
+    check()
+    negative = generate(base, d.prompts, d.seeds, guidance, steps=steps, size=size,
+                        negative_prompt=", ".join(concepts))
+    check()
+    sld = _sld_images(base, d.prompts, d.seeds, concepts, guidance, steps, size)
+    columns = [before[::DRIFT_SEEDS], after[::DRIFT_SEEDS], negative, sld]
+    drift = drift_of(before[d.near], after[d.near], d.kept) if d.kept else None
     report = {"rows": [{"kind": k, "prompt": p, "seed": s}
-                       for (k, p), s in zip(rows, seeds, strict=True)],
+                       for (k, p), s in zip(d.rows, d.seeds, strict=True)],
               "columns": list(COLUMNS), "drift": drift,
               "drift_note": None if drift else "the model's domain names no neighbours of "
               "these concepts: no same-seed drift"}
@@ -136,7 +161,7 @@ def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance:
         report["clip_note"] = ("set LETHE_CLIP_MODEL_PATH to a local CLIP folder to add CLIP "
                                "zero-shot scores before and after")
     else:
-        report["clip"] = clip_wins(clip, rows, concepts, drawn, before, after)
+        report["clip"] = clip_wins(clip, d.rows, concepts, d.drawn, before, after)
     return grid_image(columns), report
 
 

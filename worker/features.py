@@ -9,6 +9,7 @@ file; a CLIP model folder for CLIP score.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ class ClipScorer:
     def __init__(self, path: Path, device: torch.device, batch: int = 32):
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        model: Any = CLIPModel.from_pretrained(path, local_files_only=True)
+        self.model = model.to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         self.device, self.batch = device, batch
 
@@ -69,10 +71,10 @@ class ClipScorer:
         return clip_score(*self.embeddings(images, prompts))
 
 
-def _embeds(out: object) -> torch.Tensor:
+def _embeds(out: Any) -> torch.Tensor:
     # transformers 5 returns a model output whose pooled projection is the embedding;
     # earlier versions return the tensor itself.
-    t = getattr(out, "pooler_output", out)
+    t: Any = getattr(out, "pooler_output", out)
     return t.float().cpu()
 
 

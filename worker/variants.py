@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +30,7 @@ def load_delta(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / DELTA_FILE))
 
 
-def _with_params(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _with_params(module: Any, values: dict[str, torch.Tensor]) -> Any:
     """A shallow copy of ``module`` holding ``values`` (dotted names) as new parameters.
 
     Only the modules on the path to a replaced parameter are copied, each with its own

@@ -12,6 +12,7 @@ from rq.job import JobStatus
 from app import jobfiles
 from app.config import Settings
 from app.queue import enqueue
+from tests.support import generate_spec
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def files_of(settings: Settings, job_id: str, checkpoint: bool = False, age_s: f
 
 
 def job_in(redis: Redis, status: JobStatus) -> str:
-    job = enqueue(redis, "generate", {"prompt": "a"}, timeout_s=60, result_ttl_s=600)
+    job = enqueue(redis, "generate", generate_spec(), timeout_s=60, result_ttl_s=600)
     job.set_status(status)
     return job.id
 

@@ -6,13 +6,14 @@ from rq import Queue, SimpleWorker
 
 from app.jobs import describe
 from app.queue import enqueue
+from tests.support import generate_spec
 
 
 def test_a_job_rq_finds_stuck_between_queue_and_worker_fails_as_worker_lost(scratch_redis):
     # What RQ's intermediate-queue sweep does to a job a worker took but never started
     # (the worker, or Redis, went away in between).
     redis = scratch_redis
-    job = enqueue(redis, "generate", {"prompt": "a"}, timeout_s=60, result_ttl_s=600)
+    job = enqueue(redis, "generate", generate_spec(), timeout_s=60, result_ttl_s=600)
     queue = Queue("images", connection=redis)
     SimpleWorker([queue], connection=redis).handle_job_failure(
         job, queue, exc_string="Job was stuck in intermediate queue.")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ROOT, free_port
+from app.testing import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import start_worker, stop_worker, wait_job
+from app.testing import start_worker, stop_worker
+from tests.support import wait_job
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import start_worker, wait_job
+from app.testing import start_worker
+from tests.support import wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,13 @@ def test_erase_writes_a_delta_model_that_serves_at_once(http):
     assert sheet.size == (4 * 128, 4 * 128)  # columns × rows cells, 32 px images ×4
     assert evidence["drift"]["prompts"] == ["a photo of a dog", "a photo of a cat"]
     assert evidence["drift"]["psnr"] > 0 and evidence["drift"]["ssim"] <= 1
+    # The drift was also measured during training (3 checks by default), the last entry
+    # being the evidence's own; the manifest keeps the curve.
+    curve = job["result"]["drift"]
+    assert [d["iteration"] for d in curve] == [5, 10, 15, 20]
+    assert curve[-1]["psnr"] == evidence["drift"]["psnr"]
+    assert model["training"]["drift"] == curve
+    assert curve[0]["psnr"] > curve[-1]["psnr"]  # the neighbours move as training goes on
     assert job["params"]["preserve"] is True
     base, edited = image(http, "tiny-sd"), image(http, "tiny-no-red")
     assert np.abs(base - edited).mean() > 0.5  # the edit changes what the model draws
@@ -100,7 +108,7 @@ def test_an_erase_that_fails_for_good_leaves_no_checkpoint(http, home):
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
-    from tests.support import stop_worker
+    from app.testing import stop_worker
 
     stop_worker(worker.proc)
     victim = start_worker("test-train-victim", queues="train",

@@ -10,7 +10,8 @@ import time
 import pytest
 from PIL import Image
 
-from tests.support import start_worker, stop_worker, wait_job
+from app.testing import start_worker, stop_worker
+from tests.support import generate_spec, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -162,14 +163,24 @@ def test_killed_worker_fails_its_job_and_a_restarted_worker_serves(http, home, w
 def test_job_past_its_timeout_fails_with_code_timeout(http, redis):
     from app.queue import enqueue
 
-    params = {"prompt": "a", "negative_prompt": None, "model": "tiny-sd", "num_images": 1,
-              "steps": 500, "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 1,
-              "scheduler": "ddim"}
-    job = enqueue(redis, "generate", params, timeout_s=1, result_ttl_s=600)
+    job = enqueue(redis, "generate", generate_spec(steps=500), timeout_s=1, result_ttl_s=600)
     done = wait_job(http, job.id, timeout_s=60)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "timeout" and "1s" in done["error"]["message"]
     assert done["progress"]["step"] < 500
+
+
+def test_a_job_the_worker_cannot_read_fails_naming_the_field(http, redis):
+    # What a worker older than the API would meet: a field it does not know. It refuses
+    # the job rather than run something other than what was asked.
+    from rq import Queue
+
+    params = generate_spec().queued() | {"sharpness": 3}
+    job = Queue("images", connection=redis).enqueue("worker.jobs.generate", params=params)
+    failed = wait_job(http, job.id)
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "invalid_params"
+    assert "sharpness" in failed["error"]["message"], failed["error"]
 
 
 def test_generate_without_seed_draws_one_and_reports_it(http):

@@ -93,14 +93,15 @@ def test_a_canceled_upload_leaves_no_file(http, home):
 
 
 def test_a_failed_job_shows_no_path_of_this_machine(http, redis, home):
+    from app.jobspecs import UpscaleJob
     from app.queue import enqueue
 
     r = http.post("/upscale", files={"image": ("in.png", png_bytes(8, 8), "image/png")},
                   data={"steps": "1"})
     params = wait_job(http, r.json()["id"])["params"]
     # Its stored input gone (deleted by hand, say): the worker fails on a missing file.
-    job = enqueue(redis, "upscale", {**params, "input": "gone/input.png"}, timeout_s=60,
-                  result_ttl_s=600)
+    spec = UpscaleJob(**{**params, "input": "gone/input.png"})
+    job = enqueue(redis, "upscale", spec, timeout_s=60, result_ttl_s=600)
     failed = wait_job(http, job.id)
     assert failed["status"] == "failed", failed
     message = failed["error"]["message"]

@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 from app import workers
 from app.api.deps import RedisDep
-from app.errors import RETRY_AFTER_S
+from app.api.handlers import RETRY_AFTER_S
 from app.openapi import RETRY_AFTER
 from app.schemas import Health
 

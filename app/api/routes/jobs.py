@@ -43,8 +43,8 @@ def created(job, job_type: str) -> JSONResponse:
 def create_erase(body: EraseCreate, redis: RedisDep, registry: RegistryDep,
                  settings: SettingsDep) -> JSONResponse:
     """Queue an ESD fine-tune; on success a new model appears in the registry (`result.model`)."""
-    params = resolve_erase(body, registry, settings)
-    job = enqueue(redis, "erase", params, timeout_s=settings.train_timeout_s,
+    spec = resolve_erase(body, registry, settings)
+    job = enqueue(redis, "erase", spec, timeout_s=settings.train_timeout_s,
                   result_ttl_s=settings.result_ttl_s, retries=settings.train_retries)
     return created(job, "erase")
 
@@ -54,8 +54,8 @@ def create_evaluate(body: EvaluateCreate, redis: RedisDep, registry: RegistryDep
                     settings: SettingsDep) -> JSONResponse:
     """Queue an evaluation (FID, precision/recall, classifier or CLIP scores) of a model; the
     report lands in `result.report` and in the model's `reports` (`GET /models/{id}`)."""
-    params = resolve_evaluate(body, registry, settings)
-    job = enqueue(redis, "evaluate", params, timeout_s=settings.train_timeout_s,
+    spec = resolve_evaluate(body, registry, settings)
+    job = enqueue(redis, "evaluate", spec, timeout_s=settings.train_timeout_s,
                   result_ttl_s=settings.result_ttl_s)
     return created(job, "evaluate")
 
@@ -64,8 +64,8 @@ def create_evaluate(body: EvaluateCreate, redis: RedisDep, registry: RegistryDep
 def create_generate(body: GenerateCreate, redis: RedisDep, registry: RegistryDep,
                     settings: SettingsDep) -> JSONResponse:
     """Queue a text-to-image job; poll `Location` for its progress and result."""
-    params = resolve_generate(body, registry, settings)
-    job = enqueue(redis, "generate", params, timeout_s=settings.generate_timeout_s,
+    spec = resolve_generate(body, registry, settings)
+    job = enqueue(redis, "generate", spec, timeout_s=settings.generate_timeout_s,
                   result_ttl_s=settings.result_ttl_s)
     return created(job, "generate")
 

@@ -97,22 +97,20 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
     # Registry files, Redis and the image codec all block: they run off the event loop.
     if source is not None:
         rel, source_prompt = await run_in_threadpool(resolve_source, source, redis, settings)
-        params = await run_in_threadpool(resolve_upscale, options, registry, settings,
-                                         prompt=source_prompt)
-        params["input"] = rel
-        params["source"] = source.model_dump()
+        spec = await run_in_threadpool(resolve_upscale, options, registry, settings,
+                                       prompt=source_prompt, input=rel,
+                                       source=source.model_dump())
     elif data is not None:
-        params = await run_in_threadpool(resolve_upscale, options, registry, settings)
+        spec = await run_in_threadpool(resolve_upscale, options, registry, settings,
+                                       input=f"{job_id}/{INPUT_FILE}")
         image = await run_in_threadpool(
             open_checked, data, max(settings.max_upscale_side // SCALE, 1))
         await run_in_threadpool(save_input, image,
                                 jobfiles.output_dir(settings, job_id) / INPUT_FILE)
-        params["input"] = f"{job_id}/{INPUT_FILE}"
-        params["source"] = None
     else:  # unreachable: UpscaleCreate asks for exactly one of the two
         raise InvalidParams("give exactly one of `image` and `source`")
     try:
-        job = await run_in_threadpool(enqueue, redis, "upscale", params,
+        job = await run_in_threadpool(enqueue, redis, "upscale", spec,
                                       timeout_s=settings.generate_timeout_s,
                                       result_ttl_s=settings.result_ttl_s, job_id=job_id)
     except BaseException:

@@ -13,12 +13,13 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-_RESAMPLE = (Image.BICUBIC, Image.BILINEAR, Image.LANCZOS, Image.BOX)
+R = Image.Resampling
+_RESAMPLE = (R.BICUBIC, R.BILINEAR, R.LANCZOS, R.BOX)
 
 
 def bicubic(image: np.ndarray, factor: int = 4) -> np.ndarray:
     h, w = image.shape[:2]
-    return np.asarray(Image.fromarray(image).resize((w // factor, h // factor), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((w // factor, h // factor), R.BICUBIC))
 
 
 def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -26,7 +27,7 @@ def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    a = np.asarray(img).astype(np.float32)
+    a: np.ndarray = np.asarray(img).astype(np.float32)
     if rng.random() < 0.5:  # Gaussian, colour or grey
         sigma = rng.uniform(1, 12)
         shape = a.shape if rng.random() < 0.5 else a.shape[:2] + (1,)
@@ -58,7 +59,7 @@ def bsr(image: np.ndarray, rng: np.random.Generator, factor: int = 4) -> np.ndar
         elif step == "jpeg" and rng.random() < 0.7:
             img = _jpeg(img, rng)
     if img.size != (w // factor, h // factor):
-        img = img.resize((w // factor, h // factor), Image.BICUBIC)
+        img = img.resize((w // factor, h // factor), R.BICUBIC)
     return np.asarray(img)
 
 

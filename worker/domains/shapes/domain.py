@@ -84,8 +84,8 @@ class ShapesDomain:
 
     def neighbours(self, concept: str, erased: list[str], kind: str | None = None
                    ) -> list[str]:
-        kind = SHAPES if concept in SHAPES else COLORS if concept in COLORS else ()
-        return [c for c in kind if c != concept and c not in erased]
+        family = SHAPES if concept in SHAPES else tuple(COLORS) if concept in COLORS else ()
+        return [c for c in family if c != concept and c not in erased]
 
     def judge(self, classifier: Any) -> ShapesJudge | None:
         return ShapesJudge(classifier) if classifier is not None else None

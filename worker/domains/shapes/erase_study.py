@@ -5,7 +5,8 @@
 
 Each run trains ESD on the registry's ``shapes-sd`` (as an erase job does, without the
 queue) and measures the ESD paper's Table 2 protocol with ``shapes-clf``: accuracy on every
-concept's "a {colour} {shape}" prompts, and on the erased concept's long rephrasings.
+concept's "a {colour} {shape}" prompts, and on the erased concept's long rephrasings; and the
+neighbour prompts' same-seed drift (PSNR, SSIM) as an erase job's evidence reports it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 
 from worker.context import get_context
 from worker.defaults import ensure_default_models
+from worker.domains import get_domain
 from worker.domains.shapes.erasure import erasure_report
 from worker.domains.shapes.render import SHAPES
 from worker.esd import ESDConfig, ESDTrainer
+from worker.evidence import Drawing
 from worker.prompts import training_prompts
 from worker.variants import build_variant
 
@@ -32,8 +35,12 @@ def main() -> None:
     parser.add_argument("--train-prompts", nargs="+", default=["varied"])
     parser.add_argument("--iterations", type=int, nargs="+", default=[200])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3])
-    parser.add_argument("--preserve", nargs="+", choices=["on", "off"], default=["off"],
+    parser.add_argument("--preserve", nargs="+", choices=["on", "off"], default=["on"],
                         help="hold the neighbouring concepts' prompts (see worker.prompts)")
+    parser.add_argument("--preserve-weight", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--preserve-trajectory", nargs="+", choices=["on", "off"],
+                        default=["off"], help="hold neighbours at x_t from their own "
+                        "trajectories (worker.esd.ESDConfig.preserve_trajectory)")
     parser.add_argument("--ddim-steps", type=int, default=30)
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--baseline", action="store_true", help="also report the base model")
@@ -46,6 +53,9 @@ def main() -> None:
     base, _ = ctx.cache.get(args.model)
     clf, _ = ctx.cache.get(manifest["evaluator"])
     concepts = list(args.concept)
+    d = manifest["defaults"]
+    drawing = Drawing(base, get_domain(manifest.get("domain")), concepts, guidance,
+                      d["steps"], (d["height"], d["width"]))
 
     def summary(report: dict) -> dict:
         acc = report["accuracy"]
@@ -58,12 +68,14 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, keep, iters, lr in itertools.product(
-            args.method, args.train_prompts, args.preserve, args.iterations, args.lr):
+    for method, style, keep, iters, lr, weight, own in itertools.product(
+            args.method, args.train_prompts, args.preserve, args.iterations, args.lr,
+            args.preserve_weight, args.preserve_trajectory):
         cfg = ESDConfig(concepts=tuple(concepts),
                         prompts=training_prompts(concepts, style, manifest.get("domain"),
                                                  preserve=keep == "on"),
                         method=method, iterations=iters, learning_rate=lr,
+                        preserve_weight=weight, preserve_trajectory=own == "on",
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
@@ -71,10 +83,15 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         variant = build_variant(base, trainer.delta(), args.model).pipe
         report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
+        drift = drawing.drift(variant) or {}
         print(json.dumps({"run": {"method": method, "train_prompts": style,
-                                  "preserve": keep, "iterations": iters, "lr": lr,
+                                  "preserve": keep, "preserve_weight": weight,
+                                  "preserve_trajectory": own,
+                                  "iterations": iters, "lr": lr,
                                   "ddim_steps": args.ddim_steps},
-                          "train_s": round(train_s, 1)} | summary(report)), flush=True)
+                          "train_s": round(train_s, 1),
+                          "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")}}
+                         | summary(report)), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def concept_prompts(concept: str, form: str = "color") -> list[tuple[str, str, s
     return out
 
 
-def concept_accuracy(pipe: Any, clf: Any, concept: str, per_prompt: int = 4,
-                     form: str = "color", steps: int = 30, guidance: float = 4.0,
+def concept_accuracy(pipe: Any, clf: Any, concept: str, guidance: float, per_prompt: int = 4,
+                     form: str = "color", steps: int = 30,
                      seed: int = 0, batch: int = 48, negative_prompt: str | None = None
                      ) -> float:
     """Share of images for prompts naming ``concept`` that the classifier says show it."""
@@ -54,8 +54,8 @@ def concept_accuracy(pipe: Any, clf: Any, concept: str, per_prompt: int = 4,
 PROTOCOL = 2
 
 
-def erasure_report(pipe: Any, clf: Any, erased: list[str], per_prompt: int = 4,
-                   guidance: float = 4.0, include_full: bool = True,
+def erasure_report(pipe: Any, clf: Any, erased: list[str], per_prompt: int,
+                   guidance: float, include_full: bool = True,
                    negative_prompt: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Accuracy on every concept; for the erased ones, also on the long-prompt rephrasings;
     and FID / precision / recall against rendered references on the prompts that name no
@@ -93,7 +93,7 @@ def erasure_report(pipe: Any, clf: Any, erased: list[str], per_prompt: int = 4,
             "fid_floor": fid(real, judge.features(references(kept_prompts, seed + 2)))}
     if include_full:
         report["accuracy_full_prompts"] = {
-            c: concept_accuracy(pipe, clf, c, max(1, per_prompt // 2), form="full",
-                                guidance=guidance, negative_prompt=negative_prompt)
+            c: concept_accuracy(pipe, clf, c, guidance, max(1, per_prompt // 2), form="full",
+                                negative_prompt=negative_prompt)
             for c in erased if c in SHAPES or c in COLORS}
     return report

@@ -29,7 +29,7 @@ PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # the 24 colour×shape promp
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
@@ -48,7 +48,7 @@ def upscale(pipe: StableDiffusionUpscalePipeline, images: np.ndarray, prompts: l
 
 
 def downsample(images: np.ndarray, side: int = 32) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BOX))
+    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BOX))
                      for im in images])
 
 
@@ -112,7 +112,7 @@ def main() -> None:
     up = upscale(x4, low, hi_prompts, steps=steps, noise_level=level)
     # Also a 20-step sample: sharper detail, but a sample, not the mean PSNR rewards.
     sampled = upscale(x4, low, hi_prompts, steps=20, noise_level=20)
-    bic = np.stack([np.asarray(Image.fromarray(lo).resize((128, 128), Image.BICUBIC))
+    bic = np.stack([np.asarray(Image.fromarray(lo).resize((128, 128), Image.Resampling.BICUBIC))
                     for lo in low])
 
     def mean_psnr(images: np.ndarray) -> float:
@@ -137,7 +137,7 @@ def main() -> None:
     k = min(args.per_prompt, 8)
     grid = samples[best].reshape(len(PROMPTS), args.per_prompt, 32, 32, 3)[:, :k]
     sheet = grid.transpose(0, 2, 1, 3, 4).reshape(len(PROMPTS) * 32, k * 32, 3)
-    Image.fromarray(sheet).resize((k * 64, len(PROMPTS) * 64), Image.NEAREST).save(
+    Image.fromarray(sheet).resize((k * 64, len(PROMPTS) * 64), Image.Resampling.NEAREST).save(
         out / "contact_sheet.png")
     up_sheet = np.concatenate([np.concatenate(list(bic[:6]), 1),
                                np.concatenate(list(up[:6]), 1),

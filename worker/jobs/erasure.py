@@ -1,0 +1,239 @@
+"""The erase job: an ESD fine-tune of a base model, published as a new model (a UNet
+delta) with its evidence: a same-seed comparison grid, the neighbour prompts' drift
+measured during training and at the end, and, where the base names an evaluator, every
+concept's accuracy before and after."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app import jobfiles
+from app.errors import ModelExists
+from app.jobspecs import EraseJob
+from app.registry import Registry
+from worker.context import WorkerContext, get_context
+from worker.jobs.base import image_entry, job_function, job_id, save_png
+from worker.progress import Reporter
+
+log = logging.getLogger("lethe.worker.jobs")
+
+# Images per prompt in an erase job's report: 48 per shape and 32 per colour on the
+# "a {colour} {shape}" prompts, so one image moves a rate by about 2 to 3 points.
+EVAL_PER_PROMPT = 8
+
+
+def drift_points(iterations: int, checks: int) -> list[int]:
+    """The iterations after which the neighbours' drift is measured: ``checks`` of them
+    spread evenly before the end (the end's own is the evidence's)."""
+    return sorted({round(iterations * k / (checks + 1)) for k in range(1, checks + 1)}
+                  - {0, iterations})
+
+
+def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob, base_manifest: dict,
+                      delta: dict[str, torch.Tensor], reporter: Reporter) -> dict:
+    """Every concept's accuracy, and FID / precision / recall on the prompts the edit should
+    leave alone, for the base (cached on its manifest), the edit, and the base with the
+    concepts as a negative prompt: the inference-time way to avoid them, which the paper
+    compares fine-tuning with."""
+    from worker.domains import get_domain
+    from worker.variants import build_variant
+
+    domain = get_domain(spec.domain)
+    assert spec.evaluator is not None  # the API sets evaluate only with an evaluator
+    clf, _ = ctx.cache.get(spec.evaluator)
+    base, _ = ctx.cache.get(spec.base_model)
+    concepts = list(spec.concepts)
+    negative = ", ".join(concepts)
+    metrics = base_manifest.get("metrics") or {}
+
+    def cached(kind: str, negative_prompt: str | None) -> dict:
+        # Per set of erased concepts: the untouched prompts, and so the report, depend on it.
+        nonlocal metrics
+        key = f"{kind}:{','.join(sorted(concepts))}"
+        reports = metrics.get("erasure_baselines") or {}
+        report = reports.get(key)
+        if (not report or report.get("protocol") != domain.report_protocol
+                or report.get("per_prompt") != EVAL_PER_PROMPT
+                or report.get("guidance") != spec.draw_guidance):
+            report = domain.erasure_report(base, clf, concepts, EVAL_PER_PROMPT,
+                                           spec.draw_guidance, negative_prompt=negative_prompt)
+            metrics = metrics | {"erasure_baselines": reports | {key: report}}
+            ctx.registry.update_manifest(spec.base_model, metrics=metrics)
+        return report
+
+    reporter.progress(0, 3, "evaluating", force=True)
+    before = cached("base", None)
+    reporter.check()
+    reporter.progress(1, 3, "evaluating", force=True)
+    negative_baseline = cached("negative_prompt", negative)
+    reporter.check()
+    reporter.progress(2, 3, "evaluating", force=True)
+    variant = build_variant(base, delta, spec.base_model).pipe
+    after = domain.erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, spec.draw_guidance)
+    return {"before": before, "after": after, "negative_prompt": negative_baseline,
+            "erased": concepts}
+
+
+def _save_checkpoint(trainer: Any, drift: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(trainer.checkpoint() | {"drift": drift}, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint whole
+
+
+def _publish(registry: Registry, name: str, given: bool, manifest: dict,
+             delta: dict[str, torch.Tensor]) -> str:
+    """Write the edit as model ``name``; a derived name taken meanwhile (by another erase
+    of the same concepts) moves on to the next free one. Returns the id written."""
+    from worker.variants import save_delta
+
+    while True:
+        if not given:
+            name = registry.free_id(name)
+        try:
+            with registry.create(name, manifest) as staging:
+                save_delta(delta, staging)
+            return name
+        except ModelExists:
+            if given:
+                raise
+
+
+def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
+    """What the edited model's manifest says of how it was made."""
+    edit = spec.model_dump(include={
+        "method", "concepts", "iterations", "learning_rate", "negative_guidance",
+        "erase_from", "seed", "ddim_steps", "start_guidance", "train_prompts", "preserve",
+        "preserve_weight", "concept_kind", "preserve_prompts"})
+    edit["prompts"] = [{"prompt": p.prompt, "anchor": p.anchor}
+                       | ({"preserve": p.preserve} if p.preserve else {})
+                       for p in dict.fromkeys(prompts)]
+    return edit | {"algorithm": "ESD (Gandikota et al., ICCV 2023)"}
+
+
+@job_function(EraseJob)
+def erase(spec: EraseJob, reporter: Reporter) -> dict:
+    """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
+    from worker.domains import get_domain
+    from worker.esd import ESDConfig, ESDTrainer
+    from worker.evidence import Drawing
+    from worker.prompts import training_prompts
+    from worker.variants import build_variant
+
+    ctx = get_context()
+    this = job_id()
+    registry = ctx.registry
+    base_manifest = registry.get(spec.base_model)
+    if registry.exists(spec.name) and spec.name_given:
+        raise ModelExists(f"`name` {spec.name!r} is taken: a model with that id exists")
+    total = spec.iterations
+    reporter.progress(0, total, "loading", force=True)
+    pipe, _ = ctx.cache.get(spec.base_model)
+    prompts = training_prompts(spec.concepts, spec.train_prompts, spec.domain,
+                               preserve=spec.preserve, kind=spec.concept_kind,
+                               preserve_prompts=spec.preserve_prompts)
+    cfg = ESDConfig(
+        concepts=tuple(spec.concepts), prompts=prompts, method=spec.method, iterations=total,
+        learning_rate=spec.learning_rate, negative_guidance=spec.negative_guidance,
+        preserve_weight=spec.preserve_weight, erase_from=spec.erase_from,
+        ddim_steps=spec.ddim_steps, start_guidance=spec.start_guidance, seed=spec.seed,
+        height=spec.height, width=spec.width,
+    )
+    trainer = ESDTrainer(pipe, cfg)
+    ckpt = jobfiles.checkpoint_path(ctx.settings, this)
+    resumed_from = None
+    drift: list[dict] = []  # the neighbours' drift at each check during training
+    if ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        trainer.restore(saved)
+        drift = list(saved.get("drift") or [])
+        resumed_from = trainer.state.iteration
+        reporter.set_meta(resumed_from=resumed_from)
+        log.info("job %s resumes at iteration %d", this, trainer.state.iteration)
+    # The base's drawings of the evidence rows, made once: each drift check draws only the
+    # neighbour rows again, with the model as trained so far.
+    reporter.progress(trainer.state.iteration, total, "drawing the base", force=True)
+    drawing = Drawing(pipe, get_domain(spec.domain), list(spec.concepts),
+                      guidance=spec.draw_guidance, steps=spec.draw_steps,
+                      size=(spec.height, spec.width), seed=spec.seed, kind=spec.concept_kind,
+                      preserve_prompts=spec.preserve_prompts)
+    checks = set(drift_points(total, spec.drift_checks)) if drawing.kept else set()
+    every = max(1, ctx.settings.checkpoint_every)
+    t0 = time.perf_counter()
+
+    def on_step(i: int, loss: float) -> None:
+        reporter.check()
+        recent = trainer.state.losses[-20:]
+        reporter.progress(i, total, "training", loss=round(sum(recent) / len(recent), 6))
+        if i in checks:
+            moved = drawing.drift(build_variant(pipe, trainer.delta(), spec.base_model).pipe)
+            assert moved is not None  # there are neighbour rows
+            drift.append({"iteration": i, "psnr": moved["psnr"], "ssim": moved["ssim"]})
+            reporter.set_meta(drift=drift)
+            log.info("job %s: neighbours' drift at %d: PSNR %s, SSIM %s", this, i,
+                     moved["psnr"], moved["ssim"])
+        if i % every == 0 and i < total:
+            _save_checkpoint(trainer, drift, ckpt)
+
+    trainer.train(on_step)
+    train_s = time.perf_counter() - t0
+    reporter.progress(total, total, "saving", force=True)
+    losses = trainer.state.losses
+    delta = trainer.delta()
+    manifest: dict[str, Any] = {
+        "kind": "text-to-image", "format": "delta",
+        "base": {"id": spec.base_model, "digest": base_manifest["digest"]},
+        "edit": _edit_record(spec, prompts),
+        "training": {"loss_first": losses[0] if losses else None,
+                     "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                     "seconds": round(train_s, 1), "job": this},
+        "defaults": base_manifest.get("defaults"), "limits": base_manifest.get("limits"),
+        # An edit draws the same domain: it is measured the same way (POST /evaluate).
+        "domain": base_manifest.get("domain"), "evaluator": base_manifest.get("evaluator"),
+    }
+    if spec.evaluate and spec.evaluator:
+        manifest["metrics"] = {
+            "erasure": _evaluate_erasure(ctx, spec, base_manifest, delta, reporter)}
+    grid_entry, manifest["evidence"] = _erase_evidence(ctx, spec, pipe, delta, drawing, this,
+                                                       reporter)
+    final = manifest["evidence"]["drift"]
+    if final is not None:
+        drift.append({"iteration": total, "psnr": final["psnr"], "ssim": final["ssim"]})
+    manifest["training"]["drift"] = drift
+    name = _publish(registry, spec.name, spec.name_given, manifest, delta)
+    ckpt.unlink(missing_ok=True)
+    reporter.progress(total, total, "done", force=True)
+    return {"model": name, "base": spec.base_model, "links": {"model": f"/models/{name}"},
+            "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
+            "resumed_from": resumed_from, "images": [grid_entry],
+            "evidence": manifest["evidence"], "drift": drift}
+
+
+def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torch.Tensor],
+                    drawing: Any, this: str, reporter: Reporter) -> tuple[dict, dict]:
+    """The comparison grid (stored as the job's image 0) and its report, for every erase."""
+    from worker.domains import get_domain
+    from worker.evidence import evidence
+    from worker.variants import build_variant
+
+    reporter.progress(0, 1, "evidence", force=True)
+    edited = build_variant(pipe, delta, spec.base_model).pipe
+    clip = None
+    if ctx.settings.clip_model_path is not None:
+        from worker.features import ClipScorer
+
+        clip = ClipScorer(ctx.settings.clip_model_path, pipe.device)
+    grid, report = evidence(
+        pipe, edited, get_domain(spec.domain), list(spec.concepts),
+        guidance=spec.draw_guidance, steps=spec.draw_steps, size=(spec.height, spec.width),
+        seed=spec.seed, check=reporter.check, kind=spec.concept_kind,
+        preserve_prompts=spec.preserve_prompts, clip=clip, drawing=drawing)
+    save_png(grid, jobfiles.output_dir(ctx.settings, this) / "grid.png")
+    entry = image_entry(this, 0, "grid.png", grid, spec.seed, role="grid")
+    return entry, report | {"grid": entry["url"], "job": this}
