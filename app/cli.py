@@ -60,16 +60,16 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(export_model(registry, args.id, Path(args.to), args.dtype))
 
 
-# What `lethe train` builds, by the name of the domain that trains it.
-TRAINABLE = {"demo": "shapes"}
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    from worker.domains import get_domain
+    from worker.domains import DOMAINS, get_domain
 
-    domain = get_domain(TRAINABLE[args.what])
-    trained = domain.train(Path(args.out), seed=args.seed,  # type: ignore[attr-defined]
-                           threads=args.threads, scale=args.scale)
+    if args.domain not in DOMAINS:
+        raise SystemExit(f"no domain {args.domain!r}; the domains are {sorted(DOMAINS)}")
+    domain = get_domain(args.domain)
+    if not hasattr(domain, "train"):
+        raise SystemExit(f"domain {args.domain!r} has no models of its own to train")
+    trained = domain.train(Path(args.out), seed=args.seed, threads=args.threads,
+                           scale=args.scale)
     for model_id, path in trained.items():
         print(f"{model_id}: {path}")
 
@@ -181,9 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train models")
-    p.add_argument("what", choices=sorted(TRAINABLE),
-                   help="demo: the shapes family, from scratch")
+    p = sub.add_parser("train", help="train a domain's own models from scratch")
+    p.add_argument("domain", help="a domain that ships models of its own (worker.domains)")
     p.add_argument("--out", required=True, help="folder for the trained model folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0,
@@ -214,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model")
     p.add_argument("--prompt", action="append", help="a prompt to draw (repeatable)")
-    p.add_argument("--prompt-set", help="a named set of the model's domain "
-                   "(shapes: shapes-color, shapes-full, shapes-shape)")
+    p.add_argument("--prompt-set", help="a named set of the model's domain (GET /domains)")
     p.add_argument("--images-per-prompt", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--metric", action="append",

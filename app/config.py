@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         "`clip_score`.")
     inception_path: Path | None = Field(
         None, description="A TorchScript file mapping uint8 N×3×H×W images to N×D features "
-        "(Inception-v3 pool features) for FID and precision/recall outside the shapes domain.")
+        "(Inception-v3 pool features) for FID and precision/recall where the model's domain has "
+        "no judge of its own.")
     max_eval_images: int = Field(2000, description="Most images one evaluation may draw.")
 
     torch_threads: int = Field(0, ge=0, description="CPU threads a worker's torch uses; 0: "

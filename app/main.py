@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
-from app.api.routes import health, jobs, models, upscale
+from app.api.routes import domains, health, jobs, models, upscale
 from app.config import get_settings
 from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
 from app.openapi import with_error_schemas
@@ -55,6 +55,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(upscale.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
+    app.include_router(domains.router, dependencies=protected)
     with_error_schemas(app)
     return app
 

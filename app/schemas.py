@@ -158,14 +158,14 @@ class EvaluateCreate(_Strict):
     prompts: list[Annotated[str, Field(max_length=1000)]] | None = Field(
         None, min_length=1, max_length=500, description="The prompts to draw; or `prompt_set`.")
     prompt_set: ModelId | None = Field(
-        None, description="A named set of the model's domain (the shapes domain has "
-        "shapes-color, shapes-full, shapes-shape); default: the domain's, if it has one.")
+        None, description="A named set of the model's domain (GET /domains lists each "
+        "domain's sets); default: the domain's, if it has one.")
     images_per_prompt: int = Field(8, ge=1, le=256)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Image j uses seed + j.")
     metrics: list[Metric] | None = Field(
         None, min_length=1, json_schema_extra={"uniqueItems": True},
-        description="Default: the model's domain's (shapes: fid, precision_recall, "
-        "attribute_score, accuracy; any other model: clip_score).")
+        description="Default: the model's domain's (GET /domains; a model of no named "
+        "domain: clip_score).")
     reference: ModelId | None = Field(
         None, description="'render' (a domain that renders its own scenes: seeded renders of "
         "each prompt) or the name of a folder under $LETHE_HOME/references/ holding real "

@@ -52,7 +52,7 @@ def ensure_default_models(registry: Registry) -> list[str]:
             log.info("registered %s", model_id)
         except ModelExists:
             pass  # another worker won the race; its copy is identical
-    # Models a domain ships in its package (the shapes family's trained weights).
+    # Models a domain ships in its package (a demo family's trained weights).
     shipped = {model_id: entry for name in DOMAINS
                for model_id, entry in getattr(get_domain(name), "shipped", dict)().items()}
     for model_id, (folder, manifest) in shipped.items():

@@ -1,6 +1,6 @@
-"""Feature extractors and scorers for real (non-shapes) models, loaded from local paths only.
+"""Feature extractors and scorers for models of the generic domain, from local paths only.
 
-The shapes family measures itself with ``shapes-clf`` (``worker.domains.shapes.judge``). A Stable
+A domain with a judge of its own measures with it (``worker.domains``). A Stable
 Diffusion model needs the usual instruments, which the operator provides on disk (nothing
 is downloaded): Inception-v3 pool features for FID and precision/recall, as a TorchScript
 file; a CLIP model folder for CLIP score.

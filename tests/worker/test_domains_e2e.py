@@ -37,6 +37,9 @@ def toy_worker(home, worker, monkeypatch):
 
 def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
     assert "toy" in toy_worker.domains()  # published by the worker that knows it
+    offer = http.get("/domains").json()  # and what a client reads of it
+    assert offer["toy"]["prompt_sets"] == {"toy-pair": 2}
+    assert offer["generic"]["default_metrics"] == ["clip_score"]
 
     # evaluate: the domain's default prompt set, metric and judge.
     r = http.post("/evaluate", json={"model": "toy-sd", "images_per_prompt": 3})

@@ -15,7 +15,7 @@ from worker.domains.shapes.render import COLORS, SHAPES
 
 # The trained family ships inside the package (models/<id>/ beside this file).
 DEMO_DIR = Path(__file__).parent / "models"
-_DEMO_SOURCE = ("trained by `lethe train demo` (worker/domains/shapes/train.py); see "
+_DEMO_SOURCE = ("trained by `lethe train shapes` (worker/domains/shapes/train.py); see "
                 "worker/domains/shapes/models")
 DEMO_MANIFESTS: dict[str, dict] = {
     "shapes-sd": {
@@ -107,7 +107,7 @@ class ShapesDomain:
 
     def train(self, out: Path, seed: int = 0, threads: int = 0, scale: float = 1.0
               ) -> dict[str, Path]:
-        """``lethe train demo``: the family from scratch (``scale`` < 1 for a smoke run)."""
+        """``lethe train shapes``: the family from scratch (``scale`` < 1 for a smoke run)."""
         from worker.domains.shapes.train import DemoConfig, train_demo
 
         cfg = DemoConfig(seed=seed, threads=threads)

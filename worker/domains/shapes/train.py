@@ -1,4 +1,4 @@
-"""``lethe train demo``: train the "shapes" family from scratch, seeded, on a CPU.
+"""``lethe train shapes``: train the "shapes" family from scratch, seeded, on a CPU.
 
 Four recipes, each a loop with a progress line:
 

@@ -1,4 +1,4 @@
-"""`lethe train demo` end to end at a tiny scale: every model it writes loads and runs."""
+"""`lethe train shapes` end to end at a tiny scale: every model it writes loads and runs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    main(["train", "demo", "--out", str(out), "--scale", "0.003"])
+    main(["train", "shapes", "--out", str(out), "--scale", "0.003"])
     return out
 
 

@@ -1,0 +1,21 @@
+"""What each model domain offers, as the workers published it (``worker.domains``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.api.deps import RegistryDep
+from app.openapi import errors
+from app.params import GENERIC, GENERIC_INFO
+
+router = APIRouter(prefix="/domains", tags=["models"], responses=errors(401))
+
+
+@router.get("")
+def list_domains(registry: RegistryDep) -> dict[str, dict[str, Any]]:
+    """Each domain by name: its named prompt sets and their sizes, its default metrics,
+    whether `preserve` applies, the concept kinds it knows. A model's manifest names its
+    domain (`domain`); a model that names none is measured as `generic`."""
+    return {GENERIC: GENERIC_INFO} | registry.domains()
