@@ -21,6 +21,7 @@ DRAW_SIDE = 512
 
 # ESD's hyper-parameters when the base model's manifest names none (the paper's, for
 # Stable Diffusion 1.4: 1000 iterations at 1e-5, a 50-step DDIM trajectory at guidance 3).
+ERASE_METHOD = "esd-x"
 ERASE_ITERATIONS = 1000  # per concept
 ERASE_LEARNING_RATE = 1e-5
 ERASE_DDIM_STEPS = 50

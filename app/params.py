@@ -119,8 +119,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             f"({manifest['kind']}, {manifest['format']})"
         )
     defaults = dict(manifest.get("erase_defaults") or {})
+    method = body.method or defaults.get("method") or d.ERASE_METHOD
     # A method may need its own step size (esd-u trains far more weights than esd-x).
-    defaults |= (defaults.pop("by_method", None) or {}).get(body.method, {})
+    defaults |= (defaults.pop("by_method", None) or {}).get(method, {})
     evaluator = manifest.get("evaluator")
     if body.evaluate and not evaluator:
         raise InvalidParams(
@@ -128,6 +129,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             "domain) in its manifest"
         )
     params = body.model_dump()
+    params["method"] = method
     params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate
     params["evaluator"] = evaluator
     params["base_model"] = base_id

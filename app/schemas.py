@@ -102,7 +102,10 @@ class EraseCreate(_Strict):
     concepts: list[Concept] = Field(..., min_length=1, max_length=8, examples=[["triangle"]],
                                     json_schema_extra={"uniqueItems": True},
                                     description="Distinct, ignoring case.")
-    method: EraseMethod = "esd-x"
+    method: EraseMethod | None = Field(
+        None, description="Which weights train: esd-x (cross-attention), esd-x-strict (its "
+        "keys and values only), esd-u (everything else), esd-all. Default: the model's, "
+        "else esd-x (the paper's for one concept).")
     iterations: int | None = Field(None, ge=1, le=100_000, description="Default: the model's "
                                    "(else the paper's 1000) per concept.")
     learning_rate: float | None = Field(None, gt=0, le=1, description="Default: the model's "

@@ -130,3 +130,18 @@ def test_preservation_holds_the_neighbours_prediction(pipe):
     # erased prompt still moves (0.51×), so the two kinds of prompt part ways.
     assert held_kept < 0.3 * free_kept, (held_kept, free_kept)
     assert held_erased > 0.3 * free_erased, (held_erased, free_erased)
+
+
+def test_a_neighbour_can_be_held_at_points_of_its_own_trajectory(pipe):
+    prompts = (ESDPrompt("a red circle", "a red circle", "a circle", "a orange circle"),)
+    cfg = ESDConfig(concepts=("red",), method="esd-x", iterations=8, learning_rate=1e-3,
+                    ddim_steps=4, seed=1, prompts=prompts, preserve_trajectory=True)
+    trainer = ESDTrainer(pipe, cfg)
+    samples = trainer._draw_block(0)
+    # Same noise and stop as the erased prompt's x_t, another prompt guiding the way there:
+    # the x_t differ wherever the trajectory took a step.
+    assert all(s[4] is not None and s[4].shape == s[0].shape for s in samples)
+    assert any(not torch.equal(s[0], s[4]) for s in samples)
+    plain = ESDTrainer(pipe, ESDConfig(**{**cfg.__dict__, "preserve_trajectory": False}))
+    assert all(s[4] is None for s in plain._draw_block(0))
+    assert len(trainer.train().losses) == 8
