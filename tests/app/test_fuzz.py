@@ -48,6 +48,7 @@ OPERATIONS = [
     ("GET", "/models"),
     ("GET", "/models/{model_id}"),
     ("DELETE", "/models/{model_id}"),
+    ("GET", "/domains"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
 ]
