@@ -56,7 +56,10 @@ def ensure_default_models(registry: Registry) -> list[str]:
     shipped = {model_id: entry for name in DOMAINS
                for model_id, entry in getattr(get_domain(name), "shipped", dict)().items()}
     for model_id, (folder, manifest) in shipped.items():
-        if registry.exists(model_id) or not folder.is_dir():
+        if registry.exists(model_id):
+            _refresh(registry, model_id, manifest)
+            continue
+        if not folder.is_dir():
             continue
         try:
             registry.import_folder(folder, model_id, manifest)
@@ -65,3 +68,16 @@ def ensure_default_models(registry: Registry) -> list[str]:
         except ModelExists:
             pass
     return added
+
+
+# Manifest fields a domain's package decides by experiment: a registry made by an earlier
+# version takes the package's current ones (the weights, and so the digest, are the same).
+REFRESHED = ("erase_defaults",)
+
+
+def _refresh(registry: Registry, model_id: str, shipped: dict) -> None:
+    current = registry.get(model_id)
+    fresh = {k: shipped[k] for k in REFRESHED if k in shipped and current.get(k) != shipped[k]}
+    if fresh:
+        registry.update_manifest(model_id, **fresh)
+        log.info("%s: %s updated from its package", model_id, ", ".join(fresh))

@@ -40,6 +40,16 @@ def test_registered_with_manifest_and_metrics(ctx):
     assert sd["metrics"]["generation"]["n"] >= 200
 
 
+def test_a_registry_from_an_earlier_version_takes_the_packages_erase_defaults(ctx):
+    from worker.domains.shapes.domain import DEMO_MANIFESTS
+
+    registry: Registry = ctx.registry
+    registry.update_manifest("shapes-sd", erase_defaults={"iterations": 1000})
+    assert ensure_default_models(registry) == []  # nothing added: the models are there
+    assert registry.get("shapes-sd")["erase_defaults"] == \
+        DEMO_MANIFESTS["shapes-sd"]["erase_defaults"]
+
+
 def test_classifier_is_right_on_fresh_renders(ctx):
     clf, _ = ctx.cache.get("shapes-clf")
     rng = np.random.default_rng(99)
