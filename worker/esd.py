@@ -113,6 +113,9 @@ class ESDConfig:
     # λ of the preservation term (prompts that carry one)
     preserve_weight: float = jobspecs.PRESERVE_WEIGHT
     # Hold a preserved prompt at x_t from its own trajectory, not from the erased concept's.
+    # Off: on shapes-sd (erasing triangle) it left the neighbours' same-seed drift worse,
+    # PSNR 10.6 against 13.7 dB with esd-x and 17.6 against 21.3 with esd-x-strict
+    # (python -m worker.domains.shapes.erase_study --preserve-trajectory on off).
     preserve_trajectory: bool = False
     erase_from: str | None = None
     ddim_steps: int = jobspecs.ERASE_DDIM_STEPS

@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--preserve", nargs="+", choices=["on", "off"], default=["on"],
                         help="hold the neighbouring concepts' prompts (see worker.prompts)")
     parser.add_argument("--preserve-weight", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--eta", type=float, nargs="+", default=[1.0],
+                        help="negative guidance η of the ESD target")
     parser.add_argument("--preserve-trajectory", nargs="+", choices=["on", "off"],
                         default=["off"], help="hold neighbours at x_t from their own "
                         "trajectories (worker.esd.ESDConfig.preserve_trajectory)")
@@ -68,14 +70,15 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, keep, iters, lr, weight, own in itertools.product(
+    for method, style, keep, iters, lr, weight, own, eta in itertools.product(
             args.method, args.train_prompts, args.preserve, args.iterations, args.lr,
-            args.preserve_weight, args.preserve_trajectory):
+            args.preserve_weight, args.preserve_trajectory, args.eta):
         cfg = ESDConfig(concepts=tuple(concepts),
                         prompts=training_prompts(concepts, style, manifest.get("domain"),
                                                  preserve=keep == "on"),
                         method=method, iterations=iters, learning_rate=lr,
                         preserve_weight=weight, preserve_trajectory=own == "on",
+                        negative_guidance=eta,
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
@@ -86,7 +89,7 @@ def main() -> None:
         drift = drawing.drift(variant) or {}
         print(json.dumps({"run": {"method": method, "train_prompts": style,
                                   "preserve": keep, "preserve_weight": weight,
-                                  "preserve_trajectory": own,
+                                  "preserve_trajectory": own, "eta": eta,
                                   "iterations": iters, "lr": lr,
                                   "ddim_steps": args.ddim_steps},
                           "train_s": round(train_s, 1),
