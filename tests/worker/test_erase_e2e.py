@@ -13,6 +13,7 @@ from PIL import Image
 
 from app.testing import start_worker
 from tests.support import wait_job
+from tests.worker.test_features import clip_folder  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +134,30 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     # It picked up at its last checkpoint (every 50 iterations), not at iteration zero.
     assert done["result"]["iterations"] == 300
     assert 100 <= done["result"]["resumed_from"] < 300, done["result"]
+    # The drift measured before the kill came back with the checkpoint.
+    assert [d["iteration"] for d in done["result"]["drift"]] == [75, 150, 225, 300]
+
+
+def test_with_a_clip_model_the_evidence_carries_clips_verdicts(http, home, worker,
+                                                             clip_folder, monkeypatch):  # noqa: F811
+    from app.testing import stop_worker
+
+    stop_worker(worker.proc)
+    monkeypatch.setenv("LETHE_CLIP_MODEL_PATH", str(clip_folder))
+    proc = start_worker("test-clip", log=home / "worker-clip.log")
+    monkeypatch.delenv("LETHE_CLIP_MODEL_PATH")
+    try:
+        job = wait_job(http, erase(http, name="tiny-no-red-clip", iterations=4),
+                       timeout_s=300)
+    finally:
+        stop_worker(proc)
+        worker.proc = start_worker("test-main", log=home / "worker-main.log")
+    assert job["status"] == "succeeded", job
+    evidence = job["result"]["evidence"]
+    assert "clip_note" not in evidence  # nothing missing to name
+    for kind in ("erased", "neighbour"):  # two rows of each, four seeds a row
+        scores = evidence["clip"][kind]
+        assert scores["images"] == 8 and 0 <= scores["before"] <= 1 and 0 <= scores["after"] <= 1
 
 
 def test_lethe_erase_command_runs_through_the_api(live_url, worker, capsys):
