@@ -82,8 +82,10 @@ def _client(url: str) -> LetheClient:
 def _show(job: dict) -> None:
     p = job.get("progress") or {}
     loss = f" loss {p['loss']:.4f}" if "loss" in p else ""
+    drift = p.get("drift") or {}
+    moved = f" neighbours' PSNR {drift['psnr']} dB" if drift.get("psnr") else ""
     print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
-          f"{p.get('total', 0)}{loss}   ", end="", file=sys.stderr)
+          f"{p.get('total', 0)}{loss}{moved}   ", end="", file=sys.stderr)
 
 
 def _submit_and_wait(client: LetheClient, path: str, body: dict) -> dict:

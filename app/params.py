@@ -138,6 +138,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         defaults.get("iterations", d.ERASE_ITERATIONS) * len(body.concepts))
     params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate",
                                                                       d.ERASE_LEARNING_RATE)
+    if body.negative_guidance is None:
+        params["negative_guidance"] = defaults.get("negative_guidance",
+                                                   d.ERASE_NEGATIVE_GUIDANCE)
     params["ddim_steps"] = defaults.get("ddim_steps", d.ERASE_DDIM_STEPS)
     params["start_guidance"] = defaults.get("start_guidance", d.ERASE_START_GUIDANCE)
     params["preserve_weight"] = defaults.get("preserve_weight", d.PRESERVE_WEIGHT)

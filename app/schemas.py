@@ -110,8 +110,10 @@ class EraseCreate(_Strict):
                                    "(else the paper's 1000) per concept.")
     learning_rate: float | None = Field(None, gt=0, le=1, description="Default: the model's "
                                         "for the method (else the paper's 1e-5).")
-    negative_guidance: float = Field(ERASE_NEGATIVE_GUIDANCE, ge=0, le=100,
-                                     description="η in the ESD paper.")
+    negative_guidance: float | None = Field(
+        None, ge=0, le=100, description="η in the ESD paper: how far the edit steers away "
+        "from the concept. Default: the model's, else the paper's "
+        f"{ERASE_NEGATIVE_GUIDANCE}.")
     erase_from: str | None = Field(None, min_length=1, max_length=200)
     train_prompts: Literal["varied", "plain"] = Field(
         "varied", description="varied: train each concept inside the prompts it appears in "
@@ -193,11 +195,21 @@ class EvaluateCreate(_Strict):
         return self
 
 
+class Drift(BaseModel):
+    iteration: int
+    psnr: float | None = Field(None, description="None: the images did not move at all.")
+    ssim: float
+
+
 class Progress(BaseModel):
     step: int
     total: int
     fraction: float
     stage: str
+    loss: float | None = Field(None, description="An erase's mean loss over its last 20 "
+                               "iterations.")
+    drift: Drift | None = Field(None, description="An erase's latest same-seed drift check "
+                                "of the neighbour prompts.")
 
 
 class JobLinks(BaseModel):

@@ -120,12 +120,16 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     while True:
         job = http.get(f"/jobs/{job_id}").json()
         seen_partial |= "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
-        if (job.get("progress") or {}).get("step", 0) >= 120:
+        progress = job.get("progress") or {}
+        if progress.get("step", 0) >= 120:
             break
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     worker.proc = start_worker("test-main", log=home / "worker-main.log")
+    # Past the first drift check (at 75), the running job showed it, and its loss.
+    assert (progress.get("drift") or {}).get("iteration") == 75, progress
+    assert progress["loss"] is not None
     # Generous: a 2-core CI machine runs the remaining iterations after a worker restart.
     done = wait_job(http, job_id, timeout_s=600)
     assert done["status"] == "succeeded", done

@@ -170,12 +170,14 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     def on_step(i: int, loss: float) -> None:
         reporter.check()
         recent = trainer.state.losses[-20:]
-        reporter.progress(i, total, "training", loss=round(sum(recent) / len(recent), 6))
+        shown = {"loss": round(sum(recent) / len(recent), 6)} | (
+            {"drift": drift[-1]} if drift else {})  # the latest check's
+        reporter.progress(i, total, "training", force=i in checks, **shown)
         if i in checks:
             moved = drawing.drift(build_variant(pipe, trainer.delta(), spec.base_model).pipe)
             assert moved is not None  # there are neighbour rows
             drift.append({"iteration": i, "psnr": moved["psnr"], "ssim": moved["ssim"]})
-            reporter.set_meta(drift=drift)
+            reporter.progress(i, total, "training", force=True, **shown | {"drift": drift[-1]})
             log.info("job %s: neighbours' drift at %d: PSNR %s, SSIM %s", this, i,
                      moved["psnr"], moved["ssim"])
         if i % every == 0 and i < total:

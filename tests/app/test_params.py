@@ -1,0 +1,53 @@
+"""Requests into job specs: what a model's manifest decides and what the request does."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import Settings
+from app.jobspecs import DRAW_GUIDANCE, ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, EraseJob
+from app.params import resolve_erase
+from app.registry import Registry
+from app.schemas import EraseCreate
+
+ERASE_DEFAULTS = {"method": "esd-x-strict", "negative_guidance": 2.0, "iterations": 600,
+                  "learning_rate": 5e-4,
+                  "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200,
+                                          "negative_guidance": 1.0}}}
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    for model_id, extra in (("tuned-sd", {"erase_defaults": ERASE_DEFAULTS,
+                                          "defaults": {"size": 64, "guidance_scale": 4.0}}),
+                            ("plain-sd", {})):
+        with registry.create(model_id, {"kind": "text-to-image", "format": "diffusers",
+                                        "base": None, **extra}):
+            pass
+    return registry
+
+
+def erase(registry: Registry, tmp_path, **body) -> EraseJob:
+    return resolve_erase(EraseCreate(concepts=["red"], **body), registry,
+                         Settings(home=tmp_path))
+
+
+def test_the_models_erase_defaults_decide_what_the_request_leaves_open(registry, tmp_path):
+    spec = erase(registry, tmp_path, base_model="tuned-sd")
+    assert (spec.method, spec.negative_guidance, spec.iterations, spec.learning_rate) == \
+        ("esd-x-strict", 2.0, 600, 5e-4)
+    assert (spec.height, spec.draw_guidance) == (64, 4.0)  # drawn as the model draws
+    # A method of the request takes that method's own defaults.
+    spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-u")
+    assert (spec.negative_guidance, spec.iterations, spec.learning_rate) == (1.0, 200, 1e-4)
+    # What the request says wins, a zero included.
+    spec = erase(registry, tmp_path, base_model="tuned-sd", negative_guidance=0.0)
+    assert spec.negative_guidance == 0.0
+
+
+def test_a_model_without_erase_defaults_gets_the_papers(registry, tmp_path):
+    spec = erase(registry, tmp_path, base_model="plain-sd")
+    assert (spec.method, spec.negative_guidance, spec.iterations, spec.learning_rate) == \
+        (ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, 1000, 1e-5)
+    assert (spec.height, spec.draw_guidance) == (512, DRAW_GUIDANCE)
