@@ -81,7 +81,7 @@ def _client(url: str) -> LetheClient:
 
 def _show(job: dict) -> None:
     p = job.get("progress") or {}
-    loss = f" loss {p['loss']:.4f}" if "loss" in p else ""
+    loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
     drift = p.get("drift") or {}
     moved = f" neighbours' PSNR {drift['psnr']} dB" if drift.get("psnr") else ""
     print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
