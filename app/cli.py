@@ -54,6 +54,10 @@ def cmd_models(args: argparse.Namespace) -> None:
         from worker.importer import pull_model
 
         _print(pull_model(registry, args.hub_id, args.id))
+    elif args.action == "export" and args.format == "lora":
+        from worker.exporter import export_lora
+
+        print(export_lora(registry, args.id, Path(args.to), rank=args.rank))
     elif args.action == "export":
         from worker.exporter import export_model
 
@@ -177,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download from a hub (machines with network only)")
     pull.add_argument("hub_id")
     pull.add_argument("--id", required=True)
-    exp = msub.add_parser("export", help="write a standalone diffusers folder (edits merged)")
+    exp = msub.add_parser("export", help="write a standalone diffusers folder (edits "
+                          "merged), or an edit as a LoRA file for its base")
     exp.add_argument("id")
-    exp.add_argument("--to", required=True, help="a new folder")
+    exp.add_argument("--to", required=True, help="a new folder (a .safetensors file: lora)")
+    exp.add_argument("--format", choices=["diffusers", "lora"], default="diffusers")
     exp.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    exp.add_argument("--rank", type=int, help="lora: factors per changed matrix (default: "
+                     "the least keeping 99%% of each difference's energy)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a domain's own models from scratch")

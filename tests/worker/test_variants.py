@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -95,3 +97,38 @@ def test_export_merges_the_delta_into_a_folder_plain_diffusers_loads(edit, tmp_p
         export_model(ctx.registry, "base-no-red", out)
     with pytest.raises(InvalidParams, match="`dtype` 'int8'"):
         export_model(ctx.registry, "base-no-red", tmp_path / "other", dtype="int8")
+
+
+def test_an_edit_exports_as_a_lora_file_its_base_loads(edit, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from app.cli import main
+    from app.config import get_settings
+
+    _, trainer = edit
+    ctx = context_with_edit(tmp_path, trainer)
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path))  # `lethe models` reads this registry
+    get_settings.cache_clear()
+    monkeypatch.setattr("app.config.get_settings", get_settings)
+    out = tmp_path / "no-red.safetensors"
+    main(["models", "export", "base-no-red", "--to", str(out), "--format", "lora",
+          "--rank", "1000"])  # past every matrix's size: the whole difference
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    # esd-x also trains to_out.0's bias, which no LoRA holds: the file says so.
+    assert all(name.endswith(".bias") for name in json.loads(meta["left_out"]))
+    assert min(json.loads(meta["kept_energy"]).values()) > 0.999
+    pipe = StableDiffusionPipeline.from_pretrained(ctx.registry.path("base"),
+                                                   local_files_only=True)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    merged = dict(pipe.unet.named_parameters())
+    for name, value in trainer.delta().items():
+        if name.endswith(".weight"):  # fp16 factors: close, not equal
+            torch.testing.assert_close(merged[name].detach(), value, atol=2e-3, rtol=1e-2)
+    with pytest.raises(SystemExit, match="not an edit"):
+        main(["models", "export", "base", "--to", str(tmp_path / "x.safetensors"),
+              "--format", "lora"])
+    get_settings.cache_clear()

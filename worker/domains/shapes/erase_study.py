@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--preserve-weight", type=float, nargs="+", default=[1.0])
     parser.add_argument("--eta", type=float, nargs="+", default=[1.0],
                         help="negative guidance η of the ESD target")
+    parser.add_argument("--lora-ranks", type=int, nargs="*", default=[],
+                        help="also measure the edit exported as a LoRA of these ranks, "
+                        "loaded onto a fresh base with diffusers' load_lora_weights")
     parser.add_argument("--preserve-trajectory", nargs="+", choices=["on", "off"],
                         default=["off"], help="hold neighbours at x_t from their own "
                         "trajectories (worker.esd.ESDConfig.preserve_trajectory)")
@@ -87,6 +90,10 @@ def main() -> None:
         variant = build_variant(base, trainer.delta(), args.model).pipe
         report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
         drift = drawing.drift(variant) or {}
+        for rank in args.lora_ranks:
+            print(json.dumps(lora_line(ctx, args.model, base, trainer.delta(), rank, clf,
+                                       concepts, args.per_prompt, guidance, summary)),
+                  flush=True)
         print(json.dumps({"run": {"method": method, "train_prompts": style,
                                   "preserve": keep, "preserve_weight": weight,
                                   "preserve_trajectory": own, "eta": eta,
@@ -95,6 +102,26 @@ def main() -> None:
                           "train_s": round(train_s, 1),
                           "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")}}
                          | summary(report)), flush=True)
+
+
+def lora_line(ctx, model: str, base, delta: dict, rank: int, clf, concepts: list[str],
+              per_prompt: int, guidance: float, summary) -> dict:
+    """The edit as a rank-``rank`` LoRA on a freshly loaded base, measured the same way."""
+    from worker.lora import lora_from_delta
+    from worker.pipelines import load_pipeline
+
+    originals = dict(base.unet.named_parameters())
+    export = lora_from_delta({n: originals[n].detach() for n in delta}, delta, rank=rank)
+    fresh = load_pipeline(ctx.registry.path(model), ctx.runtime)
+    fresh.load_lora_weights(export.state_dict)
+    fresh.fuse_lora()
+    fresh.unload_lora_weights()
+    size = sum(t.numel() * 2 for t in export.state_dict.values())  # as fp16
+    return {"lora_rank": rank, "matrices": len(export.ranks),
+            "kept_energy_min": round(min(export.kept_energy.values()), 4),
+            "left_out": export.left_out, "fp16_bytes": size,
+            "delta_fp16_bytes": sum(t.numel() * 2 for t in delta.values())} | summary(
+        erasure_report(fresh, clf, concepts, per_prompt, guidance))
 
 
 if __name__ == "__main__":
