@@ -106,7 +106,6 @@ class Drawing:
     def __init__(self, base: Any, domain: Any, concepts: list[str], guidance: float,
                  steps: int, size: tuple[int, int], seed: int = 0, kind: str | None = None,
                  preserve_prompts: list[str] | None = None):
-        self.base, self.concepts = base, concepts
         self.guidance, self.steps, self.size = guidance, steps, size
         self.rows = grid_rows(domain, concepts, kind=kind, preserve_prompts=preserve_prompts)
         self.prompts = [p for _, p in self.rows]

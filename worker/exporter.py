@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from app.errors import InvalidParams, ModelExists
 from app.registry import Registry
 from worker.esd import apply_delta
-from worker.lora import lora_from_delta
+from worker.lora import lora_of_edit
 from worker.pipelines import Runtime, load_pipeline
 from worker.variants import load_delta
 
@@ -97,10 +97,8 @@ def export_lora(registry: Registry, model_id: str, dest: Path, rank: int | None 
     _check_base(registry, model_id, manifest)
     base = load_pipeline(registry.path(manifest["base"]["id"]), Runtime.resolve("cpu",
                                                                                 "float32"))
-    delta = load_delta(registry.path(model_id))
-    originals = dict(base.unet.named_parameters())
-    export = lora_from_delta({n: originals[n].detach() for n in delta if n in originals},
-                             delta, rank=rank, energy=energy)
+    export = lora_of_edit(base.unet, load_delta(registry.path(model_id)), rank=rank,
+                          energy=energy)
     metadata = {"lethe": json.dumps(manifest), "ranks": json.dumps(export.ranks),
                 "kept_energy": json.dumps(export.kept_energy),
                 "left_out": json.dumps(export.left_out)}

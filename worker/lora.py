@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.errors import InvalidParams
+from worker.esd import delta_targets
 
 
 @dataclass
@@ -27,6 +28,14 @@ class LoraExport:
     # Per module, the share of ΔW's squared singular values the factors keep.
     kept_energy: dict[str, float]
     left_out: list[str] = field(default_factory=list)  # changed parameters no LoRA can hold
+
+
+def lora_of_edit(unet: torch.nn.Module, delta: dict[str, torch.Tensor],
+                 rank: int | None = None, energy: float = 0.99) -> LoraExport:
+    """``lora_from_delta`` against ``unet``'s own values of the delta's parameters (an
+    error naming any parameter this UNet lacks)."""
+    base = {name: p.detach() for name, p in delta_targets(unet, delta).items()}
+    return lora_from_delta(base, delta, rank=rank, energy=energy)
 
 
 def lora_from_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],

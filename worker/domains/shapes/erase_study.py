@@ -107,11 +107,10 @@ def main() -> None:
 def lora_line(ctx, model: str, base, delta: dict, rank: int, clf, concepts: list[str],
               per_prompt: int, guidance: float, summary) -> dict:
     """The edit as a rank-``rank`` LoRA on a freshly loaded base, measured the same way."""
-    from worker.lora import lora_from_delta
+    from worker.lora import lora_of_edit
     from worker.pipelines import load_pipeline
 
-    originals = dict(base.unet.named_parameters())
-    export = lora_from_delta({n: originals[n].detach() for n in delta}, delta, rank=rank)
+    export = lora_of_edit(base.unet, delta, rank=rank)
     fresh = load_pipeline(ctx.registry.path(model), ctx.runtime)
     fresh.load_lora_weights(export.state_dict)
     fresh.fuse_lora()
