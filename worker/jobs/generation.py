@@ -48,28 +48,30 @@ def run_generate(spec: GenerateJob, reporter: Reporter, job_id: str) -> dict:
     ctx = get_context()
     job = get_current_job()
     queued = spec.queued()
-    batchable = job is not None and batching.batch_key(queued) is not None
-    if job is not None and batchable:
+    # The RQ job when this one may batch (a cascade never does; nor a job run outside RQ).
+    leader = job if job is not None and batching.batch_key(queued) is not None else None
+    companions = []
+    if leader is not None:
         # Another worker's batch may have run it, or may be running it now.
-        ready = batching.collect(job.connection, job_id, reporter.check)
+        ready = batching.collect(leader.connection, job_id, reporter.check)
         if ready is not None:
             reporter.progress(spec.steps, spec.steps, "done", force=True)
             return ready
-    companions = (batching.claim_companions(job, queued, ctx.settings.batch_max_images,
-                                            ctx.settings.generate_timeout_s)
-                  if job is not None and batchable and ctx.settings.batch_max_images > 1
-                  else [])
+        if ctx.settings.batch_max_images > 1:
+            companions = batching.claim_companions(leader, queued,
+                                                   ctx.settings.batch_max_images,
+                                                   ctx.settings.generate_timeout_s)
     members = [(job_id, spec)] + [(c.id, GenerateJob.model_validate(c.kwargs["params"]))
                                   for c in companions]
     try:
         results = _generate_members(members, reporter)
     except BaseException:
-        if job is not None and companions:
-            batching.release(job.connection, companions)
+        if leader is not None and companions:
+            batching.release(leader.connection, companions)
         raise
     for (member_id, _), result in zip(members[1:], results[1:], strict=True):
-        if job is not None and result is not None:
-            batching.deliver(job.connection, member_id, result, ctx.settings.result_ttl_s)
+        if leader is not None and result is not None:  # companions exist only with a leader
+            batching.deliver(leader.connection, member_id, result, ctx.settings.result_ttl_s)
     if companions:
         log.info("job %s ran %d queued jobs in its batch", job_id, len(companions))
     first = results[0]
