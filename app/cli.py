@@ -49,7 +49,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     elif args.action == "import":
         from worker.importer import import_model
 
-        _print(import_model(registry, Path(args.path), args.id))
+        _print(import_model(registry, Path(args.path), args.id, allow_pickle=args.allow_pickle,
+                            prediction_type=args.prediction_type))
     elif args.action == "pull":
         from worker.importer import pull_model
 
@@ -58,10 +59,14 @@ def cmd_models(args: argparse.Namespace) -> None:
         from worker.exporter import export_lora
 
         print(export_lora(registry, args.id, Path(args.to), rank=args.rank))
+    elif args.action == "export" and args.format == "single-file":
+        from worker.exporter import export_single_file
+
+        print(export_single_file(registry, args.id, Path(args.to), args.dtype or "float16"))
     elif args.action == "export":
         from worker.exporter import export_model
 
-        print(export_model(registry, args.id, Path(args.to), args.dtype))
+        print(export_model(registry, args.id, Path(args.to), args.dtype or "float32"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -175,18 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     rm = msub.add_parser("rm")
     rm.add_argument("id")
     rm.add_argument("--force", action="store_true", help="also remove a base model")
-    imp = msub.add_parser("import", help="copy in a diffusers folder (checked by loading it)")
-    imp.add_argument("path")
+    imp = msub.add_parser("import", help="copy in a diffusers folder or a single-file "
+                          "checkpoint (SD 1.x, 2.x, SDXL base; checked by loading it)")
+    imp.add_argument("path", help="a diffusers folder or a .safetensors file")
     imp.add_argument("--id", required=True)
+    imp.add_argument("--allow-pickle", action="store_true",
+                     help="also read pickled .ckpt/.pt files (loading a pickle runs its code)")
+    imp.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                     help="what the UNet predicts, where the file cannot say (SD 2.x: "
+                     "v_prediction for the 768 models, the default; epsilon for 512 base)")
     pull = msub.add_parser("pull", help="download from a hub (machines with network only)")
     pull.add_argument("hub_id")
     pull.add_argument("--id", required=True)
-    exp = msub.add_parser("export", help="write a standalone diffusers folder (edits "
-                          "merged), or an edit as a LoRA file for its base")
+    exp = msub.add_parser("export", help="write a standalone diffusers folder or single-file "
+                          "checkpoint (edits merged), or an edit as a LoRA file for its base")
     exp.add_argument("id")
-    exp.add_argument("--to", required=True, help="a new folder (a .safetensors file: lora)")
-    exp.add_argument("--format", choices=["diffusers", "lora"], default="diffusers")
-    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    exp.add_argument("--to", required=True,
+                     help="a new folder (diffusers) or .safetensors file (single-file, lora)")
+    exp.add_argument("--format", choices=["diffusers", "single-file", "lora"],
+                     default="diffusers")
+    exp.add_argument("--dtype", choices=["float32", "float16"],
+                     help="default: float32 for diffusers, float16 for single-file")
     exp.add_argument("--rank", type=int, help="lora: factors per changed matrix (default: "
                      "the least keeping 99%% of each difference's energy)")
     p.set_defaults(func=cmd_models)

@@ -1,5 +1,5 @@
-"""Taking a model out of the registry: a standalone diffusers folder, an edit merged in;
-or an edit alone, as a LoRA file.
+"""Taking a model out of the registry: a standalone diffusers folder or a single-file
+checkpoint, an edit merged in; or an edit alone, as a LoRA file.
 
 Inside Lethe an edited model is only its ``unet_delta.safetensors`` on top of its base;
 a user who takes it elsewhere needs an ordinary folder that
@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,6 +24,7 @@ from app.registry import Registry
 from worker.esd import apply_delta
 from worker.lora import lora_of_edit
 from worker.pipelines import Runtime, load_pipeline
+from worker.singlefile import config_metadata, original_state_dict
 from worker.variants import load_delta
 
 EXPORT_DTYPES = ("float32", "float16")
@@ -35,11 +37,48 @@ def export_model(registry: Registry, model_id: str, dest: Path,
     The folder appears whole or not at all (written beside ``dest``, then renamed), and
     carries the registry manifest as ``lethe.json`` so its provenance travels with it.
     """
-    if dtype not in EXPORT_DTYPES:
-        raise InvalidParams(f"`dtype` {dtype!r} is not one of {list(EXPORT_DTYPES)}")
+    dest = _new_path(dest)
+    manifest, source, pipe = _merged(registry, model_id, dtype)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "lethe.json").write_text(json.dumps(manifest, indent=2))
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def export_single_file(registry: Registry, model_id: str, dest: Path,
+                       dtype: str = "float16") -> Path:
+    """Write ``model_id`` (an edit merged into its base) as one ``.safetensors`` file in the
+    original Stable Diffusion layout (``worker.singlefile``), which diffusers'
+    ``from_single_file`` and the WebUI tools load. Its metadata carries the config folder
+    (so Lethe reads it back exactly, tiny test models included) and the manifest."""
+    dest = _new_path(dest)
+    manifest, source, pipe = _merged(registry, model_id, dtype)
+    if manifest["kind"] != "text-to-image":
+        raise InvalidParams(f"`id` {model_id!r} is a {manifest['kind']}; only text-to-image "
+                            "models export as a single file")
+    metadata = {"lethe": json.dumps(manifest), **config_metadata(source)}
+    _write_safetensors(original_state_dict(pipe), dest, metadata)
+    return dest
+
+
+def _new_path(dest: Path) -> Path:
     dest = Path(dest)
     if dest.exists():
         raise ModelExists(f"`to` {str(dest)!r} exists already; pick a new path")
+    return dest
+
+
+def _merged(registry: Registry, model_id: str, dtype: str) -> tuple[dict, Path, Any]:
+    """The manifest, the folder of configs, and the pipeline of ``model_id``, an edit's
+    delta applied to its base."""
+    if dtype not in EXPORT_DTYPES:
+        raise InvalidParams(f"`dtype` {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     manifest = registry.get(model_id)
     if manifest["format"] == "delta":
         _check_base(registry, model_id, manifest)
@@ -51,21 +90,21 @@ def export_model(registry: Registry, model_id: str, dest: Path,
             f"`id` {model_id!r} is a {manifest['kind']} ({manifest['format']}); "
             "only diffusers pipelines and their edits export"
         )
-
     pipe = load_pipeline(source, Runtime.resolve("cpu", dtype))
     if manifest["format"] == "delta":
         apply_delta(pipe.unet, load_delta(registry.path(model_id)))
+    return manifest, source, pipe
 
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], dest: Path,
+                       metadata: dict[str, str]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / "lethe.json").write_text(json.dumps(manifest, indent=2))
-        staging.rename(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, dest)  # the file appears whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_base(registry: Registry, model_id: str, manifest: dict) -> None:
@@ -87,9 +126,7 @@ def export_lora(registry: Registry, model_id: str, dest: Path, rank: int | None 
     difference. The file's metadata carries the ranks, the energy kept, what no LoRA can
     hold (changed biases) and the manifest, so a user sees what the export left out.
     """
-    dest = Path(dest)
-    if dest.exists():
-        raise ModelExists(f"`to` {str(dest)!r} exists already; pick a new path")
+    dest = _new_path(dest)
     manifest = registry.get(model_id)
     if manifest["format"] != "delta":
         raise InvalidParams(f"`id` {model_id!r} is not an edit ({manifest['format']}); only "
@@ -102,9 +139,6 @@ def export_lora(registry: Registry, model_id: str, dest: Path, rank: int | None 
     metadata = {"lethe": json.dumps(manifest), "ranks": json.dumps(export.ranks),
                 "kept_energy": json.dumps(export.kept_energy),
                 "left_out": json.dumps(export.left_out)}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    save_file({k: v.to(torch.float16) for k, v in export.state_dict.items()}, str(tmp),
-              metadata=metadata)
-    os.replace(tmp, dest)  # the file appears whole or not at all
+    _write_safetensors({k: v.to(torch.float16) for k, v in export.state_dict.items()}, dest,
+                       metadata)
     return dest

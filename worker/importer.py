@@ -1,4 +1,5 @@
-"""Bringing outside models into the registry: any diffusers folder, or a hub download."""
+"""Bringing outside models into the registry: a diffusers folder, a single-file checkpoint
+(``.safetensors``; a pickle only when the operator allows it), or a hub download."""
 
 from __future__ import annotations
 
@@ -6,15 +7,23 @@ import json
 import tempfile
 from pathlib import Path
 
-from app.errors import InvalidParams
+import torch
+
+from app.checkpoint import ARCHITECTURES, PICKLE_SUFFIXES, pickle_refusal, read_header
+from app.errors import InvalidParams, ModelExists
 from app.registry import Registry, validate_model_id
 from worker.pipelines import Runtime, load_pipeline
+from worker.singlefile import check_layout, config_folder, load_single_file
 
 # diffusers pipeline class -> registry kind
 _KINDS = {
     "StableDiffusionPipeline": "text-to-image",
+    "StableDiffusionXLPipeline": "text-to-image",
     "StableDiffusionUpscalePipeline": "upscaler",
 }
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The dtype a checkpoint's UNet is stored in -> the dtype the registry keeps it in.
+_DTYPES = {"F16": torch.float16, "BF16": torch.float16, "F32": torch.float32}
 
 
 def inspect_folder(path: Path) -> dict:
@@ -29,10 +38,68 @@ def inspect_folder(path: Path) -> dict:
     return {"kind": _KINDS[pipeline], "format": "diffusers", "pipeline": pipeline, "base": None}
 
 
-def import_model(registry: Registry, path: Path, model_id: str) -> dict:
+def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bool = False,
+                 prediction_type: str | None = None, source: str | None = None) -> dict:
+    """Import a diffusers folder or a single-file checkpoint as ``model_id``.
+
+    ``prediction_type`` overrides what the checkpoint's scheduler predicts (SD 2.x files do
+    not say: the shipped config assumes the 768 v-prediction model; the 512 base models
+    predict ``epsilon``).
+    """
     validate_model_id(model_id, "id")
-    manifest = inspect_folder(path) | {"source": f"imported from {path.resolve()}"}
-    return registry.import_folder(path, model_id, manifest)
+    if registry.exists(model_id):  # before any loading: the answer is the same after it
+        raise ModelExists(f"`id` {model_id!r} exists already; pick another or delete it")
+    path = Path(path)
+    source = source or f"imported from {path.resolve()}"
+    if path.is_dir():
+        manifest = inspect_folder(path) | {"source": source}
+        return registry.import_folder(path, model_id, manifest)
+    if not path.is_file():
+        raise InvalidParams(f"`path` {str(path)!r} is neither a folder nor a file")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise InvalidParams(f"`prediction_type` {prediction_type!r} is not one of "
+                            f"{list(PREDICTION_TYPES)}")
+    registry.root.mkdir(parents=True, exist_ok=True)
+    # Hidden, so never listed as a model; on the registry's disk, as the model will be.
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=registry.root) as tmp:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise pickle_refusal("path", path.name)
+            path = _pickle_to_safetensors(path, Path(tmp) / "converted.safetensors")
+        return _import_single_file(registry, path, model_id, prediction_type, source,
+                                   Path(tmp))
+
+
+def _import_single_file(registry: Registry, path: Path, model_id: str,
+                        prediction_type: str | None, source: str, tmp: Path) -> dict:
+    header = read_header(path)
+    architecture, folder = config_folder(header, tmp / "config", prediction_type)
+    check_layout(header, folder)
+    dtype = _DTYPES.get(header.dtypes.get("model.diffusion_model.input_blocks.0.0.weight", ""),
+                        torch.float32)
+    pipe = load_single_file(path, folder, dtype)
+    staging = tmp / "pipeline"
+    pipe.save_pretrained(staging, safe_serialization=True)
+    manifest = inspect_folder(staging) | {
+        "source": source, "format": "diffusers",
+        "architecture": ARCHITECTURES.get(architecture, "as exported by Lethe"),
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon")}
+    return registry.import_folder(staging, model_id, manifest)
+
+
+def _pickle_to_safetensors(path: Path, dest: Path) -> Path:
+    """The tensors of a pickled checkpoint, rewritten as safetensors (the operator allowed
+    running the pickle)."""
+    from safetensors.torch import save_file
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise InvalidParams(f"`path` {path.name!r} unpickles to a {type(checkpoint).__name__}, "
+                            "not a state dict")
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(dest))
+    return dest
 
 
 def pull_model(registry: Registry, hub_id: str, model_id: str) -> dict:

@@ -17,9 +17,10 @@ from diffusers import (
     DDPMScheduler,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from worker.tokenizer import write_clip_tokenizer
 
@@ -93,6 +94,57 @@ def tiny_components(seed: int = 0) -> dict:
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(**tiny_components(seed), requires_safety_checker=False)
+
+
+def _text_encoder(tokenizer, seed: int, cls=CLIPTextModel, **config) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32, **{"hidden_size": 32, **config}))
+
+
+def tiny_sd2_pipeline(seed: int = 0, prediction_type: str = "v_prediction"
+                      ) -> StableDiffusionPipeline:
+    """Stable Diffusion 2.x in miniature: an OpenCLIP-style text encoder (GELU), linear
+    projections in the UNet's transformers, and v-prediction by default as the 768 model."""
+    parts = tiny_components(seed)
+    torch.manual_seed(seed)
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    parts["text_encoder"] = _text_encoder(parts["tokenizer"], seed, hidden_act="gelu")
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config,
+                                                   prediction_type=prediction_type)
+    return StableDiffusionPipeline(**parts, requires_safety_checker=False)
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL in miniature: two text encoders (the second with a projection, whose pooled
+    output and the size/crop time ids condition the UNet through ``add_embedding``)."""
+    parts = tiny_components(seed)
+    tokenizer = parts["tokenizer"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        # six time ids of 8 each and the second encoder's pooled 32; the two encoders'
+        # states side by side, 32 + 48 (unequal widths: single-file readers tell the two
+        # encoders apart by them, as SDXL's 768 and 1280)
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48,
+        norm_num_groups=8)
+    return StableDiffusionXLPipeline(
+        vae=parts["vae"], unet=unet, scheduler=parts["scheduler"], tokenizer=tokenizer,
+        tokenizer_2=tokenizer, text_encoder=_text_encoder(tokenizer, seed),
+        text_encoder_2=_text_encoder(tokenizer, seed + 1, CLIPTextModelWithProjection,
+                                     hidden_act="gelu", hidden_size=48),
+        add_watermarker=False)
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:

@@ -67,3 +67,22 @@ def write_clip_tokenizer(
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def write_clip_vocabulary(folder: str | Path, merges: Path) -> None:
+    """Write CLIP's own ``vocab.json`` and ``merges.txt`` into ``folder`` from its merge list.
+
+    CLIP's vocabulary is a function of its merges (the byte symbols, their end-of-word
+    forms, each merge's result in order, then the two specials), so only the merge list
+    ships (``worker/architectures/clip-merges.txt``, from OpenAI's CLIP, MIT licence).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    vocab += ["".join(line.split(" ")) for line in lines[1:] if line]
+    vocab += [BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
+                                                  ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
