@@ -17,6 +17,9 @@ from pathlib import Path
 from app.errors import InvalidParams
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The metadata key a Lethe export carries its diffusers config folder under
+# (worker.singlefile): such a file reads back exactly, whatever its architecture.
+CONFIG_FOLDER_KEY = "lethe.config_folder"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 ARCHITECTURES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
@@ -44,16 +47,18 @@ def pickle_refusal(field: str, name: str) -> InvalidParams:
         "`lethe models import` (or converts it to .safetensors first)")
 
 
-def read_header(path: Path, field: str = "path") -> Header:
+def read_header(path: Path, field: str = "path", name: str | None = None) -> Header:
     """The header of safetensors file ``path``, checked against the file's length: a
-    truncated or corrupt file is refused here (InvalidParams naming ``field``)."""
+    truncated or corrupt file is refused here (InvalidParams naming ``field`` and the file,
+    as ``name`` where the client called it something else)."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise pickle_refusal(field, path.name)
+    name = name or path.name
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise pickle_refusal(field, name)
     size = path.stat().st_size
 
     def bad(why: str) -> InvalidParams:
-        return InvalidParams(f"`{field}` {path.name!r} is not a whole safetensors file: {why}")
+        return InvalidParams(f"`{field}` {name!r} is not a whole safetensors file: {why}")
 
     with open(path, "rb") as f:
         head = f.read(8)
@@ -71,12 +76,12 @@ def read_header(path: Path, field: str = "path") -> Header:
     metadata = header.pop("__metadata__", None) or {}
     shapes, dtypes, end = {}, {}, 0
     try:
-        for name, info in header.items():
-            shapes[name] = tuple(int(n) for n in info["shape"])
-            dtypes[name] = str(info["dtype"])
+        for tensor, info in header.items():
+            shapes[tensor] = tuple(int(n) for n in info["shape"])
+            dtypes[tensor] = str(info["dtype"])
             end = max(end, int(info["data_offsets"][1]))
     except (TypeError, KeyError, IndexError, ValueError):
-        raise bad(f"tensor entry {name!r} lacks a shape, dtype or data_offsets") from None
+        raise bad(f"tensor entry {tensor!r} lacks a shape, dtype or data_offsets") from None
     if 8 + length + end != size:
         raise bad(f"its tensors need {8 + length + end} bytes, the file has {size} "
                   "(truncated or padded)")

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # Request bounds the API enforces before anything is queued.
     max_side: int = Field(2048, description="Largest width or height any model may be asked for.")
     max_body_bytes: int = 20 * 1024**2
+    max_upload_bytes: int = Field(16 * 1024**3, description="Largest checkpoint `POST /models` "
+                                  "takes (SDXL in float32 is about 14 GB).")
     # Upscaling: the output's longest side, and the input tile above which the worker
     # upscales in overlapping tiles (what bounds its memory).
     max_upscale_side: int = Field(2048, description="Largest side of an upscaled image.")

@@ -29,6 +29,7 @@ ERASE_START_GUIDANCE = 3.0
 ERASE_NEGATIVE_GUIDANCE = 1.0  # η
 PRESERVE_WEIGHT = 1.0  # λ of the neighbour-holding term (worker.esd)
 DRIFT_CHECKS = 3  # neighbour drift measured this many times during training
+LORA_RANK = 4  # an erase trained as LoRA: the rank of each matrix's change
 
 # An upscale's, when the upscaler's manifest says nothing (Stability's x4 card).
 UPSCALE_STEPS = 20
@@ -102,6 +103,8 @@ class EraseJob(JobSpec):
     draw_steps: int = DRAW_STEPS
     draw_guidance: float = DRAW_GUIDANCE
     drift_checks: int = DRIFT_CHECKS
+    parameterization: Literal["full", "lora"] = "full"
+    lora_rank: int = LORA_RANK
 
 
 class EvaluateJob(JobSpec):
@@ -119,3 +122,26 @@ class EvaluateJob(JobSpec):
     width: int
     domain: str | None = None
     evaluator: str | None = None
+
+
+class ImportJob(JobSpec):
+    """An uploaded checkpoint (``file``, relative to outputs/) to register as ``id``."""
+
+    id: str
+    file: str
+    filename: str
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+
+
+EXPORT_FORMATS = ("diffusers", "single-file", "lora")
+
+
+class ExportJob(JobSpec):
+    """A model written out in ``format`` to ``target`` (relative to the registry), the
+    file ``GET /models/{id}/download`` then streams."""
+
+    model: str
+    format: Literal["diffusers", "single-file", "lora"]
+    dtype: Literal["float32", "float16"]
+    rank: int | None = None
+    target: str

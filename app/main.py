@@ -46,7 +46,10 @@ def create_app() -> FastAPI:
     )
     install_handlers(app)
     # Outermost last: headers on every answer, then the key, then the body limit.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # A checkpoint upload: its multipart framing on top of the largest file allowed.
+    upload_limit = settings.max_upload_bytes + 64 * 1024
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       routes={"/models": upload_limit})
     app.add_middleware(ApiKeys, keys=settings.keys)
     app.add_middleware(SecurityHeaders)
     app.include_router(health.router)

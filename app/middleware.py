@@ -68,16 +68,19 @@ class BodySizeLimit:
     memory: past ``max_bytes`` (declared or, when sent chunked, counted) the answer is 413,
     whatever the route made of the interrupted read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, int] | None = None):
+        # ``routes``: paths with a limit of their own (the checkpoint upload), which their
+        # route enforces with a message naming its field; this is the backstop.
+        self.app, self.max_bytes, self.routes = app, max_bytes, routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.routes.get(scope["path"], self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send, int(declared))
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._reject(send, int(declared), max_bytes)
             return
         seen, exceeded, started = 0, False, False
 
@@ -85,7 +88,7 @@ class BodySizeLimit:
             nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            if seen > max_bytes:
                 exceeded = True
                 raise _TooLarge(seen)
             return message
@@ -103,11 +106,11 @@ class BodySizeLimit:
         except _TooLarge:
             pass
         if exceeded and not started:
-            await self._reject(send, seen)
+            await self._reject(send, seen, max_bytes)
 
-    async def _reject(self, send: Send, size: int) -> None:
+    async def _reject(self, send: Send, size: int, max_bytes: int) -> None:
         await _send_json(send, 413, error_body(
-            "too_large", f"request body must be at most {self.max_bytes} bytes, got {size} "
+            "too_large", f"request body must be at most {max_bytes} bytes, got {size} "
             "or more"))
 
 

@@ -22,6 +22,8 @@ JOB_TYPES: dict[str, dict[str, str]] = {
     "upscale": {"queue": IMAGES, "func": "worker.jobs.upscale"},
     "erase": {"queue": TRAIN, "func": "worker.jobs.erase"},
     "evaluate": {"queue": TRAIN, "func": "worker.jobs.evaluate"},
+    "import": {"queue": TRAIN, "func": "worker.jobs.import_model"},
+    "export": {"queue": TRAIN, "func": "worker.jobs.export_model"},
 }
 
 # How long Redis may take to apply a submission after the API started it (see ``enqueue``).

@@ -30,6 +30,7 @@ KINDS = ("text-to-image", "upscaler", "classifier")
 # What the workers' domains offer (worker.domains.published), for the API to read.
 DOMAINS_FILE = ".domains.json"
 _STAGING = ".staging"
+_EXPORTS = ".exports"
 _TRASH = ".trash"
 
 
@@ -197,6 +198,12 @@ class Registry:
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.root / model_id, trash)  # gone from listings in one step
         shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self.exports_dir(model_id), ignore_errors=True)
+
+    def exports_dir(self, model_id: str) -> Path:
+        """Where a model's downloadable exports are kept (hidden: never a model itself);
+        they go with the model."""
+        return self.root / _EXPORTS / validate_model_id(model_id)
 
     def publish_domains(self, info: dict[str, dict[str, Any]]) -> None:
         """Merge a worker's domain facts into ``DOMAINS_FILE``: each worker adds what it

@@ -28,6 +28,8 @@ from worker.singlefile import config_metadata, original_state_dict
 from worker.variants import load_delta
 
 EXPORT_DTYPES = ("float32", "float16")
+# What a manifest says about using the weights, which an import of an export keeps.
+USAGE = ("defaults", "limits", "erase_defaults", "domain")
 
 
 def export_model(registry: Registry, model_id: str, dest: Path,
@@ -62,6 +64,9 @@ def export_single_file(registry: Registry, model_id: str, dest: Path,
     if manifest["kind"] != "text-to-image":
         raise InvalidParams(f"`id` {model_id!r} is a {manifest['kind']}; only text-to-image "
                             "models export as a single file")
+    if manifest.get("base"):  # how the edit draws and erases is its base's
+        base = registry.get(manifest["base"]["id"])
+        manifest = {**{k: base[k] for k in USAGE if k in base}, **manifest}
     metadata = {"lethe": json.dumps(manifest), **config_metadata(source)}
     _write_safetensors(original_state_dict(pipe), dest, metadata)
     return dest

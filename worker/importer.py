@@ -12,6 +12,7 @@ import torch
 from app.checkpoint import ARCHITECTURES, PICKLE_SUFFIXES, pickle_refusal, read_header
 from app.errors import InvalidParams, ModelExists
 from app.registry import Registry, validate_model_id
+from worker.exporter import USAGE
 from worker.pipelines import Runtime, load_pipeline
 from worker.singlefile import check_layout, config_folder, load_single_file
 
@@ -84,6 +85,11 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
         "source": source, "format": "diffusers",
         "architecture": ARCHITECTURES.get(architecture, "as exported by Lethe"),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon")}
+    if "lethe" in header.metadata:
+        # A Lethe export: the model draws and erases as it did where it came from.
+        exported = json.loads(header.metadata["lethe"])
+        manifest |= {k: exported[k] for k in USAGE if k in exported}
+        manifest["exported_from"] = {k: exported.get(k) for k in ("id", "digest")}
     return registry.import_folder(staging, model_id, manifest)
 
 

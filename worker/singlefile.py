@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.checkpoint import Header, detect
+from app.checkpoint import CONFIG_FOLDER_KEY, Header, detect
 from app.errors import InvalidParams
 from app.registry import MANIFEST
 from worker.tokenizer import write_clip_vocabulary
@@ -40,8 +40,6 @@ TEXT_ENCODERS = {
     "StableDiffusionXLPipeline": {"text_encoder": "conditioner.embedders.0.",
                                   "text_encoder_2": "conditioner.embedders.1."},
 }
-# The metadata key holding a Lethe export's config folder ({relative path: text}).
-CONFIG_FOLDER_KEY = "lethe.config_folder"
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
            ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),

@@ -48,6 +48,8 @@ OPERATIONS = [
     ("GET", "/models"),
     ("GET", "/models/{model_id}"),
     ("DELETE", "/models/{model_id}"),
+    ("POST", "/models"),
+    ("GET", "/models/{model_id}/download"),
     ("GET", "/domains"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),

@@ -1,16 +1,36 @@
+"""Models: list, read, delete; upload a checkpoint (POST /models); download in the format
+another tool loads (GET /models/{id}/download)."""
+
 from __future__ import annotations
 
-from typing import Annotated
+import shutil
+import uuid
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import RegistryDep
+from app import exports, jobfiles, jobs
+from app.api.deps import RedisDep, RegistryDep, SettingsDep
+from app.api.routes.jobs import CREATED, created
+from app.checkpoint import CONFIG_FOLDER_KEY, read_header
+from app.checkpoint import detect as detect_architecture
+from app.errors import InvalidParams, JobNotFound, ModelExists, shown
+from app.jobspecs import ExportJob, ImportJob
 from app.openapi import errors
-from app.schemas import MODEL_ID_PATTERN, ModelPublic, ModelsPublic
+from app.queue import enqueue
+from app.registry import Registry, validate_model_id
+from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelPublic, ModelsPublic
+from app.uploads import receive_file
 
 PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
 
 router = APIRouter(prefix="/models", tags=["models"], responses=errors(401))
+
+UPLOAD_FILE = "upload.safetensors"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_EXPORTS = uuid.UUID("6c657468-652d-6578-706f-727473000000")  # names export jobs
 
 
 @router.get("", response_model=ModelsPublic)
@@ -19,9 +39,110 @@ def list_models(registry: RegistryDep) -> ModelsPublic:
     return ModelsPublic(data=data, count=len(data))
 
 
+_UPLOAD_SCHEMA = {
+    "type": "object", "required": ["id", "file"],
+    "properties": {
+        "id": {"type": "string", "pattern": MODEL_ID_PATTERN,
+               "description": "The new model's id; send it before `file` to be refused early."},
+        "file": {"type": "string", "format": "binary",
+                 "description": "A single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL base)."},
+        "prediction_type": {"type": "string", "enum": list(PREDICTION_TYPES),
+                            "description": "SD 2.x only: the 768 models predict v (default), "
+                            "the 512 base models epsilon."}},
+}
+
+
+@router.post("", status_code=202, response_model=JobCreated,
+             responses={**CREATED, **errors(409, 413, 415)},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": _UPLOAD_SCHEMA}}}})
+async def upload_model(request: Request, redis: RedisDep, registry: RegistryDep,
+                       settings: SettingsDep) -> Any:
+    """Upload a single-file checkpoint, streamed to disk under `LETHE_MAX_UPLOAD_BYTES`.
+    Its header is checked at once (a truncated file, unknown tensor names, a pickle: 4xx);
+    a worker then assembles and registers it: poll `Location` (`result.model`)."""
+    job_id = str(uuid.uuid4())
+    folder = jobfiles.output_dir(settings, job_id)
+    path = folder / UPLOAD_FILE
+
+    def early(name: str, value: str) -> None:
+        if name == "id":
+            _check_new_id(registry, value)
+
+    try:
+        got = await receive_file(request, "file", path, settings.max_upload_bytes,
+                                 on_field=early)
+        model_id = got.fields.get("id")
+        if model_id is None:
+            raise InvalidParams("`id` is required: the new model's id")
+        _check_new_id(registry, model_id)
+        prediction_type = got.fields.get("prediction_type") or None
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise InvalidParams(f"`prediction_type` {shown(prediction_type)} is not one of "
+                                f"{list(PREDICTION_TYPES)}")
+        # A pickle is refused by its name (never over HTTP: an operator's choice).
+        filename = got.filename or UPLOAD_FILE
+        header = await run_in_threadpool(read_header, path, "file", filename)
+        if CONFIG_FOLDER_KEY not in header.metadata:
+            detect_architecture(header, "file")
+        spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
+                         filename=filename, prediction_type=prediction_type)
+        job = enqueue(redis, "import", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
+                      result_ttl_s=settings.result_ttl_s)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing of a refused upload stays
+        raise
+    return created(job, "import")
+
+
+def _check_new_id(registry: Registry, model_id: str) -> None:
+    validate_model_id(model_id, "id")
+    if registry.exists(model_id):
+        raise ModelExists(f"`id` {model_id!r} exists already; pick another or delete it")
+
+
 @router.get("/{model_id}", response_model=ModelPublic, responses=errors(404, 422))
 def get_model(model_id: PathModelId, registry: RegistryDep) -> ModelPublic:
     return ModelPublic(**registry.get(model_id))
+
+
+@router.get("/{model_id}/download", responses={
+    200: {"content": {"application/zip": {}, "application/octet-stream": {}},
+          "description": "The export: a zip of a diffusers folder, or a .safetensors file."},
+    **CREATED, 202: {**CREATED[202], "model": JobCreated,
+                     "description": "The export is being made: poll the job, then ask again."},
+    **errors(404, 422)})
+def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep,
+                   settings: SettingsDep,
+                   format: Literal["diffusers", "single-file", "lora"] = "diffusers",
+                   dtype: Literal["float32", "float16"] | None = None,
+                   rank: Annotated[int | None, Query(ge=1, le=exports.MAX_RANK)] = None
+                   ) -> Any:
+    """Download the model, an edit merged into its base: `diffusers` (a zip of the
+    folder), `single-file` (the original Stable Diffusion layout, for the WebUI tools and
+    `from_single_file`), or `lora` (an edit as low-rank factors for its base; `rank` fixed,
+    or picked per matrix to keep 99 % of the change). The first request makes the file
+    (202 and the export job to poll); once it is made, the same URL streams it."""
+    manifest = registry.get(model_id)
+    dtype_used, rank = exports.resolve(manifest, format, dtype, rank)
+    name = exports.file_name(manifest, format, dtype_used, rank)
+    target = registry.exports_dir(model_id) / name
+    if target.is_file():
+        return FileResponse(target, filename=exports.download_name(model_id, format, rank),
+                            media_type="application/zip" if format == "diffusers"
+                            else "application/octet-stream")
+    job_id = str(uuid.uuid5(_EXPORTS, f"{model_id}/{name}"))
+    try:
+        job = jobs.fetch(redis, job_id)
+        if jobs.state_of(job).value in ("queued", "running"):
+            return created(job, "export")  # already being made: the same job to poll
+    except JobNotFound:
+        pass
+    spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank,
+                     target=str(target.relative_to(registry.root)))
+    job = enqueue(redis, "export", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
+                  result_ttl_s=settings.result_ttl_s)
+    return created(job, "export")
 
 
 @router.delete("/{model_id}", status_code=204, responses=errors(404, 409, 422))

@@ -1,0 +1,70 @@
+"""The import and export jobs: a checkpoint uploaded over HTTP into the registry, and a
+model written out in a format its users load elsewhere (the file a download streams)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from app.exports import download_url
+from app.jobspecs import ExportJob, ImportJob
+from worker.context import get_context
+from worker.jobs.base import job_function
+from worker.progress import Reporter
+
+
+@job_function(ImportJob)
+def import_model(spec: ImportJob, reporter: Reporter) -> dict:
+    from worker.importer import import_model as run_import
+
+    ctx = get_context()
+    upload = ctx.settings.outputs_dir / spec.file
+    reporter.progress(0, 1, "importing", force=True)
+    try:
+        manifest = run_import(ctx.registry, upload, spec.id,
+                              prediction_type=spec.prediction_type,
+                              source=f"uploaded as {spec.filename!r}")
+    finally:
+        upload.unlink(missing_ok=True)  # registered or refused, the upload has served
+    reporter.progress(1, 1, "done", force=True)
+    return {"model": manifest, "links": {"model": f"/models/{spec.id}"}}
+
+
+@job_function(ExportJob)
+def export_model(spec: ExportJob, reporter: Reporter) -> dict:
+    from worker.exporter import export_lora, export_model, export_single_file
+
+    ctx = get_context()
+    registry = ctx.registry
+    target = registry.root / spec.target
+    reporter.progress(0, 1, "exporting", force=True)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=target.parent) as tmp:
+            written = Path(tmp) / "out"
+            if spec.format == "lora":
+                export_lora(registry, spec.model, written, rank=spec.rank)
+            elif spec.format == "single-file":
+                export_single_file(registry, spec.model, written, spec.dtype)
+            else:
+                export_model(registry, spec.model, written, spec.dtype)
+                written = _zip(written, Path(tmp) / "out.zip", spec.model)
+            os.replace(written, target)  # the download appears whole or not at all
+    reporter.progress(1, 1, "done", force=True)
+    return {"model": spec.model, "format": spec.format, "bytes": target.stat().st_size,
+            "links": {"download": download_url(spec.model, spec.format, spec.dtype,
+                                               spec.rank)}}
+
+
+def _zip(folder: Path, dest: Path, top: str) -> Path:
+    """A folder as a zip whose entries sit under ``top/`` (weights stored, not deflated:
+    they do not compress and the zip would take minutes longer)."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, f"{top}/{path.relative_to(folder)}")
+    shutil.rmtree(folder)
+    return dest
