@@ -128,6 +128,9 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             f"`evaluate` is true but model {base_id!r} names no evaluator (a classifier of its "
             "domain) in its manifest"
         )
+    if body.parameterization == "lora" and method not in ("esd-x", "esd-x-strict"):
+        raise InvalidParams(f"`parameterization` 'lora' trains the cross-attention "
+                            f"projections: `method` esd-x or esd-x-strict, got {method!r}")
     params = body.model_dump()
     params["method"] = method
     params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
-from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE
+from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE, LORA_RANK
 
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
@@ -141,6 +141,12 @@ class EraseCreate(_Strict):
         DRIFT_CHECKS, ge=0, le=20, description="How many times during training to measure "
         "the neighbour prompts' same-seed drift (PSNR, SSIM against the base); the last "
         "measure is the erase's evidence. 0: only that last one.")
+    parameterization: Literal["full", "lora"] = Field(
+        "full", description="full: the method's weights train (the paper); lora: a "
+        "rank-`lora_rank` low-rank change of each of its matrices trains instead (biases "
+        "stay): a delta of kilobytes. esd-x and esd-x-strict only.")
+    lora_rank: int = Field(LORA_RANK, ge=1, le=256, description="The rank of each matrix's "
+                           "change with `parameterization` lora.")
 
     @field_validator("concepts")
     @classmethod

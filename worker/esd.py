@@ -48,6 +48,10 @@ from app import jobspecs
 from app.errors import InvalidParams
 
 METHODS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
+PARAMETERIZATIONS = ("full", "lora")
+# A LoRA-trained edit's delta holds each matrix's factors under these suffixes (diffusers'
+# PEFT names); ``full_delta`` turns them into the matrices W₀ + B·A.
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eps_f: torch.Tensor,
@@ -131,6 +135,10 @@ class ESDConfig:
     # most rows one teacher call takes (bounds memory for large latents).
     block: int = 8
     max_rows: int = 32
+    # "full": the method's parameters themselves train; "lora": a rank-``lora_rank`` B·A
+    # beside each of its matrices does (biases stay), through diffusers' own PEFT adapters.
+    parameterization: str = "full"
+    lora_rank: int = 4
 
 
 # One iteration's sample: x_t, t, the target, θ*'s prediction for the preserved prompt and
@@ -146,10 +154,30 @@ class ESDState:
 
 
 def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    """Stable Diffusion 1.x/2.x: the text encoder's last hidden states, one row a prompt."""
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     with torch.no_grad():
         return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def encode_conditioning(pipe: Any, prompts: list[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per prompt, what the UNet is conditioned on: the hidden states, and with SDXL's two
+    encoders also the pooled embedding (its ``added_cond_kwargs``), encoded as the pipeline
+    itself encodes them."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return encode_prompts(pipe, prompts), None
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=pipe.unet.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False)
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        # SDXL draws its unconditional branch from zeros, not from "": so does ESD's.
+        empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+        hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+        pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+    return hidden, pooled
 
 
 class ESDTrainer:
@@ -162,6 +190,11 @@ class ESDTrainer:
         self.unet: UNet2DConditionModel = copy.deepcopy(pipe.unet).float().train()
         self.unet.requires_grad_(False)
         self.params = select_parameters(self.unet, cfg.method)
+        if cfg.parameterization == "lora":
+            self.params = _add_lora(self.unet, self.params, cfg)
+        elif cfg.parameterization != "full":
+            raise InvalidParams(f"`parameterization` must be one of {list(PARAMETERIZATIONS)}, "
+                                f"got {cfg.parameterization!r}")
         for p in self.params.values():
             p.requires_grad_(True)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.learning_rate)
@@ -173,10 +206,14 @@ class ESDTrainer:
         # The empty prompt is always needed: the trajectory's unconditional branch.
         texts = ["", *(t for p in self.prompts for t in (p.concept, p.prompt, p.anchor))]
         texts += [p.preserve for p in self.prompts if p.preserve is not None]
-        unique = list(dict.fromkeys(texts))
-        self.emb = dict(zip(unique, encode_prompts(pipe, unique), strict=True))
-        if cfg.erase_from:
-            self.emb_from = encode_prompts(pipe, [cfg.erase_from])[0]
+        texts += [cfg.erase_from] if cfg.erase_from else []
+        self.emb: dict[str, torch.Tensor] = {}
+        # SDXL: the pooled embeddings and the size/crop time ids (original size, crop
+        # corner, target size: the training size, uncropped) its UNet also takes.
+        self.pooled: dict[str, torch.Tensor] | None = None
+        self._encode(texts)
+        self.time_ids = torch.tensor([[cfg.height, cfg.width, 0, 0, cfg.height, cfg.width]],
+                                     device=self.device, dtype=self.dtype)
         if cfg.block < 1:
             raise InvalidParams(f"`block` must be at least 1, got {cfg.block}")
         self.state = ESDState(0, [])
@@ -186,12 +223,32 @@ class ESDTrainer:
         f = self.pipe.vae_scale_factor
         return (n, self.frozen.config.in_channels, self.cfg.height // f, self.cfg.width // f)
 
+    def _encode(self, texts: list[str]) -> None:
+        new = [t for t in dict.fromkeys(texts) if t not in self.emb]
+        if not new:
+            return
+        hidden, pooled = encode_conditioning(self.pipe, new)
+        self.emb.update(zip(new, hidden, strict=True))
+        if pooled is not None:
+            self.pooled = (self.pooled or {}) | dict(zip(new, pooled, strict=True))
+
+    def _cond(self, texts: list[str], dtype: torch.dtype) -> dict[str, Any]:
+        """The UNet's conditioning arguments for one row per text."""
+        self._encode(texts)
+        cond: dict[str, Any] = {"encoder_hidden_states": torch.stack(
+            [self.emb[t] for t in texts]).to(dtype)}
+        if self.pooled is not None:
+            cond["added_cond_kwargs"] = {
+                "text_embeds": torch.stack([self.pooled[t] for t in texts]).to(dtype),
+                "time_ids": self.time_ids.to(dtype).expand(len(texts), -1)}
+        return cond
+
     @torch.no_grad()
-    def _teacher(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _teacher(self, x: torch.Tensor, t: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """θ*'s predictions for rows of (x, t, prompt), at most ``max_rows`` per call."""
         step = self.cfg.max_rows
         return torch.cat([self.frozen(x[i:i + step], t[i:i + step],
-                                      encoder_hidden_states=emb[i:i + step]).sample
+                                      **self._cond(texts[i:i + step], self.dtype)).sample
                           for i in range(0, len(x), step)])
 
     @torch.no_grad()
@@ -222,26 +279,24 @@ class ESDTrainer:
         stops_t = torch.tensor(stops + [stops[j] for j in own])
         x = torch.cat(noise + [noise[j] for j in own]).to(self.device, self.dtype) \
             * self.scheduler.init_noise_sigma
-        froms = torch.stack([self._from(p) for p in prompts]
-                            + [self.emb[prompts[j].preserve] for j in own])  # type: ignore[index]
-        uncond = self.emb[""][None].expand(len(stops_t), -1, -1)
+        froms = [self._from(p) for p in prompts] + [prompts[j].preserve for j in own]
         for k, t in enumerate(self.scheduler.timesteps[:max(stops)]):
             run = (stops_t > k).nonzero().flatten().to(self.device)  # still on their way to x_t
             xr = x[run]
-            eps_u, eps_c = self.frozen(torch.cat([xr, xr]), t, encoder_hidden_states=torch.cat(
-                [uncond[run], froms[run]])).sample.chunk(2)
+            texts = [""] * len(run) + [froms[i] for i in run.tolist()]
+            eps_u, eps_c = self.frozen(torch.cat([xr, xr]), t,
+                                       **self._cond(texts, self.dtype)).sample.chunk(2)
             guided = eps_u + cfg.start_guidance * (eps_c - eps_u)
             x[run] = self.scheduler.step(guided, t, xr).prev_sample
         ts = self.scheduler.timesteps[stops_t].to(self.device)
         # Teacher rows per iteration: anchor, concept, c_from, and the preserved prompt.
-        rows = [[self.emb[p.anchor], self.emb[p.concept], self._from(p)]
-                + ([self.emb[p.preserve]] if p.preserve is not None else []) for p in prompts]
+        rows = [[p.anchor, p.concept, self._from(p)]
+                + ([p.preserve] if p.preserve is not None else []) for p in prompts]
         own_x = {j: n + k for k, j in enumerate(own)}  # a preserved row's own x_t
         owner = [own_x.get(j, j) if r_i == 3 else j
                  for j, r in enumerate(rows) for r_i in range(len(r))]
-        eps = self._teacher(x[owner], ts[owner],
-                            torch.stack([e for r in rows for e in r])).split(
-                                [len(r) for r in rows])
+        eps = self._teacher(x[owner], ts[owner], [e for r in rows for e in r]).split(
+            [len(r) for r in rows])
         out: list[Sample] = []
         for j, e in enumerate(eps):
             target = esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
@@ -250,8 +305,9 @@ class ESDTrainer:
                         keep_x))
         return out
 
-    def _from(self, p: ESDPrompt) -> torch.Tensor:
-        return self.emb_from if self.cfg.erase_from else self.emb[p.prompt]
+    def _from(self, p: ESDPrompt) -> str:
+        """The text θ is trained on for ``p`` (c_from)."""
+        return self.cfg.erase_from or p.prompt
 
     def step(self) -> float:
         cfg = self.cfg
@@ -261,11 +317,11 @@ class ESDTrainer:
             self._block = (block, self._draw_block(block))
         x_t, t, target, keep_eps, keep_x = self._block[1][i - block * cfg.block]
         p = self.prompts[i % len(self.prompts)]
-        held = [self.emb[p.preserve]] if keep_eps is not None and p.preserve is not None else []
+        held = [p.preserve] if keep_eps is not None and p.preserve is not None else []
         student = [self._from(p), *held]
         x_in = x_t.expand(len(student), -1, -1, -1) if keep_x is None else torch.cat([x_t, keep_x])
         pred = self.unet(x_in.float(), t.expand(len(student)),
-                         encoder_hidden_states=torch.stack(student).float()).sample
+                         **self._cond(student, torch.float32)).sample
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
         if keep_eps is not None:
             loss = loss + cfg.preserve_weight * nn.functional.mse_loss(pred[1:].float(),
@@ -286,7 +342,8 @@ class ESDTrainer:
         return self.state
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """The trained parameters only: what an edited model stores."""
+        """The trained parameters only: what an edited model stores (a LoRA's factors, for
+        ``parameterization="lora"``)."""
         return {name: p.detach().to(torch.float16 if self.dtype == torch.float16 else p.dtype)
                 .cpu().contiguous() for name, p in self.params.items()}
 
@@ -305,6 +362,48 @@ class ESDTrainer:
         self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
 
 
+def _add_lora(unet: Any, chosen: dict[str, nn.Parameter], cfg: ESDConfig
+              ) -> dict[str, nn.Parameter]:
+    """Put a LoRA adapter on each Linear whose weight the method trains; return the adapter
+    factors by their delta names (``<module>.lora_A.weight``)."""
+    from peft import LoraConfig
+
+    if cfg.method not in ("esd-x", "esd-x-strict"):
+        raise InvalidParams(f"`parameterization` 'lora' trains the cross-attention "
+                            f"projections: `method` esd-x or esd-x-strict, got {cfg.method!r}")
+    if not 1 <= cfg.lora_rank <= 256:
+        raise InvalidParams(f"`lora_rank` must be from 1 to 256, got {cfg.lora_rank}")
+    modules = dict(unet.named_modules())
+    targets = sorted(n.removesuffix(".weight") for n in chosen if n.endswith(".weight")
+                     and isinstance(modules.get(n.removesuffix(".weight")), nn.Linear))
+    # lora_alpha = r: the factors' product is the weight change itself (scale 1).
+    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
+                                target_modules=targets, init_lora_weights=True))
+    factors = {}
+    for name, param in unet.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            factors[name.replace(".default.", ".")] = param  # PEFT names the adapter
+    return factors
+
+
+def full_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An edit's new parameter values: a LoRA-trained edit's factor pairs become the
+    matrices W₀ + B·A on ``unet``'s own W₀; anything else is already a value."""
+    if not any(k.endswith(LORA_A) for k in delta):
+        return delta
+    params = dict(unet.named_parameters())
+    out = {k: v for k, v in delta.items() if not k.endswith((LORA_A, LORA_B))}
+    for key in (k for k in delta if k.endswith(LORA_A)):
+        module = key.removesuffix(LORA_A)
+        weight = params.get(module + ".weight")
+        if weight is None or module + LORA_B not in delta:
+            raise InvalidParams(f"the delta's LoRA factors for {module!r} fit no matrix of "
+                                "this UNet")
+        a, b = delta[key].float(), delta[module + LORA_B].float()
+        out[module + ".weight"] = (weight.detach().float() + b @ a).to(weight.dtype)
+    return out
+
+
 def delta_targets(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
     """The parameters of ``unet`` that ``delta`` replaces, by name; an error if it names
     one the UNet lacks (an edit of another architecture)."""
@@ -316,7 +415,9 @@ def delta_targets(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def apply_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> None:
-    """Load an edit's tensors into ``unet`` in place (names as ``select_parameters`` gives)."""
+    """Load an edit's tensors into ``unet`` in place (names as ``select_parameters`` gives,
+    or a LoRA-trained edit's factors)."""
+    delta = full_delta(unet, delta)
     params = delta_targets(unet, delta)
     with torch.no_grad():
         for name, value in delta.items():

@@ -147,12 +147,18 @@ def evidence(base: Any, edited: Any, domain: Any, concepts: list[str], guidance:
     negative = generate(base, d.prompts, d.seeds, guidance, steps=steps, size=size,
                         negative_prompt=", ".join(concepts))
     check()
-    sld = _sld_images(base, d.prompts, d.seeds, concepts, guidance, steps, size)
-    columns = [before[::DRIFT_SEEDS], after[::DRIFT_SEEDS], negative, sld]
+    columns = [before[::DRIFT_SEEDS], after[::DRIFT_SEEDS], negative]
+    # diffusers' Safe Latent Diffusion is a Stable Diffusion 1.x/2.x pipeline: SDXL's grid
+    # goes without that column, and says so.
+    has_sld = getattr(base, "text_encoder_2", None) is None
+    if has_sld:
+        columns.append(_sld_images(base, d.prompts, d.seeds, concepts, guidance, steps, size))
     drift = drift_of(before[d.near], after[d.near], d.kept) if d.kept else None
     report = {"rows": [{"kind": k, "prompt": p, "seed": s}
                        for (k, p), s in zip(d.rows, d.seeds, strict=True)],
-              "columns": list(COLUMNS), "drift": drift,
+              "columns": list(COLUMNS[:len(columns)]), "drift": drift,
+              "columns_note": None if has_sld else "no Safe Latent Diffusion column: "
+              "diffusers has it for Stable Diffusion 1.x and 2.x only",
               "drift_note": None if drift else "the model's domain names no neighbours of "
               "these concepts: no same-seed drift"}
     if clip is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.errors import InvalidParams
-from worker.esd import delta_targets
+from worker.esd import delta_targets, full_delta
 
 
 @dataclass
@@ -33,7 +33,9 @@ class LoraExport:
 def lora_of_edit(unet: torch.nn.Module, delta: dict[str, torch.Tensor],
                  rank: int | None = None, energy: float = 0.99) -> LoraExport:
     """``lora_from_delta`` against ``unet``'s own values of the delta's parameters (an
-    error naming any parameter this UNet lacks)."""
+    error naming any parameter this UNet lacks). An edit trained as LoRA is first expanded
+    to its matrices: refactoring them at its own rank gives its factors back."""
+    delta = full_delta(unet, delta)
     base = {name: p.detach() for name, p in delta_targets(unet, delta).items()}
     return lora_from_delta(base, delta, rank=rank, energy=energy)
 

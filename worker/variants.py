@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.esd import delta_targets
+from worker.esd import delta_targets, full_delta
 from worker.pipelines import Loaded, rebuild
 
 DELTA_FILE = "unet_delta.safetensors"
@@ -57,6 +57,7 @@ def _with_params(module: Any, values: dict[str, torch.Tensor]) -> Any:
 def build_variant(base_pipe, delta: dict[str, torch.Tensor], base_id: str) -> Loaded:
     """A pipeline whose UNet shares every tensor of ``base_pipe.unet`` but the delta's."""
     unet = base_pipe.unet
+    delta = full_delta(unet, delta)  # an edit trained as LoRA: its matrices, once
     replaced = delta_targets(unet, delta)
     variant_unet = _with_params(unet, delta)
     size = sum(p.numel() * p.element_size() for p in replaced.values())

@@ -181,3 +181,51 @@ def test_two_erases_deriving_the_same_name_both_publish(http):
     assert names == ["tiny-sd-no-green", "tiny-sd-no-green-2"], names
     for name in names:
         assert http.delete(f"/models/{name}").status_code == 204
+
+
+def test_sdxl_generates_erases_and_serves_its_edit(http, home):
+    """SDXL through the service: a tiny SDXL generates, an esd-x erase of it trains (the
+    pooled embedding and time ids conditioning its UNet), and the edit serves at once."""
+    from app.registry import Registry
+    from worker.defaults import TINY_MANIFEST
+    from worker.tiny import tiny_sdxl_pipeline
+
+    registry = Registry(home / "registry")
+    if not registry.exists("tiny-sdxl"):
+        with registry.create("tiny-sdxl", {**TINY_MANIFEST,
+                                           "pipeline": "StableDiffusionXLPipeline"}) as staging:
+            tiny_sdxl_pipeline(seed=0).save_pretrained(staging, safe_serialization=True)
+    job = wait_job(http, erase(http, base_model="tiny-sdxl", name="tiny-sdxl-no-red",
+                               learning_rate=0.05), timeout_s=300)
+    assert job["status"] == "succeeded", job
+    model = http.get("/models/tiny-sdxl-no-red").json()
+    assert model["format"] == "delta" and model["base"]["id"] == "tiny-sdxl"
+    evidence = model["evidence"]
+    assert evidence["columns"] == ["base", "edit", "negative_prompt"]
+    assert "Safe Latent Diffusion" in evidence["columns_note"]
+    base, edited = image(http, "tiny-sdxl"), image(http, "tiny-sdxl-no-red")
+    assert base.shape == edited.shape == (32, 32, 3)
+    assert np.abs(base - edited).mean() > 0.5
+    # The cascade: an SDXL image upscaled ×4 by the (Stable Diffusion) upscaler, one job.
+    r = http.post("/generate", json={"prompt": "a red circle", "model": "tiny-sdxl-no-red",
+                                     "steps": 2, "upscale": {"steps": 2}})
+    job = wait_job(http, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert [(i["role"], i["width"]) for i in job["result"]["images"]] == [("base", 32),
+                                                                         ("upscaled", 128)]
+    assert http.delete("/models/tiny-sdxl-no-red").status_code == 204
+
+
+def test_erase_trained_as_lora_stores_only_its_factors(http):
+    job = wait_job(http, erase(http, name="tiny-no-red-lora", method="esd-x-strict",
+                               parameterization="lora", lora_rank=2, learning_rate=0.05,
+                               drift_checks=0), timeout_s=300)
+    assert job["status"] == "succeeded", job
+    model = http.get("/models/tiny-no-red-lora").json()
+    assert model["edit"]["parameterization"] == "lora" and model["edit"]["lora_rank"] == 2
+    full = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
+                                     "method": "esd-u", "parameterization": "lora"})
+    assert full.status_code == 422 and "esd-x or esd-x-strict" in full.json()["error"]["message"]
+    base, edited = image(http, "tiny-sd"), image(http, "tiny-no-red-lora")
+    assert np.abs(base - edited).mean() > 0.5
+    assert http.delete("/models/tiny-no-red-lora").status_code == 204

@@ -16,7 +16,7 @@ from worker.esd import (
     esd_target,
     select_parameters,
 )
-from worker.tiny import tiny_pipeline
+from worker.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 
 def test_target_matches_the_paper_on_a_hand_computed_case():
@@ -92,6 +92,58 @@ def test_delta_on_the_base_reproduces_the_trained_unet(pipe):
         expected = trainer.unet(x, 500, encoder_hidden_states=emb).sample
         assert torch.equal(rebuilt(x, 500, encoder_hidden_states=emb).sample, expected)
         assert not torch.equal(pipe.unet(x, 500, encoder_hidden_states=emb).sample, expected)
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-x-strict"])
+def test_sdxl_trains_its_cross_attention_only_and_the_delta_reproduces_it(method):
+    """SDXL: two text encoders, the pooled embedding and the time ids condition the UNet;
+    the method's parameter set and the delta hold as for Stable Diffusion 1.x."""
+    xl = tiny_sdxl_pipeline(seed=0)
+    before = copy.deepcopy(xl.unet.state_dict())
+    trainer = trained(xl, method)
+    assert trainer.pooled is not None and trainer.pooled[""].abs().sum() == 0  # zeros, as SDXL
+    changed = {n for n, v in trainer.unet.state_dict().items() if not torch.equal(before[n], v)}
+    assert changed and changed <= set(select_parameters(xl.unet, method)), sorted(changed)[:5]
+    assert all(torch.equal(before[n], v) for n, v in xl.unet.state_dict().items())
+    rebuilt = copy.deepcopy(xl.unet)
+    apply_delta(rebuilt, trainer.delta())
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = trainer._cond(["a red circle", "a blue square"], torch.float32)
+    with torch.no_grad():
+        expected = trainer.unet(x, 500, **cond).sample
+        assert torch.equal(rebuilt(x, 500, **cond).sample, expected)
+        assert not torch.equal(xl.unet(x, 500, **cond).sample, expected)
+
+
+@pytest.mark.parametrize("build", [tiny_pipeline, tiny_sdxl_pipeline])
+def test_lora_parameterization_trains_factors_whose_product_is_the_edit(build):
+    """ESD as a LoRA: only rank-r factors train (a delta a fraction of the matrices'), the
+    base never moves, and the factors applied to the base reproduce the trained UNet."""
+    base = build(seed=0)
+    cfg = ESDConfig(concepts=("red",), method="esd-x-strict", iterations=3, learning_rate=1e-2,
+                    ddim_steps=4, seed=1, parameterization="lora", lora_rank=2)
+    trainer = ESDTrainer(base, cfg)
+    trainer.train()
+    delta = trainer.delta()
+    matrices = select_parameters(base.unet, "esd-x-strict")
+    assert {k.rsplit(".lora_", 1)[0] + ".weight" for k in delta} == set(matrices)
+    assert all(min(v.shape) == 2 for v in delta.values())
+    assert sum(v.numel() for v in delta.values()) < sum(p.numel() for p in matrices.values())
+    rebuilt = copy.deepcopy(base.unet)
+    apply_delta(rebuilt, delta)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = trainer._cond(["a red circle", "a blue square"], torch.float32)
+    with torch.no_grad():
+        expected = trainer.unet(x, 500, **cond).sample
+        torch.testing.assert_close(rebuilt(x, 500, **cond).sample, expected, atol=1e-5,
+                                   rtol=1e-5)  # W₀ + B·A merged vs. beside: rounding only
+        assert (base.unet(x, 500, **cond).sample - expected).abs().max() > 1e-2
+
+
+def test_lora_parameterization_is_refused_for_methods_it_cannot_hold(pipe):
+    with pytest.raises(InvalidParams, match="`method` esd-x or esd-x-strict, got 'esd-u'"):
+        ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-u",
+                                   parameterization="lora"))
 
 
 def test_resuming_from_a_checkpoint_gives_the_same_result(pipe):

@@ -46,6 +46,11 @@ def main() -> None:
     parser.add_argument("--preserve-trajectory", nargs="+", choices=["on", "off"],
                         default=["off"], help="hold neighbours at x_t from their own "
                         "trajectories (worker.esd.ESDConfig.preserve_trajectory)")
+    parser.add_argument("--parameterization", nargs="+", choices=["full", "lora"],
+                        default=["full"], help="train the weights, or a LoRA beside each "
+                        "matrix (worker.esd.ESDConfig.parameterization)")
+    parser.add_argument("--train-lora-rank", type=int, default=4,
+                        help="the rank of the LoRA trained with --parameterization lora")
     parser.add_argument("--ddim-steps", type=int, default=30)
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--baseline", action="store_true", help="also report the base model")
@@ -73,33 +78,38 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, keep, iters, lr, weight, own, eta in itertools.product(
+    for method, style, keep, iters, lr, weight, own, eta, param in itertools.product(
             args.method, args.train_prompts, args.preserve, args.iterations, args.lr,
-            args.preserve_weight, args.preserve_trajectory, args.eta):
+            args.preserve_weight, args.preserve_trajectory, args.eta, args.parameterization):
         cfg = ESDConfig(concepts=tuple(concepts),
                         prompts=training_prompts(concepts, style, manifest.get("domain"),
                                                  preserve=keep == "on"),
                         method=method, iterations=iters, learning_rate=lr,
                         preserve_weight=weight, preserve_trajectory=own == "on",
-                        negative_guidance=eta,
+                        negative_guidance=eta, parameterization=param,
+                        lora_rank=args.train_lora_rank,
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
         trainer.train()
         train_s = time.perf_counter() - t0
-        variant = build_variant(base, trainer.delta(), args.model).pipe
+        delta = trainer.delta()
+        variant = build_variant(base, delta, args.model).pipe
         report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
         drift = drawing.drift(variant) or {}
         for rank in args.lora_ranks:
-            print(json.dumps(lora_line(ctx, args.model, base, trainer.delta(), rank, clf,
+            print(json.dumps(lora_line(ctx, args.model, base, delta, rank, clf,
                                        concepts, args.per_prompt, guidance, summary)),
                   flush=True)
         print(json.dumps({"run": {"method": method, "train_prompts": style,
                                   "preserve": keep, "preserve_weight": weight,
                                   "preserve_trajectory": own, "eta": eta,
                                   "iterations": iters, "lr": lr,
-                                  "ddim_steps": args.ddim_steps},
+                                  "ddim_steps": args.ddim_steps, "parameterization": param}
+                          | ({"lora_rank": args.train_lora_rank} if param == "lora" else {}),
                           "train_s": round(train_s, 1),
+                          "trained_parameters": sum(p.numel() for p in trainer.params.values()),
+                          "delta_fp16_bytes": sum(t.numel() * 2 for t in delta.values()),
                           "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")}}
                          | summary(report)), flush=True)
 
