@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,24 +70,20 @@ def unet_key(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
     for new, old in _UNET_TOP.items():
         if key.startswith(new + "."):
             return old + key[len(new):]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = 1 + block * per + layer
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        side, block, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        # input_blocks.0 is conv_in: the encoder's layers count from 1
+        index = block * per + layer + (side == "down")
+        blocks = "input_blocks" if side == "down" else "output_blocks"
         if kind == "resnets":
-            return f"input_blocks.{index}.0.{_rename(rest, _RESNET)}"
-        return f"input_blocks.{index}.1.{rest}"
+            return f"{blocks}.{index}.0.{_rename(rest, _RESNET)}"
+        return f"{blocks}.{index}.1.{rest}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"middle_block.{2 * int(m[1])}.{_rename(m[2], _RESNET)}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = block * per + layer
-        if kind == "resnets":
-            return f"output_blocks.{index}.0.{_rename(rest, _RESNET)}"
-        return f"output_blocks.{index}.1.{rest}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         block = int(m[1])
         slot = 2 if block in up_attentions else 1
@@ -95,24 +91,33 @@ def unet_key(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
     raise ValueError(f"no original name for UNet parameter {key!r}")
 
 
+# (diffusers VAE name pattern, its original name given the match and the up-block count):
+# the decoder counts up blocks from the lowest resolution in diffusers, from the highest in
+# the original.
+_VAE_RULES: tuple[tuple[str, Callable[[re.Match, int], str]], ...] = (
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(.+)",
+     lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)",
+     lambda m, n: f"encoder.down.{m[1]}.downsample.{m[2]}"),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(.+)",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.{m[2]}"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+     lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
+     lambda m, n: f"{m[1]}.mid.attn_1.{_rename(m[2], _VAE_ATTENTION)}"),
+)
+
+
 def vae_key(key: str, num_up_blocks: int) -> str:
-    """The original name of diffusers VAE parameter ``key`` (the decoder counts up blocks
-    from the lowest resolution in diffusers, from the highest in the original)."""
+    """The original name of diffusers VAE parameter ``key``."""
     key = key.replace(".conv_shortcut.", ".nin_shortcut.")
     for side in ("encoder", "decoder"):
         key = key.replace(f"{side}.conv_norm_out.", f"{side}.norm_out.")
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(.+)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
-        return f"encoder.down.{m[1]}.downsample.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(.+)", key):
-        return f"decoder.up.{num_up_blocks - 1 - int(m[1])}.block.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-        return f"decoder.up.{num_up_blocks - 1 - int(m[1])}.upsample.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{_rename(m[2], _VAE_ATTENTION)}"
+    for pattern, original in _VAE_RULES:
+        if m := re.fullmatch(pattern, key):
+            return original(m, num_up_blocks)
     return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
 
 
