@@ -40,3 +40,26 @@ def test_import_rejects_what_is_not_a_pipeline(registry, tmp_path):
     with pytest.raises(SystemExit, match="got 'Bad/Id'"):
         main(["models", "import", str(tmp_path / "junk"), "--id", "Bad/Id"])
     assert registry.models() == []
+
+
+def test_single_file_export_and_import_through_the_cli(registry, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    save_tiny_pipeline(tmp_path / "folder", seed=3)
+    main(["models", "import", str(tmp_path / "folder"), "--id", "mine"])
+    out = tmp_path / "mine.safetensors"
+    main(["models", "export", "mine", "--to", str(out), "--format", "single-file"])
+    tensors = load_file(str(out))
+    assert all(v.dtype == torch.float16 for v in tensors.values())  # the single-file default
+    capsys.readouterr()
+    main(["models", "import", str(out), "--id", "mine-back"])
+    assert json.loads(capsys.readouterr().out)["exported_from"]["id"] == "mine"
+    # A pickle needs the operator's flag; with it, it is read (and checked like any file).
+    ckpt = tmp_path / "mine.ckpt"
+    torch.save({"state_dict": tensors}, ckpt)
+    with pytest.raises(SystemExit, match="--allow-pickle"):
+        main(["models", "import", str(ckpt), "--id", "pickled"])
+    with pytest.raises(SystemExit, match="does not match the layout"):
+        main(["models", "import", str(ckpt), "--id", "pickled", "--allow-pickle"])
+    assert sorted(m["id"] for m in registry.models()) == ["mine", "mine-back"]
