@@ -120,8 +120,11 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         )
     defaults = dict(manifest.get("erase_defaults") or {})
     method = body.method or defaults.get("method") or d.ERASE_METHOD
-    # A method may need its own step size (esd-u trains far more weights than esd-x).
+    # A method may need its own step size (esd-u trains far more weights than esd-x), and
+    # so may a LoRA (its factors start from zero).
     defaults |= (defaults.pop("by_method", None) or {}).get(method, {})
+    defaults |= (defaults.pop("by_parameterization", None) or {}).get(body.parameterization,
+                                                                       {})
     evaluator = manifest.get("evaluator")
     if body.evaluate and not evaluator:
         raise InvalidParams(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.config import Settings
+from app.errors import InvalidParams
 from app.jobspecs import DRAW_GUIDANCE, ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, EraseJob
 from app.params import resolve_erase
 from app.registry import Registry
@@ -13,7 +14,8 @@ from app.schemas import EraseCreate
 ERASE_DEFAULTS = {"method": "esd-x-strict", "negative_guidance": 2.0, "iterations": 600,
                   "learning_rate": 5e-4,
                   "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200,
-                                          "negative_guidance": 1.0}}}
+                                          "negative_guidance": 1.0}},
+                  "by_parameterization": {"lora": {"learning_rate": 2e-3}}}
 
 
 @pytest.fixture
@@ -41,6 +43,12 @@ def test_the_models_erase_defaults_decide_what_the_request_leaves_open(registry,
     # A method of the request takes that method's own defaults.
     spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-u")
     assert (spec.negative_guidance, spec.iterations, spec.learning_rate) == (1.0, 200, 1e-4)
+    # Trained as LoRA: that parameterization's own step, the rest as the method's.
+    spec = erase(registry, tmp_path, base_model="tuned-sd", parameterization="lora")
+    assert (spec.parameterization, spec.lora_rank, spec.learning_rate, spec.iterations) == \
+        ("lora", 4, 2e-3, 600)
+    with pytest.raises(InvalidParams, match="`method` esd-x or esd-x-strict, got 'esd-u'"):
+        erase(registry, tmp_path, base_model="tuned-sd", method="esd-u", parameterization="lora")
     # What the request says wins, a zero included.
     spec = erase(registry, tmp_path, base_model="tuned-sd", negative_guidance=0.0)
     assert spec.negative_guidance == 0.0

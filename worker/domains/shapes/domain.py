@@ -40,7 +40,10 @@ DEMO_MANIFESTS: dict[str, dict] = {
                                          "esd-u": {"learning_rate": 1e-4, "iterations": 200,
                                                    "negative_guidance": 1.0},
                                          "esd-all": {"learning_rate": 1e-4, "iterations": 200,
-                                                     "negative_guidance": 1.0}}},
+                                                     "negative_guidance": 1.0}},
+                           # Trained as LoRA (rank 4): the factors start from zero and
+                           # need a larger step; 2e-3 erases triangle wholly (model card).
+                           "by_parameterization": {"lora": {"learning_rate": 2e-3}}},
     },
     "shapes-x4": {
         "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",
