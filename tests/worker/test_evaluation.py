@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.worker.test_features import clip_folder  # noqa: F401  (a fixture)
+
 
 def test_what_the_worker_publishes_is_what_its_domains_draw_and_the_api_reads(tmp_path):
     from app.params import GENERIC_INFO
@@ -23,3 +25,19 @@ def test_what_the_worker_publishes_is_what_its_domains_draw_and_the_api_reads(tm
     registry.publish_domains({"generic": info["generic"]})  # a second worker adds, keeps
     assert registry.domains() == {"generic": info["generic"], "shapes": info["shapes"]}
     assert registry.models() == []  # the file is no model
+
+
+def test_an_sdxl_model_is_evaluated_through_the_generic_domain(clip_folder):  # noqa: F811
+    """SDXL draws and is measured like any model of the generic domain (CLIP score)."""
+    from app.config import Settings
+    from app.jobspecs import EvaluateJob
+    from worker.evaluation import evaluate
+    from worker.tiny import tiny_sdxl_pipeline
+
+    spec = EvaluateJob(model="tiny-sdxl", prompts=["a red circle", "a blue square"],
+                       images_per_prompt=2, seed=0, metrics=["clip_score"],
+                       guidance_scale=5.0, steps=2, height=32, width=32)
+    report = evaluate(tiny_sdxl_pipeline(seed=0), spec,
+                      settings=Settings(clip_model_path=clip_folder))
+    assert report["images"] == 4
+    assert isinstance(report["metrics"]["clip_score"], float)
