@@ -12,8 +12,9 @@ status, code and message.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -64,13 +65,17 @@ class LetheClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         r = self.http.request(method, path, **kwargs)
         if r.status_code >= 400:
-            try:
-                error = r.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                error = {"code": "http_error", "message": r.text[:300]}
-            raise ApiError(r.status_code, error.get("code", "http_error"),
-                           error.get("message", ""), error.get("details"))
+            self._raise(r)
         return r
+
+    @staticmethod
+    def _raise(r: httpx.Response) -> None:
+        try:
+            error = r.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"code": "http_error", "message": r.text[:300]}
+        raise ApiError(r.status_code, error.get("code", "http_error"),
+                       error.get("message", ""), error.get("details"))
 
     # Submitting: each returns the new job's id.
     def submit(self, path: str, body: dict[str, Any]) -> str:
@@ -123,6 +128,34 @@ class LetheClient:
                 raise JobWaitTimeout(job)
             if not long_poll:
                 time.sleep(POLL_S)
+
+    def events(self, job_id: str, last_event_id: str | None = None
+               ) -> Iterator[dict[str, Any]]:
+        """The job's events (``GET /jobs/{id}/events``) as they come: dicts with ``event``
+        (progress, preview, succeeded, failed, canceled), ``id`` and ``data``; the stream
+        ends after the final event. ``last_event_id`` resumes after that event."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)  # pings keep it alive
+        with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers,
+                              timeout=timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise(r)
+            event: dict[str, Any] = {}
+            for line in r.iter_lines():
+                if not line:  # a blank line ends an event
+                    if "data" in event:
+                        event["data"] = json.loads(event["data"])
+                        event.setdefault("event", "message")
+                        yield event
+                    event = {}
+                elif not line.startswith(":"):  # ":" lines are comments (pings)
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if name == "data" and "data" in event:
+                        event["data"] += "\n" + value
+                    elif name in ("event", "id", "data"):
+                        event[name] = value
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/jobs/{job_id}").json()

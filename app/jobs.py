@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 
+from app import events
 from app.errors import JobNotFound, shown
 from app.queue import cancel_key
 
@@ -64,6 +65,9 @@ def reap_if_abandoned(connection: Redis, job: Job) -> None:
     if job.get_status(refresh=False) == RQStatus.STARTED and job.origin:
         StartedJobRegistry(job.origin, connection=connection).cleanup()
         job.refresh()
+        if job.get_status(refresh=False) == RQStatus.FAILED:  # it was abandoned: now it ends
+            view = describe(job)
+            events.publish(connection, job.id, "failed", view, job.result_ttl or 3600)
 
 
 def state_of(job: Job) -> JobState:
@@ -131,3 +135,5 @@ def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
         job.meta["canceled"] = True
         job.save_meta()
         job.cancel()
+        job.refresh()
+        events.publish(connection, job.id, "canceled", describe(job), ttl_s)

@@ -74,6 +74,7 @@ class GenerateJob(JobSpec):
     scheduler: str
     seed: int
     upscale: UpscaleJob | None = None
+    previews: int = 0  # a preview event every this many steps; 0: none
 
 
 class EraseJob(JobSpec):

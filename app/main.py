@@ -15,7 +15,7 @@ from app.api.routes import domains, health, jobs, models, upscale
 from app.config import get_settings
 from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
 from app.openapi import with_error_schemas
-from app.queue import connect
+from app.queue import connect, connect_async
 
 
 @asynccontextmanager
@@ -27,10 +27,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "API at one"
         )
     app.state.redis = connect(settings.redis_url)
+    app.state.async_redis = connect_async(settings.redis_url)
     try:
         yield
     finally:
         app.state.redis.close()
+        await app.state.async_redis.aclose()
 
 
 def create_app() -> FastAPI:

@@ -6,6 +6,7 @@ Jobs are enqueued by dotted path ("worker.jobs.generate") so the API never impor
 from __future__ import annotations
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
@@ -29,6 +30,14 @@ JOB_TYPES: dict[str, dict[str, str]] = {
 # How long Redis may take to apply a submission after the API started it (see ``enqueue``).
 # Shorter than the API's socket timeout, so a submission the API gave up on is always late.
 SUBMIT_WINDOW_MS = 1500
+
+
+def connect_async(url: str, timeout_s: float = 2.0, longest_block_s: float = 30.0
+                  ) -> AsyncRedis:
+    """The API's client for reads that block in Redis (``XREAD BLOCK``): a socket timeout
+    past the longest block, so a stalled Redis still ends the read."""
+    return AsyncRedis.from_url(url, socket_connect_timeout=timeout_s,
+                               socket_timeout=longest_block_s + timeout_s)
 
 
 def connect(url: str, timeout_s: float = 2.0, blocking: bool = False) -> Redis:

@@ -59,6 +59,10 @@ class GenerateCreate(_Strict):
     scheduler: Scheduler | None = None
     upscale: UpscaleOptions | None = Field(
         None, description="Cascade: upscale every generated image ×4 in the same job.")
+    previews: int = Field(0, ge=0, le=500, description="Every this many steps, a `preview` "
+                          "event on `GET /jobs/{id}/events`: the image the model is heading "
+                          "for, as a small PNG. 0: none. A job with previews is not "
+                          "batched with others.")
 
     @field_validator("prompt")
     @classmethod

@@ -40,8 +40,9 @@ def result_key(job_id: str) -> str:
 
 def batch_key(params: dict[str, Any]) -> tuple | None:
     # On the queued form (``JobSpec.queued``): what the other jobs in the queue hold.
-    """What must match; None for a job that never batches (a cascade upscales per job)."""
-    if params.get("upscale"):
+    """What must match; None for a job that never batches (a cascade upscales per job; a
+    job with previews sends its own pictures)."""
+    if params.get("upscale") or params.get("previews"):
         return None
     return tuple(params.get(k) for k in BATCH_KEYS)
 

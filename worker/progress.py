@@ -2,8 +2,8 @@
 
 RQ's stop command cannot reach a job that runs inside the worker process, so a job stops
 itself: the step callback reads the cancel flag (one Redis GET) at every step and raises.
-Progress goes to ``job.meta``, written at most every ``interval_s`` so a fast loop does not
-turn into a stream of Redis writes.
+Progress goes to ``job.meta`` and, as an event, to the job's stream (``app.events``), at
+most every ``interval_s`` so a fast loop does not turn into a stream of Redis writes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from redis import Redis
 from rq.job import Job
 
+from app import events
 from app.queue import cancel_key
 
 
@@ -22,8 +23,10 @@ class JobCanceled(Exception):
 
 
 class Reporter:
-    def __init__(self, job: Job | None, connection: Redis | None, interval_s: float = 0.25):
+    def __init__(self, job: Job | None, connection: Redis | None, interval_s: float = 0.25,
+                 ttl_s: int = 7 * 24 * 3600):
         self.job, self.connection, self.interval_s = job, connection, interval_s
+        self.ttl_s = ttl_s  # how long the job's events are kept: as long as its record
         self._last_write = 0.0
 
     def canceled(self) -> bool:
@@ -44,9 +47,16 @@ class Reporter:
             return
         self._last_write = now
         fraction = round(step / total, 4) if total else 0.0
-        self.job.meta["progress"] = {"step": step, "total": total, "fraction": fraction,
-                                     "stage": stage, **extra}
+        progress = {"step": step, "total": total, "fraction": fraction, "stage": stage,
+                    **extra}
+        self.job.meta["progress"] = progress
         self.job.save_meta()
+        self.event("progress", progress)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        """Append an event to the job's stream (a preview, progress)."""
+        if self.job is not None and self.connection is not None:
+            events.publish(self.connection, self.job.id, name, data, self.ttl_s)
 
     def step_callback(self, total: int, stage: str):
         """A diffusers ``callback_on_step_end`` that reports and honours cancel."""

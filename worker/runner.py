@@ -28,7 +28,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
-from app import jobfiles, workers
+from app import events, jobfiles, jobs, workers
 from app.config import Settings
 from app.queue import connect
 from worker.context import get_context
@@ -83,6 +83,16 @@ class LetheWorker(SimpleWorker):
             self._running = None
         self.set_state(WorkerStatus.IDLE)
 
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution
+                           ) -> None:
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        _announce_end(job)
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None,
+                           exc_string: str = "", execution: Execution | None = None) -> None:
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        _announce_end(job)
+
     def _wait_for_redis(self) -> bool:
         delay = 0.5
         while not self._stop_requested:
@@ -131,6 +141,19 @@ class LetheWorker(SimpleWorker):
                 self.maintain_heartbeats(*running)
         except Exception:  # a missed beat is retried; it must not kill the worker
             log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+
+
+def _announce_end(job: Job) -> None:
+    """The job's final event, once RQ has stored the outcome (a job RQ queues again for a
+    retry has not ended: nothing is sent)."""
+    try:
+        job.refresh()
+        view = jobs.describe(job)
+        if view["status"] in events.TERMINAL:
+            events.publish(job.connection, job.id, view["status"], view,
+                           get_context().settings.result_ttl_s)
+    except (RedisError, NoSuchJobError):
+        log.warning("job %s: its final event could not be sent", job.id, exc_info=True)
 
 
 def _set_threads(settings: Settings, device: str) -> None:

@@ -45,6 +45,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/images/{index}"),
+    ("GET", "/jobs/{job_id}/events"),
     ("GET", "/models"),
     ("GET", "/models/{model_id}"),
     ("DELETE", "/models/{model_id}"),

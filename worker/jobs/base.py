@@ -45,7 +45,8 @@ def job_function(spec_type: type[Spec]) -> Callable[[Callable[[Spec, Reporter], 
 def _run(fn: Callable[[Spec, Reporter], dict], spec_type: type[Spec], params: dict) -> dict:
     job = get_current_job()
     settings = get_context().settings
-    reporter = Reporter(job, job.connection if job else None, settings.progress_interval_s)
+    reporter = Reporter(job, job.connection if job else None, settings.progress_interval_s,
+                        settings.result_ttl_s)
     try:
         reporter.check()
         try:

@@ -15,7 +15,7 @@ from app.jobspecs import GenerateJob, UpscaleJob
 from app.queue import cancel_key
 from worker.context import get_context
 from worker.jobs.base import image_entry, job_function, job_id, save_png
-from worker.pipelines import with_scheduler
+from worker.pipelines import rebuild, with_scheduler
 from worker.progress import Reporter
 
 log = logging.getLogger("lethe.worker.jobs")
@@ -98,6 +98,16 @@ def _generate_members(members: list[tuple[str, GenerateJob]], reporter: Reporter
     base, cached = ctx.cache.get(spec.model)
     load_s = time.perf_counter() - t0
     pipe = with_scheduler(base, spec.scheduler)
+    callback = reporter.step_callback(total, "denoising")
+    if spec.previews:  # never batched: the members are this job alone
+        from worker.previews import Previewer, previewing
+
+        pipe = rebuild(pipe, scheduler=previewing(pipe.scheduler))
+        callback = Previewer(
+            pipe, spec.previews, steps,
+            lambda step, of, image: reporter.event("preview", {"step": step, "total": of,
+                                                               "image": image}),
+            _preview_map(ctx, spec, pipe)).wrap(callback)
     inputs = merged_inputs(members)
     reporter.progress(0, total, "denoising", force=True)
     t1 = time.perf_counter()
@@ -110,7 +120,7 @@ def _generate_members(members: list[tuple[str, GenerateJob]], reporter: Reporter
             width=spec.width,
             height=spec.height,
             generator=[torch.Generator("cpu").manual_seed(s) for s in inputs["seeds"]],
-            callback_on_step_end=reporter.step_callback(total, "denoising"),
+            callback_on_step_end=callback,
         )
     run_s = time.perf_counter() - t1
     job = get_current_job()
@@ -148,6 +158,22 @@ def _generate_members(members: list[tuple[str, GenerateJob]], reporter: Reporter
         first["timings"]["upscale_s"] = round(time.perf_counter() - t2, 4)
     reporter.progress(total, total, "done", force=True)
     return results
+
+
+def _preview_map(ctx: Any, spec: GenerateJob, pipe: Any) -> list[list[float]] | None:
+    """The model's linear latent → RGB preview map, for images too large to preview through
+    the VAE: fitted from its VAE the first time, then kept in its (or its base's) manifest."""
+    from worker.previews import VAE_MAX_PIXELS, fit_preview_map
+
+    if spec.width * spec.height <= VAE_MAX_PIXELS:
+        return None
+    manifest = ctx.registry.get(spec.model)
+    owner = (manifest.get("base") or {}).get("id") or spec.model  # the VAE is the base's
+    saved = ctx.registry.get(owner).get("preview_map")
+    if saved is None:
+        saved = fit_preview_map(pipe.vae)
+        ctx.registry.update_manifest(owner, preview_map=saved)
+    return saved
 
 
 @job_function(GenerateJob)

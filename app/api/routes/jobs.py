@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse, JSONResponse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import jobfiles, jobs
-from app.api.deps import RedisDep, RegistryDep, SettingsDep
-from app.errors import ImageNotFound, JobNotFinished
+from app import events, jobfiles, jobs
+from app.api.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep
+from app.config import Settings
+from app.errors import ImageNotFound, InvalidParams, JobNotFinished, shown
 from app.openapi import errors
 from app.params import resolve_erase, resolve_evaluate, resolve_generate
 from app.queue import enqueue
@@ -70,8 +74,14 @@ def create_generate(body: GenerateCreate, redis: RedisDep, registry: RegistryDep
     return created(job, "generate")
 
 
-FINISHED = ("succeeded", "failed", "canceled")
-POLL_FIRST_S, POLL_MAX_S = 0.02, 0.5  # a long poll's first and longest pause between reads
+FINISHED = events.TERMINAL
+
+
+def _block_s(settings: Settings) -> float:
+    """The longest a blocked read waits before the job's state is read once more: a third
+    of the heartbeat TTL, so an end that sent no event (a killed worker, found out when its
+    heartbeat lapses) reaches the readers about as soon as it can be known."""
+    return min(15.0, max(1.0, settings.heartbeat_ttl_s / 3))
 
 
 def _read(redis: Redis, job_id: str) -> dict:
@@ -80,26 +90,76 @@ def _read(redis: Redis, job_id: str) -> dict:
     return jobs.describe(job)
 
 
+async def _next_events(aredis: AsyncRedis, job_id: str, after: str, block_s: float
+                       ) -> list[tuple[str, str, dict]]:
+    """The job's events after ``after``, waiting in Redis up to ``block_s`` for one."""
+    found = await aredis.xread({events.key(job_id): after}, count=100,
+                               block=max(1, int(block_s * 1000)))  # 0 would block forever
+    return events.decode_read(found)
+
+
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404, 422))
-async def get_job(job_id: str, redis: RedisDep,
+async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings: SettingsDep,
                   wait: float = Query(0, ge=0, le=30, description="Seconds to hold the "
                                       "answer until the job has finished (long polling); "
                                       "0 answers at once.")) -> dict:
     """A job's status, progress and result. With `wait`, the answer comes when the job
     finishes or the time is up, whichever is first: one request instead of many polls."""
+    if not wait:
+        return await run_in_threadpool(_read, redis, job_id)
+    # The newest event first, then the state: an end after the read is an event after it.
+    after = events.newest(await aredis.xrevrange(events.key(job_id), count=1))
+    view = await run_in_threadpool(_read, redis, job_id)
     deadline = time.monotonic() + wait
-    pause = POLL_FIRST_S
-    while True:
-        # Each read borrows a worker thread for a moment; a waiting request holds none,
-        # so many long polls cannot starve the other routes of threads.
-        view = await run_in_threadpool(_read, redis, job_id)
+    while view["status"] not in FINISHED:
         left = deadline - time.monotonic()
-        if view["status"] in FINISHED or left <= 0:
-            return view
-        # Quick jobs answer quickly; a long wait reads Redis twice a second, not fifty
-        # times (100 waiting clients took /healthz from 5 ms to 130 ms at 20 ms each).
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 1.5, POLL_MAX_S)
+        if left <= 0:
+            break
+        # Waits in Redis, woken by the job's events; reads the state only at its end.
+        found = await _next_events(aredis, job_id, after, min(left, _block_s(settings)))
+        if found:
+            after = found[-1][0]
+        if not found or any(name in FINISHED for _, name, _ in found):
+            view = await run_in_threadpool(_read, redis, job_id)
+    return view
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses={
+    200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events: "
+          "`progress`, `preview` (with `previews` on a generate), then one of `succeeded`, "
+          "`failed`, `canceled` carrying the job."}, **errors(404, 422)})
+async def job_events(job_id: str, redis: RedisDep, aredis: AsyncRedisDep,
+                     settings: SettingsDep, last_event_id: str | None = Header(
+                         None, description="Resume after this event: the id of the last "
+                         "event received (browsers send it when they reconnect).")
+                     ) -> EventSourceResponse:
+    """The job's events as Server-Sent Events, from its first (or after `Last-Event-ID`)
+    to its end; a job that has ended sends its history and its final event at once."""
+    if last_event_id is not None and not events.valid_id(last_event_id):
+        raise InvalidParams(f"`Last-Event-ID` {shown(last_event_id)} is not an event id "
+                            "(<milliseconds>-<sequence>)")
+    view = await run_in_threadpool(_read, redis, job_id)  # a 404 before the stream starts
+    block_s = _block_s(settings)
+    return EventSourceResponse(
+        _stream(redis, aredis, job_id, last_event_id or "0-0", view, block_s), ping=15)
+
+
+async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, after: str, view: dict,
+                  block_s: float) -> AsyncIterator[dict]:
+    while True:
+        ended = view["status"] in FINISHED
+        found = await _next_events(aredis, job_id, after, 0.001 if ended else block_s)
+        for entry_id, name, data in found:
+            after = entry_id
+            yield {"event": name, "id": entry_id, "data": json.dumps(data)}
+            if name in FINISHED:
+                return
+        if found:
+            continue
+        if ended:  # its events are gone (expired) or it ended without one: its state
+            yield {"event": view["status"], "data": json.dumps(view)}
+            return
+        view = await run_in_threadpool(_read, redis, job_id)
 
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse,

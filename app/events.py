@@ -1,0 +1,71 @@
+"""A job's events, in a Redis stream per job: what `GET /jobs/{id}/events` sends and what
+long polls wait on.
+
+Workers append ``progress`` and ``preview`` events as a job runs, and the final
+``succeeded`` / ``failed`` / ``canceled`` once RQ has stored the outcome (``worker.runner``);
+the API appends ``canceled`` for a job canceled before it ran. A stream keeps its entries
+(up to ``MAX_EVENTS``), so a client that reconnects with ``Last-Event-ID`` gets every event
+after the last it saw, and one that connects late gets the history. Readers block in Redis
+(``XREAD BLOCK``) instead of polling it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis import Redis
+
+PREFIX = "lethe:events:"
+MAX_EVENTS = 2000  # approximate trim: a long erase's progress, a generate's previews
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def key(job_id: str) -> str:
+    return PREFIX + job_id
+
+
+def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
+            ttl_s: int) -> None:
+    """Append ``event`` to the job's stream; the stream lives as long as the job record."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAX_EVENTS,
+              approximate=True)
+    pipe.expire(key(job_id), ttl_s)
+    pipe.execute()
+
+
+def decode(entries: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """``XREAD``/``XRANGE`` entries as (id, event, data)."""
+    out = []
+    for entry_id, fields in entries:
+        fields = {_text(k): _text(v) for k, v in fields.items()}
+        out.append((_text(entry_id), fields.get("event", "message"),
+                    json.loads(fields.get("data") or "{}")))
+    return out
+
+
+def decode_read(found: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """One stream's ``XREAD`` reply as (id, event, data): a list of [key, entries] (RESP2)
+    or a dict of key: entries (RESP3); nothing read, an empty list."""
+    if not found:
+        return []
+    return decode(next(iter(found.values())) if isinstance(found, dict) else found[0][1])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def newest(entries: Any) -> str:
+    """The id of the newest of ``XREVRANGE key + - COUNT 1``'s entries ("0-0" when none):
+    read before the job's state, so a reader starting from it misses nothing after."""
+    return _text(entries[0][0]) if entries else "0-0"
+
+
+def valid_id(value: str | None) -> bool:
+    """Whether ``value`` is a stream id a client may resume from ("<ms>-<seq>")."""
+    if not value:
+        return False
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and seq.isdigit() and len(value) <= 41
