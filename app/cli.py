@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from app.client import ApiError, LetheClient
+from app.client import FINISHED, ApiError, LetheClient
 from app.config import get_settings
 from app.errors import LetheError
 from app.registry import Registry
@@ -88,28 +89,50 @@ def _client(url: str) -> LetheClient:
     return LetheClient(url, api_key=sorted(keys)[0] if keys else None)
 
 
-def _show(job: dict) -> None:
-    p = job.get("progress") or {}
-    loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
-    drift = p.get("drift") or {}
-    moved = f" neighbours' PSNR {drift['psnr']} dB" if drift.get("psnr") else ""
-    print(f"\r{job['status']:<10} {p.get('stage', '')} {p.get('step', 0)}/"
-          f"{p.get('total', 0)}{loss}{moved}   ", end="", file=sys.stderr)
+def _follow(client: LetheClient, job_id: str) -> dict:
+    """The job's events as a progress bar on stderr (tqdm); the finished job."""
+    from tqdm import tqdm
+
+    with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        for event in client.events(job_id):
+            if event["event"] in FINISHED:
+                return event["data"]
+            if event["event"] != "progress":
+                continue
+            p = event["data"]
+            bar.total, bar.n = p["total"], p["step"]
+            bar.set_description(p["stage"], refresh=False)
+            shown = {}
+            if p.get("loss") is not None:
+                shown["loss"] = f"{p['loss']:.4f}"
+            if (p.get("drift") or {}).get("psnr"):
+                shown["neighbours' PSNR"] = f"{p['drift']['psnr']} dB"
+            bar.set_postfix(shown, refresh=False)
+            bar.refresh()
+    return client.job(job_id)  # the stream ended early (the service went away): its state
 
 
-def _submit_and_wait(client: LetheClient, path: str, body: dict) -> dict:
-    """POST a job, show its progress on stderr, return the finished job."""
+def _submit_and_wait(client: LetheClient, path: str, body: dict,
+                     submit: Callable[[], str] | None = None) -> dict:
+    """POST a job (``body`` to ``path``, or through ``submit``), show its progress on
+    stderr, return the finished job."""
     try:
-        job_id = client.submit(path, body)
+        job_id = submit() if submit else client.submit(path, body)
     except ApiError as refused:
         raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}") from None
     print(f"job {job_id}", file=sys.stderr)
-    job = client.wait(job_id, on_progress=_show,
-                      every_s=0.2 if path in ("/generate", "/upscale") else 0.5)
-    print(file=sys.stderr)
+    job = _follow(client, job_id)
     if job["status"] != "succeeded":
         raise SystemExit(f"job {job['status']}: {job.get('error')}")
     return job
+
+
+def _save_images(client: LetheClient, job: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for image in job["result"]["images"]:
+        path = out / f"{job['id']}-{image['index']}.png"
+        path.write_bytes(client.image(job["id"], image["index"]))
+        print(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -120,13 +143,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
     }
     with _client(args.url) as client:
-        job = _submit_and_wait(client, "/generate", body)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for image in job["result"]["images"]:
-            path = out / f"{job['id']}-{image['index']}.png"
-            path.write_bytes(client.image(job["id"], image["index"]))
-            print(path)
+        _save_images(client, _submit_and_wait(client, "/generate", body), Path(args.out))
+
+
+def cmd_upscale(args: argparse.Namespace) -> None:
+    """Client: POST /upscale with an image file, follow the job, save the ×4 PNG."""
+    path = Path(args.image)
+    if not path.is_file():
+        raise SystemExit(f"no image file {str(path)!r}")
+    options = {"model": args.model, "prompt": args.prompt, "steps": args.steps,
+               "seed": args.seed}
+    with _client(args.url) as client:
+        job = _submit_and_wait(client, "/upscale", options, submit=lambda: client.upscale(
+            image=path.read_bytes(), **options))
+        _save_images(client, job, Path(args.out))
 
 
 def cmd_erase(args: argparse.Namespace) -> None:
@@ -260,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--scheduler")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("upscale", help="client: upscale an image ×4 through a running service")
+    p.add_argument("image", help="a PNG, JPEG, WebP or BMP file")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--out", default=".")
+    p.add_argument("--model")
+    p.add_argument("--prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_upscale)
     return parser
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from app.api.deps import documents_bearer
@@ -16,6 +18,8 @@ from app.config import get_settings
 from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect, connect_async
+
+UI_DIR = Path(__file__).parent / "ui"
 
 
 @asynccontextmanager
@@ -61,6 +65,9 @@ def create_app() -> FastAPI:
     app.include_router(upscale.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
     app.include_router(domains.router, dependencies=protected)
+    # The web UI: static files committed as they are served (no build step), calling the
+    # API like any client; the pages load without a key, the API calls need one.
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     with_error_schemas(app)
     return app
 

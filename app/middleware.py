@@ -15,10 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.handlers import error_body
 
-# Routes anyone may call: liveness, readiness and the API's own description.
+# Routes anyone may call: liveness, readiness, the API's own description, and the web UI's
+# static files (the page asks for the key; every call it makes carries it).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc",
                         "/docs/oauth2-redirect"})
-OPEN_PREFIXES = ("/docs/static/",)
+OPEN_PREFIXES = ("/docs/static/", "/ui")
 
 
 async def _send_json(send: Send, status: int, body: dict,

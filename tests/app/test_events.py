@@ -77,3 +77,20 @@ def test_unknown_jobs_and_bad_event_ids_are_refused(lethe):
     with pytest.raises(ApiError) as bad:
         list(lethe.events(job_id, last_event_id="yesterday"))
     assert bad.value.status == 422 and "Last-Event-ID" in bad.value.message
+
+
+def test_cli_commands_draw_their_progress_from_the_events(live_url, worker, capsys, tmp_path):
+    from pathlib import Path
+
+    from app.cli import main
+
+    main(["generate", "a red circle", "--url", live_url, "--model", "tiny-sd", "--steps", "5",
+          "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    png = Path(out.strip())
+    assert Image.open(png).size == (32, 32)
+    assert "denoising" in err and "5/5" in err  # the bar, at its end
+    main(["upscale", str(png), "--url", live_url, "--steps", "2", "--out", str(tmp_path / "x4")])
+    out, err = capsys.readouterr()
+    assert Image.open(out.strip()).size == (128, 128)
+    assert "upscaling" in err
