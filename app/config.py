@@ -69,6 +69,14 @@ class Settings(BaseSettings):
                                "on the CPU one per core but one, left to the API and Redis "
                                "(torch's own default on a GPU).")
 
+    webhook_secret: str = Field("", description="Signs webhook deliveries (Standard "
+                                "Webhooks; `whsec_<base64>` or any string). Unset: jobs "
+                                "cannot ask for a webhook.")
+    webhook_allow: str = Field("", description="Hosts webhooks may target even on "
+                               "loopback or private addresses, comma-separated.")
+    webhook_retry_base_s: float = Field(1.0, gt=0, description="Scales the retry delays "
+                                        "(5 s doubling to 10 min, 64 min in all at 1).")
+
     device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
     dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")
 

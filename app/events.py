@@ -19,19 +19,35 @@ from redis import Redis
 PREFIX = "lethe:events:"
 MAX_EVENTS = 2000  # approximate trim: a long erase's progress, a generate's previews
 TERMINAL = ("succeeded", "failed", "canceled")
+# Every event a stream may carry: ``started`` when a worker takes the job, then these.
+KINDS = ("started", "progress", "preview", *TERMINAL)
 
 
 def key(job_id: str) -> str:
     return PREFIX + job_id
 
 
+def end_key(job_id: str) -> str:
+    """A stream holding only the job's final event: what long polls wait on, so progress
+    does not wake them."""
+    return PREFIX + job_id + ":end"
+
+
 def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
-            ttl_s: int) -> None:
-    """Append ``event`` to the job's stream; the stream lives as long as the job record."""
+            ttl_s: int, job_meta: dict[str, Any] | None = None) -> None:
+    """Append ``event`` to the job's stream; the stream lives as long as the job record.
+    With the job's ``job_meta``, the event also goes to its webhook if it asked for it."""
+    if job_meta and job_meta.get("webhook"):
+        from app.webhooks import queue_delivery
+
+        queue_delivery(connection, job_meta, job_id, event, data)
     pipe = connection.pipeline(transaction=False)
     pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAX_EVENTS,
               approximate=True)
     pipe.expire(key(job_id), ttl_s)
+    if event in TERMINAL:
+        pipe.xadd(end_key(job_id), {"event": event}, maxlen=1)
+        pipe.expire(end_key(job_id), ttl_s)
     pipe.execute()
 
 

@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 
-from app import events
+from app import events, webhooks
 from app.errors import JobNotFound, shown
 from app.queue import cancel_key
 
@@ -67,7 +67,8 @@ def reap_if_abandoned(connection: Redis, job: Job) -> None:
         job.refresh()
         if job.get_status(refresh=False) == RQStatus.FAILED:  # it was abandoned: now it ends
             view = describe(job)
-            events.publish(connection, job.id, "failed", view, job.result_ttl or 3600)
+            events.publish(connection, job.id, "failed", view, job.result_ttl or 3600,
+                           job.meta)
 
 
 def state_of(job: Job) -> JobState:
@@ -103,6 +104,7 @@ def describe(job: Job) -> dict[str, Any]:
         "result": result,
         "error": error,
         "links": {"self": f"/jobs/{job.id}"},
+        "webhook": webhooks.record(job.connection, job.id) if meta.get("webhook") else None,
     }
 
 
@@ -136,4 +138,4 @@ def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
         job.save_meta()
         job.cancel()
         job.refresh()
-        events.publish(connection, job.id, "canceled", describe(job), ttl_s)
+        events.publish(connection, job.id, "canceled", describe(job), ttl_s, job.meta)

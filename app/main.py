@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from app.config import get_settings
 from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect, connect_async
+from app.webhooks import Deliverer
 
 UI_DIR = Path(__file__).parent / "ui"
 
@@ -32,9 +35,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     app.state.redis = connect(settings.redis_url)
     app.state.async_redis = connect_async(settings.redis_url)
+    deliveries = None
+    if settings.webhook_secret:  # without a secret no job may ask for a webhook
+        deliverer = Deliverer(app.state.async_redis, settings.webhook_secret,
+                              settings.webhook_retry_base_s, settings.result_ttl_s)
+        deliveries = asyncio.create_task(deliverer.run())
     try:
         yield
     finally:
+        if deliveries is not None:
+            deliveries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliveries
         app.state.redis.close()
         await app.state.async_redis.aclose()
 

@@ -20,6 +20,7 @@ from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists
 from app.jobspecs import EraseJob, EvaluateJob, GenerateJob, UpscaleJob
 from app.registry import Registry, validate_model_id
 from app.schemas import (
+    HOOK_FIELDS,
     EraseCreate,
     EvaluateCreate,
     GenerateCreate,
@@ -58,7 +59,7 @@ def resolve_generate(body: GenerateCreate, registry: Registry, settings: Setting
     max_side = settings.max_side
     manifest = _text_to_image(registry, model_id)
     defaults = _drawing_defaults(manifest)
-    params = body.model_dump()
+    params = body.model_dump(exclude=HOOK_FIELDS)
     params["model"] = model_id
     for key in ("steps", "guidance_scale", "width", "height", "scheduler"):
         if params[key] is None:
@@ -134,7 +135,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     if body.parameterization == "lora" and method not in ("esd-x", "esd-x-strict"):
         raise InvalidParams(f"`parameterization` 'lora' trains the cross-attention "
                             f"projections: `method` esd-x or esd-x-strict, got {method!r}")
-    params = body.model_dump()
+    params = body.model_dump(exclude=HOOK_FIELDS)
     params["method"] = method
     params["evaluate"] = bool(evaluator) if body.evaluate is None else body.evaluate
     params["evaluator"] = evaluator
@@ -222,7 +223,7 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     if REFERENCE_METRICS & set(metrics):
         _check_reference(reference, info, evaluator, settings)
     n_prompts = len(body.prompts) if body.prompts is not None else None
-    params = body.model_dump()
+    params = body.model_dump(exclude=HOOK_FIELDS)
     params.update(model=model_id, metrics=list(metrics), reference=reference,
                   domain=domain, evaluator=evaluator,
                   prompt_set=None if body.prompts is not None else

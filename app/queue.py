@@ -5,6 +5,8 @@ Jobs are enqueued by dotted path ("worker.jobs.generate") so the API never impor
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
@@ -93,6 +95,7 @@ def enqueue(
     result_ttl_s: int,
     retries: int = 0,
     job_id: str | None = None,
+    webhook: dict[str, Any] | None = None,
 ) -> Job:
     """Queue a job (its spec, as JSON), or raise ``Unavailable`` with nothing queued.
 
@@ -115,7 +118,8 @@ def enqueue(
         ttl=result_ttl_s,
         retry=Retry(max=retries) if retries else None,
         meta={"type": job_type, "progress": {"step": 0, "total": 0, "fraction": 0.0,
-                                             "stage": "queued"}},
+                                             "stage": "queued"},
+              **({"webhook": webhook} if webhook else {})},
     )
     guard = _submit_key(job.id)
     connection.set(guard, 1, px=SUBMIT_WINDOW_MS)

@@ -42,7 +42,24 @@ class UpscaleOptions(_Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Default: random.")
 
 
-class GenerateCreate(_Strict):
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class _Hooked(_Strict):
+    """What every job-creating body may add: where to POST the job's events."""
+
+    webhook: str | None = Field(None, min_length=1, max_length=2000, description="An "
+                                "http(s) URL the job's events are POSTed to, signed "
+                                "(Standard Webhooks; needs LETHE_WEBHOOK_SECRET).")
+    webhook_events: list[WebhookEvent] = Field(
+        ["completed"], min_length=1, max_length=3, json_schema_extra={"uniqueItems": True},
+        description="Which events: started, progress, completed (the final one).")
+
+
+HOOK_FIELDS = {"webhook", "webhook_events"}
+
+
+class GenerateCreate(_Hooked):
     prompt: str = Field(..., min_length=1, max_length=1000, examples=["a red circle"],
                         json_schema_extra=NOT_BLANK)
     negative_prompt: str | None = Field(None, max_length=1000)
@@ -77,7 +94,7 @@ class ImageSource(_Strict):
     index: int = Field(0, ge=0, le=1000)
 
 
-class UpscaleCreate(UpscaleOptions):
+class UpscaleCreate(UpscaleOptions, _Hooked):
     """JSON body of POST /upscale: exactly one of ``image`` (base64) and ``source``."""
 
     model_config = ConfigDict(json_schema_extra={"oneOf": [
@@ -100,7 +117,7 @@ EraseMethod = Literal["esd-x", "esd-u", "esd-all", "esd-x-strict"]
 Concept = Annotated[str, Field(min_length=1, max_length=200, json_schema_extra=NOT_BLANK)]
 
 
-class EraseCreate(_Strict):
+class EraseCreate(_Hooked):
     base_model: ModelId | None = Field(None, description="Registry id; default: "
                                        "LETHE_DEFAULT_MODEL.")
     concepts: list[Concept] = Field(..., min_length=1, max_length=8, examples=[["triangle"]],
@@ -165,7 +182,7 @@ class EraseCreate(_Strict):
 Metric = Literal["fid", "precision_recall", "attribute_score", "accuracy", "clip_score"]
 
 
-class EvaluateCreate(_Strict):
+class EvaluateCreate(_Hooked):
     """POST /evaluate: draw images from a model and measure them."""
 
     model: ModelId | None = Field(None, description="Registry id; default: "
@@ -245,6 +262,8 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     links: JobLinks
+    webhook: dict[str, Any] | None = Field(None, description="With a `webhook`: its "
+                                           "deliveries' attempts, successes, last status.")
 
 
 class ModelPublic(BaseModel):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUITE = ("service", "variant", "esd", "batching", "load")
+SUITE = ("service", "variant", "esd", "batching", "load", "previews", "waiters")
 
 
 def ms(xs: list[float]) -> str:
@@ -158,9 +158,49 @@ def load_section(smoke: bool, model: str) -> list[str]:
     ]
 
 
+def previews_section(smoke: bool, model: str) -> list[str]:
+    from bench.previews import run
+
+    r = run(model, steps=30, every=5, repeats=2 if smoke else 9)
+    return [
+        f"## Live previews ({r['model']}, {r['size']}×{r['size']}, {r['steps']} DDIM steps, "
+        f"a preview every {r['every']})",
+        "",
+        "| figure | value |", "| --- | --- |",
+        f"| without previews | {ms(r['plain_s'])} |",
+        f"| with previews ({r['previews_per_run']} a run, PNGs of "
+        f"{r['preview_png_bytes']:.0f} B) | {ms(r['previews_s'])} |",
+        f"| **added time** (target ≤ 10%) | {r['added'] * 100:+.1f}%: "
+        f"{verdict(r['added'] <= 0.10)} |",
+        "",
+    ]
+
+
+def waiters_section(smoke: bool, model: str) -> list[str]:
+    from bench.waiters import run
+
+    r = run(model, clients=8 if smoke else 48, seconds=3 if smoke else 20)
+    worst = max(max(r["healthz_s"]), max(r["models_s"]))
+    return [
+        f"## {r['clients']} clients waiting on a running job ({r['long_polls']} long polls, "
+        f"{r['event_streams']} event streams, {r['model']})",
+        "",
+        "| figure | value |", "| --- | --- |",
+        f"| `/healthz` meanwhile | {ms(r['healthz_s'])} |",
+        f"| `/models` meanwhile | {ms(r['models_s'])} |",
+        f"| **slowest answer** (target ≤ 1 s) | {worst * 1000:.0f} ms: {verdict(worst <= 1)} |",
+        f"| Redis commands/s, the job alone / with the clients waiting | "
+        f"{r['commands_per_s_alone']} / {r['commands_per_s_waiting']} |",
+        f"| **Redis commands/s per waiting client** (target ≤ 5) | {r['per_client_per_s']}: "
+        f"{verdict(r['per_client_per_s'] <= 5)} |",
+        "",
+    ]
+
+
 SECTIONS: dict[str, Callable[[bool, str], list[str]]] = {
     "service": service_section, "variant": variant_section, "esd": esd_section,
-    "batching": batching_section, "load": load_section,
+    "batching": batching_section, "load": load_section, "previews": previews_section,
+    "waiters": waiters_section,
 }
 
 

@@ -50,6 +50,11 @@ os.environ.update({
     "LETHE_DEFAULT_MODEL": "tiny-sd",
     "LETHE_DEFAULT_UPSCALER": "tiny-x4",
     "HF_HUB_OFFLINE": "1",
+    # Webhooks: signed with a Standard Webhooks secret, to receivers on loopback (the
+    # tests'), retried within a second rather than a minute.
+    "LETHE_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "LETHE_WEBHOOK_ALLOW": "127.0.0.1",
+    "LETHE_WEBHOOK_RETRY_BASE_S": "0.05",
 })
 Redis.from_url(REDIS_URL).flushdb()
 

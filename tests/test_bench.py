@@ -21,7 +21,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for heading in ("Service end to end", "edited variant", "ESD against", "Micro-batching",
-                    "Load"):
+                    "Load", "Live previews", "clients waiting on a running job"):
         assert heading in text, text
     assert "smoke run" in text
     assert "(0 lost)" in text  # no job of the load section went missing

@@ -56,7 +56,8 @@ class Reporter:
     def event(self, name: str, data: dict[str, Any]) -> None:
         """Append an event to the job's stream (a preview, progress)."""
         if self.job is not None and self.connection is not None:
-            events.publish(self.connection, self.job.id, name, data, self.ttl_s)
+            events.publish(self.connection, self.job.id, name, data, self.ttl_s,
+                           self.job.meta)
 
     def step_callback(self, total: int, stage: str):
         """A diffusers ``callback_on_step_end`` that reports and honours cancel."""

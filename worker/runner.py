@@ -151,7 +151,7 @@ def _announce_end(job: Job) -> None:
         view = jobs.describe(job)
         if view["status"] in events.TERMINAL:
             events.publish(job.connection, job.id, view["status"], view,
-                           get_context().settings.result_ttl_s)
+                           get_context().settings.result_ttl_s, job.meta)
     except (RedisError, NoSuchJobError):
         log.warning("job %s: its final event could not be sent", job.id, exc_info=True)
 

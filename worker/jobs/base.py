@@ -49,6 +49,7 @@ def _run(fn: Callable[[Spec, Reporter], dict], spec_type: type[Spec], params: di
                         settings.result_ttl_s)
     try:
         reporter.check()
+        reporter.event("started", {"worker": job.worker_name if job else None})
         try:
             spec = spec_type.model_validate(params)
         except ValidationError as exc:

@@ -13,7 +13,7 @@ from redis.asyncio import Redis as AsyncRedis
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import events, jobfiles, jobs
+from app import events, jobfiles, jobs, webhooks
 from app.api.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, shown
@@ -49,6 +49,7 @@ def create_erase(body: EraseCreate, redis: RedisDep, registry: RegistryDep,
     """Queue an ESD fine-tune; on success a new model appears in the registry (`result.model`)."""
     spec = resolve_erase(body, registry, settings)
     job = enqueue(redis, "erase", spec, timeout_s=settings.train_timeout_s,
+                  webhook=webhooks.of_request(body, settings),
                   result_ttl_s=settings.result_ttl_s, retries=settings.train_retries)
     return created(job, "erase")
 
@@ -60,6 +61,7 @@ def create_evaluate(body: EvaluateCreate, redis: RedisDep, registry: RegistryDep
     report lands in `result.report` and in the model's `reports` (`GET /models/{id}`)."""
     spec = resolve_evaluate(body, registry, settings)
     job = enqueue(redis, "evaluate", spec, timeout_s=settings.train_timeout_s,
+                  webhook=webhooks.of_request(body, settings),
                   result_ttl_s=settings.result_ttl_s)
     return created(job, "evaluate")
 
@@ -70,6 +72,7 @@ def create_generate(body: GenerateCreate, redis: RedisDep, registry: RegistryDep
     """Queue a text-to-image job; poll `Location` for its progress and result."""
     spec = resolve_generate(body, registry, settings)
     job = enqueue(redis, "generate", spec, timeout_s=settings.generate_timeout_s,
+                  webhook=webhooks.of_request(body, settings),
                   result_ttl_s=settings.result_ttl_s)
     return created(job, "generate")
 
@@ -107,20 +110,21 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
     finishes or the time is up, whichever is first: one request instead of many polls."""
     if not wait:
         return await run_in_threadpool(_read, redis, job_id)
-    # The newest event first, then the state: an end after the read is an event after it.
-    after = events.newest(await aredis.xrevrange(events.key(job_id), count=1))
+    # Waits on the stream of the job's final event only (progress does not wake it):
+    # its newest entry first, then the state, so an end after the read is an entry after.
+    ended = events.end_key(job_id)
+    after = events.newest(await aredis.xrevrange(ended, count=1))
     view = await run_in_threadpool(_read, redis, job_id)
     deadline = time.monotonic() + wait
     while view["status"] not in FINISHED:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        # Waits in Redis, woken by the job's events; reads the state only at its end.
-        found = await _next_events(aredis, job_id, after, min(left, _block_s(settings)))
+        found = events.decode_read(await aredis.xread(
+            {ended: after}, count=1, block=max(1, int(min(left, _block_s(settings)) * 1000))))
         if found:
             after = found[-1][0]
-        if not found or any(name in FINISHED for _, name, _ in found):
-            view = await run_in_threadpool(_read, redis, job_id)
+        view = await run_in_threadpool(_read, redis, job_id)
     return view
 
 

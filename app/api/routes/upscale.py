@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import jobfiles
+from app import jobfiles, webhooks
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
 from app.api.routes.jobs import CREATED, created
 from app.errors import InvalidParams, UnsupportedMedia
@@ -80,7 +80,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
             options: UpscaleOptions = UpscaleOptions.model_validate_strings(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        source = None
+        source, hook = None, None
     elif ctype in ("application/json", ""):
         raw = await request.body()
         try:
@@ -88,6 +88,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         except ValidationError as exc:
             raise _invalid(exc) from None
         options, source = body, body.source
+        hook = await run_in_threadpool(webhooks.of_request, body, settings)
         if body.image is not None:
             data = decode_base64(body.image)
     else:
@@ -112,7 +113,8 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
     try:
         job = await run_in_threadpool(enqueue, redis, "upscale", spec,
                                       timeout_s=settings.generate_timeout_s,
-                                      result_ttl_s=settings.result_ttl_s, job_id=job_id)
+                                      result_ttl_s=settings.result_ttl_s, job_id=job_id,
+                                      webhook=hook)
     except BaseException:
         # Not queued (Redis unreachable, say): the stored upload belongs to no job.
         await run_in_threadpool(jobfiles.discard, settings, job_id)
