@@ -45,10 +45,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if deliveries is not None:
             deliveries.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await deliveries
+            with contextlib.suppress(BaseException):  # it ends here, whatever it was doing
+                await asyncio.wait_for(deliveries, 2)
         app.state.redis.close()
-        await app.state.async_redis.aclose()
+        # A stalled Redis must not hold the shutdown: closing waits on its sockets.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app.state.async_redis.aclose(), 2)
 
 
 def create_app() -> FastAPI:

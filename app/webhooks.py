@@ -116,15 +116,21 @@ class Deliverer:
         self.redis, self.secret, self.retry_base_s, self.ttl_s = redis, secret, retry_base_s, ttl_s
         self.name = f"api-{uuid.uuid4().hex[:8]}"
 
-    async def run(self) -> None:
+    async def _ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(OUTBOX, GROUP, id="0", mkstream=True)
         except Exception as exc:  # BUSYGROUP: another process made it
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def run(self) -> None:
+        grouped = False
         async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
             while True:
                 try:
+                    if not grouped:
+                        await self._ensure_group()
+                        grouped = True
                     await self._requeue_due()
                     await self._claim_abandoned()
                     found: Any = await self.redis.xreadgroup(GROUP, self.name, {OUTBOX: ">"},
