@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse, JSONResponse
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -93,11 +97,25 @@ def _read(redis: Redis, job_id: str) -> dict:
     return jobs.describe(job)
 
 
+ANSWER_S = 2.0  # what Redis may take beyond a read's own block before it counts as stalled
+
+
+async def _bounded(command: Awaitable[Any], block_s: float = 0.0) -> Any:
+    """A Redis command of the async client, or RedisTimeoutError (a 503) if a stalled Redis
+    does not answer within ``block_s`` + ``ANSWER_S``: its socket timeout is longer, made
+    for the blocking reads."""
+    try:
+        return await asyncio.wait_for(command, block_s + ANSWER_S)
+    except asyncio.TimeoutError:
+        raise RedisTimeoutError(f"no answer within {block_s + ANSWER_S:.0f} s") from None
+
+
 async def _next_events(aredis: AsyncRedis, job_id: str, after: str, block_s: float
                        ) -> list[tuple[str, str, dict]]:
     """The job's events after ``after``, waiting in Redis up to ``block_s`` for one."""
-    found = await aredis.xread({events.key(job_id): after}, count=100,
-                               block=max(1, int(block_s * 1000)))  # 0 would block forever
+    found = await _bounded(aredis.xread({events.key(job_id): after}, count=100,
+                                        block=max(1, int(block_s * 1000))),  # 0: forever
+                           block_s)
     return events.decode_read(found)
 
 
@@ -113,15 +131,16 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
     # Waits on the stream of the job's final event only (progress does not wake it):
     # its newest entry first, then the state, so an end after the read is an entry after.
     ended = events.end_key(job_id)
-    after = events.newest(await aredis.xrevrange(ended, count=1))
+    after = events.newest(await _bounded(aredis.xrevrange(ended, count=1)))
     view = await run_in_threadpool(_read, redis, job_id)
     deadline = time.monotonic() + wait
     while view["status"] not in FINISHED:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        found = events.decode_read(await aredis.xread(
-            {ended: after}, count=1, block=max(1, int(min(left, _block_s(settings)) * 1000))))
+        block_s = min(left, _block_s(settings))
+        found = events.decode_read(await _bounded(aredis.xread(
+            {ended: after}, count=1, block=max(1, int(block_s * 1000))), block_s))
         if found:
             after = found[-1][0]
         view = await run_in_threadpool(_read, redis, job_id)
@@ -152,7 +171,10 @@ async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, after: str, vie
                   block_s: float) -> AsyncIterator[dict]:
     while True:
         ended = view["status"] in FINISHED
-        found = await _next_events(aredis, job_id, after, 0.001 if ended else block_s)
+        try:
+            found = await _next_events(aredis, job_id, after, 0.001 if ended else block_s)
+        except RedisError:  # Redis away: the stream ends; a client resumes from `after`
+            return
         for entry_id, name, data in found:
             after = entry_id
             yield {"event": name, "id": entry_id, "data": json.dumps(data)}
@@ -163,7 +185,10 @@ async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, after: str, vie
         if ended:  # its events are gone (expired) or it ended without one: its state
             yield {"event": view["status"], "data": json.dumps(view)}
             return
-        view = await run_in_threadpool(_read, redis, job_id)
+        try:
+            view = await run_in_threadpool(_read, redis, job_id)
+        except RedisError:
+            return
 
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse,
