@@ -92,7 +92,7 @@ class Previewer:
 
         return on_step_end
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
         pixels = latents.shape[-1] * latents.shape[-2] * self.pipe.vae_scale_factor ** 2
