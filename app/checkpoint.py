@@ -20,9 +20,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The metadata key a Lethe export carries its diffusers config folder under
 # (worker.singlefile): such a file reads back exactly, whatever its architecture.
 CONFIG_FOLDER_KEY = "lethe.config_folder"
+# What an SD 2.x UNet may predict (its file does not say): the import's option.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
-ARCHITECTURES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
+ARCHITECTURE_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
                  "sdxl": "Stable Diffusion XL base"}
 # One tensor that marks each part, in the original layout.
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -55,8 +55,8 @@ def decode(entries: Any) -> list[tuple[str, str, dict[str, Any]]]:
     """``XREAD``/``XRANGE`` entries as (id, event, data)."""
     out = []
     for entry_id, fields in entries:
-        fields = {_text(k): _text(v) for k, v in fields.items()}
-        out.append((_text(entry_id), fields.get("event", "message"),
+        fields = {text(k): text(v) for k, v in fields.items()}
+        out.append((text(entry_id), fields.get("event", "message"),
                     json.loads(fields.get("data") or "{}")))
     return out
 
@@ -69,14 +69,15 @@ def decode_read(found: Any) -> list[tuple[str, str, dict[str, Any]]]:
     return decode(next(iter(found.values())) if isinstance(found, dict) else found[0][1])
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply's bytes as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def newest(entries: Any) -> str:
     """The id of the newest of ``XREVRANGE key + - COUNT 1``'s entries ("0-0" when none):
     read before the job's state, so a reader starting from it misses nothing after."""
-    return _text(entries[0][0]) if entries else "0-0"
+    return text(entries[0][0]) if entries else "0-0"
 
 
 def valid_id(value: str | None) -> bool:

@@ -33,6 +33,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from app.errors import InvalidParams, shown
+from app.events import text
 
 log = logging.getLogger("lethe.webhooks")
 
@@ -146,7 +147,7 @@ class Deliverer:
                     await asyncio.sleep(1)
 
     async def _deliver(self, http: httpx.AsyncClient, entry_id: Any, fields: dict) -> None:
-        f = {_text(k): _text(v) for k, v in fields.items()}
+        f = {text(k): text(v) for k, v in fields.items()}
         attempt = int(f["attempt"]) + 1
         timestamp = int(time.time())
         body = f["body"].encode()
@@ -201,12 +202,8 @@ def record(connection: Redis, job_id: str) -> dict[str, Any] | None:
     raw = connection.hgetall(RECORD + job_id)
     if not raw:
         return None
-    r = {_text(k): _text(v) for k, v in raw.items()}
+    r = {text(k): text(v) for k, v in raw.items()}
     return {"attempts": int(r.get("attempts", 0)), "delivered": int(r.get("delivered", 0)),
             "given_up": int(r.get("given_up", 0)), "last_status": r.get("last_status"),
             "last_event": r.get("last_event"),
             "last_attempt_at": int(r["last_attempt_at"]) if "last_attempt_at" in r else None}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

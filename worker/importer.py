@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from app.checkpoint import ARCHITECTURES, PICKLE_SUFFIXES, pickle_refusal, read_header
+from app.checkpoint import (
+    ARCHITECTURE_NAMES,
+    PICKLE_SUFFIXES,
+    PREDICTION_TYPES,
+    pickle_refusal,
+    read_header,
+)
 from app.errors import InvalidParams, ModelExists
 from app.registry import Registry, validate_model_id
 from worker.exporter import USAGE
@@ -22,7 +28,6 @@ _KINDS = {
     "StableDiffusionXLPipeline": "text-to-image",
     "StableDiffusionUpscalePipeline": "upscaler",
 }
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The dtype a checkpoint's UNet is stored in -> the dtype the registry keeps it in.
 _DTYPES = {"F16": torch.float16, "BF16": torch.float16, "F32": torch.float32}
 
@@ -83,7 +88,7 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
     pipe.save_pretrained(staging, safe_serialization=True)
     manifest = inspect_folder(staging) | {
         "source": source, "format": "diffusers",
-        "architecture": ARCHITECTURES.get(architecture, "as exported by Lethe"),
+        "architecture": ARCHITECTURE_NAMES.get(architecture, "as exported by Lethe"),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon")}
     if "lethe" in header.metadata:
         # A Lethe export: the model draws and erases as it did where it came from.

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app import exports, jobfiles, jobs
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
 from app.api.routes.jobs import CREATED, created
-from app.checkpoint import CONFIG_FOLDER_KEY, read_header
+from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
 from app.errors import InvalidParams, JobNotFound, ModelExists, shown
 from app.jobspecs import ExportJob, ImportJob
@@ -29,7 +29,6 @@ PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
 router = APIRouter(prefix="/models", tags=["models"], responses=errors(401))
 
 UPLOAD_FILE = "upload.safetensors"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 _EXPORTS = uuid.UUID("6c657468-652d-6578-706f-727473000000")  # names export jobs
 
 
