@@ -134,3 +134,23 @@ def test_what_is_not_an_http_url_is_refused(http):
     r = http.post("/generate", json={"prompt": "a red circle", "webhook": "http://127.0.0.1/",
                                      "webhook_events": ["finished"]})
     assert r.status_code == 422 and "webhook_events" in r.json()["error"]["message"]
+
+
+def test_a_multipart_upscale_asks_for_a_webhook_with_form_fields(http, receiver):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    hook = receiver()
+    r = http.post("/upscale", files={"image": ("in.png", buf.getvalue(), "image/png")},
+                  data={"steps": "2", "webhook": hook.url,
+                        "webhook_events": "started, completed"})
+    assert r.status_code == 202, r.text
+    assert wait_job(http, r.json()["id"])["status"] == "succeeded"
+    hook.wait_for(2)
+    assert [json.loads(b)["type"] for _, b in hook.got] == ["job.started", "job.succeeded"]
+    r = http.post("/upscale", files={"image": ("in.png", buf.getvalue(), "image/png")},
+                  data={"webhook": hook.url, "webhook_events": "finished"})
+    assert r.status_code == 422 and "`webhook_events`" in r.json()["error"]["message"]

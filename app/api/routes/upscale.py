@@ -7,6 +7,7 @@ PNG in the new job's output folder; the worker reads only that file.
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,12 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import jobfiles, webhooks
 from app.api.deps import RedisDep, RegistryDep, SettingsDep
 from app.api.routes.jobs import CREATED, created
-from app.errors import InvalidParams, UnsupportedMedia
+from app.errors import InvalidParams, UnsupportedMedia, shown
 from app.images import decode_base64, open_checked, save_input
 from app.openapi import errors
 from app.params import SCALE, resolve_source, resolve_upscale
 from app.queue import enqueue
-from app.schemas import JobCreated, UpscaleCreate, UpscaleOptions
+from app.schemas import HOOK_FIELDS, JobCreated, UpscaleCreate, UpscaleOptions
 
 router = APIRouter(tags=["jobs"], responses=errors(401, 503))
 
@@ -39,8 +40,29 @@ def _invalid(exc: ValidationError) -> RequestValidationError:
 _MULTIPART_SCHEMA = {
     "type": "object", "required": ["image"],
     "properties": {"image": {"type": "string", "format": "binary"},
-                   **{k: {"type": "string"} for k in UpscaleOptions.model_fields}},
+                   **{k: {"type": "string"} for k in UpscaleOptions.model_fields},
+                   "webhook": {"type": "string"},
+                   "webhook_events": {"type": "string", "description": "Comma-separated: "
+                                      "started, progress, completed."}},
 }
+
+
+def _form_webhook(fields: dict[str, Any], settings: Any) -> dict[str, Any] | None:
+    """The webhook a multipart upload asks for (its form fields taken out of ``fields``):
+    ``webhook_events`` comma-separated, as a form has no lists."""
+    url = fields.pop("webhook", None)
+    events = fields.pop("webhook_events", None)
+    if url is None:
+        if events is not None:
+            raise InvalidParams("`webhook_events` without a `webhook` URL")
+        return None
+    kinds = [e.strip() for e in (events or "completed").split(",") if e.strip()]
+    unknown = [k for k in kinds if k not in webhooks.EVENTS]
+    if unknown or not kinds:
+        raise InvalidParams(f"`webhook_events` must name some of {list(webhooks.EVENTS)}, "
+                            f"got {shown(events)}")
+    return webhooks.of_request(SimpleNamespace(webhook=str(url), webhook_events=kinds),
+                               settings)
 
 
 @router.post(
@@ -61,8 +83,8 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
     if ctype == "multipart/form-data":
         # Room for one of each field and one more, so that a repeat is ours to name.
         try:
-            form = await request.form(max_files=2,
-                                      max_fields=len(UpscaleOptions.model_fields) + 2)
+            form = await request.form(
+                max_files=2, max_fields=len(UpscaleOptions.model_fields) + len(HOOK_FIELDS) + 2)
         except StarletteHTTPException as exc:  # starlette's word on a malformed body
             raise InvalidParams(f"multipart body: {exc.detail}") from None
         names = [name for name, _ in form.multi_items()]
@@ -75,12 +97,13 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
             raise InvalidParams("`image`: a multipart request needs a file field named `image`")
         data = await upload.read()
         fields = {k: v for k, v in form.multi_items() if k != "image"}
+        hook = await run_in_threadpool(_form_webhook, fields, settings)
         try:
             # Form fields are text: parsed as their JSON types ("2" is a step count).
             options: UpscaleOptions = UpscaleOptions.model_validate_strings(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        source, hook = None, None
+        source = None
     elif ctype in ("application/json", ""):
         raw = await request.body()
         try:
