@@ -60,6 +60,11 @@ def fit_preview_map(vae: Any, seed: int = 0, n: int = 4, side: int = 16) -> list
     return torch.linalg.lstsq(x.cpu(), y.cpu()).solution.tolist()
 
 
+def through_vae(height: int, width: int) -> bool:
+    """Whether an image of this size previews through the VAE (else the linear map)."""
+    return height * width <= VAE_MAX_PIXELS
+
+
 def png_data_url(images: np.ndarray) -> str:
     """uint8 N×H×W×3 images side by side as a PNG data URL."""
     strip = np.concatenate(list(images), axis=1)
@@ -95,8 +100,8 @@ class Previewer:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
-        pixels = latents.shape[-1] * latents.shape[-2] * self.pipe.vae_scale_factor ** 2
-        if pixels <= VAE_MAX_PIXELS or self.preview_map is None:
+        f = self.pipe.vae_scale_factor
+        if through_vae(latents.shape[-2] * f, latents.shape[-1] * f) or self.preview_map is None:
             images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
             rgb = images.float().permute(0, 2, 3, 1)
         else:

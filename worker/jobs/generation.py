@@ -163,9 +163,9 @@ def _generate_members(members: list[tuple[str, GenerateJob]], reporter: Reporter
 def _preview_map(ctx: Any, spec: GenerateJob, pipe: Any) -> list[list[float]] | None:
     """The model's linear latent → RGB preview map, for images too large to preview through
     the VAE: fitted from its VAE the first time, then kept in its (or its base's) manifest."""
-    from worker.previews import VAE_MAX_PIXELS, fit_preview_map
+    from worker.previews import fit_preview_map, through_vae
 
-    if spec.width * spec.height <= VAE_MAX_PIXELS:
+    if through_vae(spec.height, spec.width):
         return None
     manifest = ctx.registry.get(spec.model)
     owner = (manifest.get("base") or {}).get("id") or spec.model  # the VAE is the base's
