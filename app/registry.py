@@ -227,9 +227,10 @@ class Registry:
             return {}
 
     def import_folder(
-        self, source: Path, model_id: str, manifest: dict[str, Any]
+        self, source: Path, model_id: str, manifest: dict[str, Any], move: bool = False
     ) -> dict[str, Any]:
-        """Copy a model folder in whole; the caller has checked that it loads."""
+        """Copy a model folder in whole (``move``: move it, a staging folder of the caller's
+        that is not needed after); the caller has checked that it loads."""
         source = Path(source)
         if not source.is_dir():
             raise InvalidParams(f"`path` must be a folder, got {str(source)!r}")
@@ -238,7 +239,10 @@ class Registry:
                 if item.name == MANIFEST:
                     continue
                 dest = staging / item.name
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+                if move:
+                    shutil.move(item, dest)
+                else:
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
         return self.get(model_id)
 
 

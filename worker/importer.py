@@ -95,7 +95,8 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
         exported = json.loads(header.metadata["lethe"])
         manifest |= {k: exported[k] for k in USAGE if k in exported}
         manifest["exported_from"] = {k: exported.get(k) for k in ("id", "digest")}
-    return registry.import_folder(staging, model_id, manifest)
+    # Written on the registry's disk already: moved into place, not copied a second time.
+    return registry.import_folder(staging, model_id, manifest, move=True)
 
 
 def _pickle_to_safetensors(path: Path, dest: Path) -> Path:
