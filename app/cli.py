@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from app.client import FINISHED, ApiError, LetheClient
 from app.config import get_settings
@@ -85,8 +89,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _client(url: str) -> LetheClient:
+    # The host's CLI speaks for the operator: an admin key where there is one.
     keys = get_settings().keys
-    return LetheClient(url, api_key=sorted(keys)[0] if keys else None)
+    key = min(keys, key=lambda k: (not keys[k].admin, keys[k].name)) if keys else None
+    return LetheClient(url, api_key=key)
 
 
 def _follow(client: LetheClient, job_id: str) -> dict:
@@ -115,11 +121,20 @@ def _follow(client: LetheClient, job_id: str) -> dict:
 def _submit_and_wait(client: LetheClient, path: str, body: dict,
                      submit: Callable[[], str] | None = None) -> dict:
     """POST a job (``body`` to ``path``, or through ``submit``), show its progress on
-    stderr, return the finished job."""
-    try:
-        job_id = submit() if submit else client.submit(path, body)
-    except ApiError as refused:
-        raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}") from None
+    stderr, return the finished job. A JSON submission that loses its connection is sent
+    again with the same Idempotency-Key: it queues its job once, however many tries."""
+    key = str(uuid.uuid4())
+    for attempt in range(3):
+        try:
+            job_id = submit() if submit else client.submit(path, body, idempotency_key=key)
+            break
+        except ApiError as refused:
+            raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}"
+                             ) from None
+        except httpx.TransportError as lost:
+            if submit or attempt == 2:
+                raise SystemExit(f"lethe: the service did not answer ({lost})") from None
+            time.sleep(1 + attempt)
     print(f"job {job_id}", file=sys.stderr)
     job = _follow(client, job_id)
     if job["status"] != "succeeded":
@@ -144,6 +159,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     }
     with _client(args.url) as client:
         _save_images(client, _submit_and_wait(client, "/generate", body), Path(args.out))
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    """Client: the caller's jobs, newest first (an admin key's: everyone's)."""
+    with _client(args.url) as client:
+        try:
+            for n, job in enumerate(client.jobs(status=args.status, type=args.type)):
+                if n == args.limit:
+                    break
+                print(f"{job['id']}  {job['type']:<8} {job['status']:<9} "
+                      f"{job['created_at'] or '-':<27} {job.get('owner') or '-'}")
+        except ApiError as refused:
+            raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}"
+                             ) from None
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -290,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--scheduler")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("jobs", help="client: list your jobs, newest first")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed",
+                                        "canceled"])
+    p.add_argument("--type")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("upscale", help="client: upscale an image ×4 through a running service")
     p.add_argument("image", help="a PNG, JPEG, WebP or BMP file")

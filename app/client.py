@@ -77,18 +77,21 @@ class LetheClient:
         raise ApiError(r.status_code, error.get("code", "http_error"),
                        error.get("message", ""), error.get("details"))
 
-    # Submitting: each returns the new job's id.
-    def submit(self, path: str, body: dict[str, Any]) -> str:
-        return self._call("POST", path, json=_drop_none(body)).json()["id"]
+    # Submitting: each returns the new job's id. ``idempotency_key``: a retry with the same
+    # key and body gets the first request's job back, never a second job.
+    def submit(self, path: str, body: dict[str, Any], idempotency_key: str | None = None
+               ) -> str:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", path, json=_drop_none(body), headers=headers).json()["id"]
 
-    def generate(self, **body: Any) -> str:
-        return self.submit("/generate", body)
+    def generate(self, idempotency_key: str | None = None, **body: Any) -> str:
+        return self.submit("/generate", body, idempotency_key)
 
-    def erase(self, **body: Any) -> str:
-        return self.submit("/erase", body)
+    def erase(self, idempotency_key: str | None = None, **body: Any) -> str:
+        return self.submit("/erase", body, idempotency_key)
 
-    def evaluate(self, **body: Any) -> str:
-        return self.submit("/evaluate", body)
+    def evaluate(self, idempotency_key: str | None = None, **body: Any) -> str:
+        return self.submit("/evaluate", body, idempotency_key)
 
     def upscale(self, image: bytes | None = None, source: dict[str, Any] | None = None,
                 **options: Any) -> str:
@@ -101,6 +104,24 @@ class LetheClient:
         return self.submit("/upscale", {"source": source, **options})
 
     # Jobs.
+    def jobs(self, status: str | None = None, type: str | None = None, limit: int = 100,
+             owner: str | None = None) -> Iterator[dict[str, Any]]:
+        """The caller's jobs (an admin's: everyone's, or ``owner``'s), newest first,
+        following ``GET /jobs``'s pages."""
+        cursor = None
+        while True:
+            page = self._call("GET", "/jobs", params=_drop_none({
+                "status": status, "type": type, "limit": limit, "owner": owner,
+                "cursor": cursor})).json()
+            yield from page["data"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def purge(self, job_id: str) -> None:
+        """Remove a finished job's images and record now."""
+        self._call("DELETE", f"/jobs/{job_id}", params={"purge": "true"})
+
     def job(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
         params = {"wait": round(wait_s, 3)} if wait_s > 0 else None
         timeout = wait_s + self.http.timeout.read if self.http.timeout.read else None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.accounts import Caller, parse_keys
 
 
 class Settings(BaseSettings):
@@ -14,7 +17,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path("./data"), description="Data folder: registry/, outputs/, redis/.")
     redis_url: str | None = Field(None, description="Unset: `lethe serve` embeds a Redis.")
-    api_keys: str = Field("", description="Comma-separated bearer keys; empty: open service.")
+    api_keys: str = Field("", description="Comma-separated bearer keys, each `key`, "
+                          "`name:key` or `name:key:role` (role `user` or `admin`); empty: "
+                          "an open service whose one caller is an admin.")
     # The shipped demo models (worker/domains/shapes/models): meaningful pictures with no download.
     default_model: str = Field("shapes-sd", description="Model used when a request names none.")
     default_upscaler: str = Field("shapes-x4", description="Upscaler used when a request "
@@ -26,7 +31,23 @@ class Settings(BaseSettings):
     # Job lifetimes, in seconds.
     generate_timeout_s: int = 600
     train_timeout_s: int = 6 * 3600
-    result_ttl_s: int = 7 * 24 * 3600
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a finished job's "
+                              "record, events and images are kept; then the reaper removes "
+                              "its files.")
+    reap_interval_s: int = Field(30, ge=1, description="Seconds between a worker's sweeps "
+                                 "of expired outputs and abandoned checkpoints.")
+
+    # Limits per key (0: none; none on the embedded single-user start), counted in Redis.
+    rate_limit_per_minute: int = Field(0, ge=0, description="Requests a key may make in any "
+                                       "60 s (the open routes are not counted).")
+    max_active_jobs: int = Field(0, ge=0, description="Jobs a key may have queued or "
+                                 "running at once.")
+    max_images_per_day: int = Field(0, ge=0, description="Images a key may ask for per UTC "
+                                    "day (generate counts its `n`, upscale 1).")
+    idempotency_ttl_s: int = Field(24 * 3600, ge=1, description="How long an "
+                                   "`Idempotency-Key` is remembered.")
+    log_format: Literal["json", "text"] = Field("json", description="JSON lines (with the "
+                                                "job id on a job's lines) or plain text.")
     # A running job whose worker stops heart-beating for this long is marked failed
     # (`worker_lost`); the worker beats every third of it from a side thread.
     heartbeat_ttl_s: int = 30
@@ -93,9 +114,16 @@ class Settings(BaseSettings):
         """Operator-provided reference image folders, one per name, for POST /evaluate."""
         return self.home / "references"
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: str) -> str:
+        parse_keys(value)  # a malformed entry stops the service at start, named
+        return value
+
     @property
-    def keys(self) -> set[str]:
-        return {k.strip() for k in self.api_keys.split(",") if k.strip()}
+    def keys(self) -> dict[str, Caller]:
+        """The callers by key (``app.accounts``)."""
+        return parse_keys(self.api_keys)
 
     @property
     def queue_names(self) -> list[str]:

@@ -46,6 +46,18 @@ class ModelProtected(LetheError):
     status, code = 409, "model_protected"
 
 
+class Forbidden(LetheError):
+    status, code = 403, "forbidden"
+
+
+class IdempotencyConflict(LetheError):
+    status, code = 409, "idempotency_conflict"
+
+
+class RateLimited(LetheError):  # details: {"retry_after_s": n}, sent as Retry-After
+    status, code = 429, "rate_limited"
+
+
 class UnsupportedMedia(LetheError):
     status, code = 415, "unsupported_media_type"
 

@@ -49,6 +49,10 @@ def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
         pipe.xadd(end_key(job_id), {"event": event}, maxlen=1)
         pipe.expire(end_key(job_id), ttl_s)
     pipe.execute()
+    if event in TERMINAL:
+        from app import metrics
+
+        metrics.safely(metrics.job_ended, connection, data, ttl_s)
 
 
 def decode(entries: Any) -> list[tuple[str, str, dict[str, Any]]]:

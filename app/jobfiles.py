@@ -36,19 +36,33 @@ def discard(settings: Settings, job_id: str) -> None:
 
 # States whose files nobody can ask for any more; a succeeded job keeps its images.
 _ENDED_WITHOUT_FILES = {RQStatus.FAILED, RQStatus.STOPPED, RQStatus.CANCELED}
+MIN_AGE_S = 10.0  # files written more recently than this are never swept
 
 
-def sweep(connection: Redis, settings: Settings, min_age_s: float = 60.0) -> list[str]:
-    """Remove the files of jobs that ended without success or whose record is gone, and
-    the checkpoints of those that succeeded; returns their ids. ``min_age_s`` spares
-    younger files: the API stores an upload before it queues the job that owns it."""
+def _newest_write(path: Path) -> float:
+    """When ``path`` (a file, or a folder and the files in it) was last written: an upload
+    still streaming in keeps its folder young."""
+    try:
+        times = [path.stat().st_mtime]
+        if path.is_dir():
+            times += [child.stat().st_mtime for child in path.iterdir()]
+    except FileNotFoundError:  # removed meanwhile (a job discarding its own files)
+        return time.time()
+    return max(times)
+
+
+def sweep(connection: Redis, settings: Settings, min_age_s: float = MIN_AGE_S) -> list[str]:
+    """Remove the files of jobs that ended without success or whose record is gone
+    (expired after ``result_ttl_s``, or purged), and the checkpoints of those that
+    succeeded; returns their ids. ``min_age_s`` spares files written since: the API
+    stores an upload before it queues the job that owns it."""
     now = time.time()
     owners: dict[str, list[Path]] = {}
     for folder in (settings.outputs_dir, settings.home / "checkpoints"):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            if path.name.startswith(".") or now - path.stat().st_mtime < min_age_s:
+            if path.name.startswith(".") or now - _newest_write(path) < min_age_s:
                 continue
             owners.setdefault(path.name.removesuffix(".pt"), []).append(path)
     if not owners:

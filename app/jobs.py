@@ -18,6 +18,7 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 
 from app import events, webhooks
+from app.accounts import Caller
 from app.errors import JobNotFound, shown
 from app.queue import cancel_key
 
@@ -54,6 +55,16 @@ def fetch(connection: Redis, job_id: str) -> Job:
         return Job.fetch(job_id, connection=connection)
     except (NoSuchJobError, ValueError):
         raise JobNotFound(f"no job with id {shown(job_id)}") from None
+
+
+def fetch_for(connection: Redis, job_id: str, caller: Caller, *, owned: bool = False) -> Job:
+    """Job ``job_id`` if ``caller`` may see it: its own, any job for an admin, a shared
+    one (an export) unless ``owned`` (to cancel it). Another's job is a 404, as if it did
+    not exist: a 403 would tell that the id is someone's."""
+    job = fetch(connection, job_id)
+    if caller.may_see(job.meta.get("owner")) or (job.meta.get("shared") and not owned):
+        return job
+    raise JobNotFound(f"no job with id {shown(job_id)}")
 
 
 def reap_if_abandoned(connection: Redis, job: Job) -> None:
@@ -95,6 +106,7 @@ def describe(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "type": meta.get("type", "unknown"),
+        "owner": meta.get("owner"),
         "status": state.value,
         "progress": meta.get("progress"),
         "created_at": _iso(job.created_at),
@@ -127,6 +139,13 @@ def _error_from_exc(job: Job) -> dict[str, str]:
         return {"code": "timeout", "message": "the job ran past its time limit"}
     # Never a traceback to the client: the worker log has it.
     return {"code": "job_failed", "message": "the job failed; see the worker log"}
+
+
+def purge(connection: Redis, job: Job) -> None:
+    """Forget an ended job now: its record, result and events (its files are the caller's
+    to remove, ``jobfiles.discard``); ``GET /jobs`` drops it from its pages."""
+    job.delete()
+    connection.delete(events.key(job.id), events.end_key(job.id))
 
 
 def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,11 +12,12 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
+from app import logs
 from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
-from app.api.routes import domains, health, jobs, models, upscale
+from app.api.routes import domains, health, jobs, metrics, models, upscale
 from app.config import get_settings
-from app.middleware import ApiKeys, BodySizeLimit, SecurityHeaders
+from app.middleware import ApiKeys, BodySizeLimit, RequestRate, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect, connect_async
 from app.webhooks import Deliverer
@@ -54,8 +54,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
+    logs.configure(settings.log_format)
     # The docs page's scripts ship with the package (fastapi-offline): no CDN at run time.
     app = FastAPIOffline(
         title="Lethe",
@@ -65,11 +65,13 @@ def create_app() -> FastAPI:
         static_url="/docs/static",
     )
     install_handlers(app)
-    # Outermost last: headers on every answer, then the key, then the body limit.
+    # Outermost last: headers on every answer, then the key, the caller's request rate,
+    # then the body limit.
     # A checkpoint upload: its multipart framing on top of the largest file allowed.
     upload_limit = settings.max_upload_bytes + 64 * 1024
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        routes={"/models": upload_limit})
+    app.add_middleware(RequestRate, per_minute=settings.rate_limit_per_minute)
     app.add_middleware(ApiKeys, keys=settings.keys)
     app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
@@ -79,6 +81,7 @@ def create_app() -> FastAPI:
     app.include_router(upscale.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
     app.include_router(domains.router, dependencies=protected)
+    app.include_router(metrics.router, dependencies=protected)
     # The web UI: static files committed as they are served (no build step), calling the
     # API like any client; the pages load without a key, the API calls need one.
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

@@ -1,4 +1,5 @@
-"""ASGI wrappers that act before any route reads a request: key check, body limit, headers.
+"""ASGI wrappers that act before any route reads a request: key check, request rate, body
+limit, headers.
 
 They are plain ASGI, not FastAPI dependencies, because order matters: a request without a
 valid key is refused before its body is parsed (broken JSON from a stranger is a 401, not
@@ -7,13 +8,22 @@ a 422), and an oversized body is a 413 however the route was reading it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from collections.abc import Iterable
+import logging
+import math
+from collections.abc import Iterable, Mapping
 
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import quotas
+from app.accounts import ANONYMOUS, Caller
 from app.api.handlers import error_body
+from app.errors import RateLimited
+
+log = logging.getLogger("lethe.api")
 
 # Routes anyone may call: liveness, readiness, the API's own description, and the web UI's
 # static files (the page asks for the key; every call it makes carries it).
@@ -32,19 +42,31 @@ async def _send_json(send: Send, status: int, body: dict,
 
 
 def key_matches(token: str, keys: Iterable[str]) -> bool:
-    """Whether ``token`` is one of ``keys``, compared in constant time: every key is
-    compared, and each comparison takes as long whatever the common prefix."""
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+    """Whether ``token`` is one of ``keys``, compared in constant time."""
+    return _matching(token, {key: ANONYMOUS for key in keys}) is not None
+
+
+def _matching(token: str, keys: Mapping[str, Caller]) -> Caller | None:
+    """The caller whose key ``token`` is, compared in constant time: every key is compared,
+    and each comparison takes as long whatever the common prefix."""
+    found = None
+    for key, caller in keys.items():
+        if hmac.compare_digest(token.encode(), key.encode()):
+            found = caller
     return found
 
 
-class ApiKeys:
-    """With keys configured, every route but the open ones needs ``Bearer <key>``."""
+def caller_of(scope: Scope) -> Caller:
+    """Who made the request (``ApiKeys`` put it there); the open service's one caller."""
+    return scope.get("state", {}).get("caller", ANONYMOUS)
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str]):
-        self.app, self.keys = app, tuple(keys)
+
+class ApiKeys:
+    """With keys configured, every route but the open ones needs ``Bearer <key>``; the
+    key's caller goes into the request's state for the routes (``caller_of``)."""
+
+    def __init__(self, app: ASGIApp, keys: Mapping[str, Caller]):
+        self.app, self.keys = app, dict(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or self._open(scope["path"]):
@@ -52,7 +74,9 @@ class ApiKeys:
             return
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and key_matches(token.strip(), self.keys):
+        caller = _matching(token.strip(), self.keys) if scheme.lower() == "bearer" else None
+        if caller is not None:
+            scope.setdefault("state", {})["caller"] = caller
             await self.app(scope, receive, send)
             return
         await _send_json(send, 401, error_body(
@@ -62,6 +86,33 @@ class ApiKeys:
     @staticmethod
     def _open(path: str) -> bool:
         return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+class RequestRate:
+    """At most ``per_minute`` requests a minute per caller (``app.quotas``), counted in
+    Redis across API processes; the open routes are not counted. If Redis does not answer
+    the count is skipped: the route itself will say that Redis is away."""
+
+    def __init__(self, app: ASGIApp, per_minute: int):
+        self.app, self.per_minute = app, per_minute
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or self.per_minute <= 0
+                or ApiKeys._open(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        aredis = scope["app"].state.async_redis
+        try:
+            await asyncio.wait_for(quotas.check_request(
+                aredis, caller_of(scope).name, self.per_minute), 2)
+        except RateLimited as exc:
+            wait_s = str(max(1, math.ceil(exc.details["retry_after_s"])))
+            await _send_json(send, 429, error_body(exc.code, exc.message, exc.details),
+                             [(b"retry-after", wait_s.encode())])
+            return
+        except (RedisError, asyncio.TimeoutError):
+            log.warning("request rate not counted: Redis did not answer")
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

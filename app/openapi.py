@@ -31,11 +31,15 @@ class ErrorPublic(BaseModel):
 _DESCRIPTIONS = {
     400: "A body that could not be read as text at all (not UTF-8).",
     401: "No valid `Authorization: Bearer <key>` (when LETHE_API_KEYS is set).",
-    404: "Unknown model, job or image.",
-    409: "Conflict: a name that is taken, a base model, a job that has not finished.",
+    403: "The key may not do this: another key's model, or an admin-only route.",
+    404: "Unknown model, job or image (another key's job reads as unknown).",
+    409: "Conflict: a name that is taken, a base model, a job that has not finished, an "
+         "`Idempotency-Key` used before with another body.",
     413: "A body over LETHE_MAX_BODY_BYTES, or an image over the size limits.",
     415: "A content type or image format the route does not read.",
     422: "An invalid field: the message names it and the value it got.",
+    429: "Over a limit of the key (requests a minute, jobs at once, images a day): the "
+         "message names it; retry after `Retry-After` seconds.",
     503: "Redis is unreachable or too slow (or no worker is alive): retry after "
          "`Retry-After` seconds.",
 }
@@ -43,6 +47,7 @@ RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
                                "description": "Seconds to wait before trying again."}}
 _HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}},
+    429: RETRY_AFTER,
     503: RETRY_AFTER,
 }
 

@@ -15,6 +15,7 @@ from redis import Redis
 
 from app import jobs
 from app import jobspecs as d
+from app.accounts import Caller
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists, Unavailable
 from app.jobspecs import EraseJob, EvaluateJob, GenerateJob, UpscaleJob
@@ -312,10 +313,11 @@ def check_input_size(width: int, height: int, settings: Settings, field: str) ->
             f"{limit} a side")
 
 
-def resolve_source(source: ImageSource, redis: Redis, settings: Settings
+def resolve_source(source: ImageSource, redis: Redis, settings: Settings, caller: Caller
                    ) -> tuple[str, str]:
-    """(input path relative to outputs/, its prompt) of a job's output image."""
-    job = jobs.fetch(redis, source.job_id)
+    """(input path relative to outputs/, its prompt) of a job's output image, one of
+    ``caller``'s jobs (another's is not found)."""
+    job = jobs.fetch_for(redis, source.job_id, caller)
     view = jobs.describe(job)
     if view["status"] != "succeeded":
         raise JobNotFinished(f"`source.job_id` {source.job_id!r} is {view['status']}; only a "

@@ -14,6 +14,7 @@ from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Job
 
+from app import jobindex, metrics
 from app.errors import Unavailable
 from app.jobspecs import JobSpec
 
@@ -96,8 +97,12 @@ def enqueue(
     retries: int = 0,
     job_id: str | None = None,
     webhook: dict[str, Any] | None = None,
+    owner: str | None = None,
+    shared: bool = False,
 ) -> Job:
     """Queue a job (its spec, as JSON), or raise ``Unavailable`` with nothing queued.
+    ``owner``: the caller it belongs to (indexed for ``GET /jobs``); ``shared``: any
+    caller may read it (an export, which any caller asking for the same file shares).
 
     Redis applies commands that reach it while it is stalled once it resumes, so a client
     that got a 503 could still find its job running later (and run it twice by retrying).
@@ -115,16 +120,21 @@ def enqueue(
         timeout=timeout_s,
         result_ttl=result_ttl_s,
         failure_ttl=result_ttl_s,
-        ttl=result_ttl_s,
+        ttl=None,  # a queued job waits for a worker however long: it is never dropped
         retry=Retry(max=retries) if retries else None,
         meta={"type": job_type, "progress": {"step": 0, "total": 0, "fraction": 0.0,
                                              "stage": "queued"},
-              **({"webhook": webhook} if webhook else {})},
+              **({"webhook": webhook} if webhook else {}),
+              **({"owner": owner} if owner else {}), **({"shared": True} if shared else {})},
     )
+    number = jobindex.next_number(connection) if owner else 0
     guard = _submit_key(job.id)
     connection.set(guard, 1, px=SUBMIT_WINDOW_MS)
     with connection.pipeline(transaction=True) as pipe:
         queue.enqueue_job(job, pipeline=pipe)
+        if owner:
+            jobindex.add(pipe, owner, job.id, number)
+        metrics.inc(pipe, "lethe_jobs_submitted", type=job_type)
         pipe.eval(_SUBMIT_GUARD, 3, guard, queue.key, job.key, job.id)
         applied = pipe.execute()[-1]
     if not applied:

@@ -253,6 +253,7 @@ class JobCreated(BaseModel):
 class JobPublic(BaseModel):
     id: str
     type: str
+    owner: str | None = Field(None, description="The name of the key that queued it.")
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     progress: Progress | None = None
     created_at: str | None = None
@@ -264,6 +265,12 @@ class JobPublic(BaseModel):
     links: JobLinks
     webhook: dict[str, Any] | None = Field(None, description="With a `webhook`: its "
                                            "deliveries' attempts, successes, last status.")
+
+
+class JobsPage(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; "
+                                    "null: this was the last.")
 
 
 class ModelPublic(BaseModel):

@@ -68,7 +68,10 @@ def serve(host: str, port: int, workers: bool = True, settings: Settings | None 
     settings = get_settings()
     procs: list[WorkerProcess] = []
     server = uvicorn.Server(uvicorn.Config("app.main:app", host=host, port=port,
-                                           log_level="info", server_header=False))
+                                           log_level="info", server_header=False,
+                                           # uvicorn's lines go to the root logger,
+                                           # formatted as the app's (app.logs)
+                                           log_config=None))
     failure: list[str] = []
 
     def give_up(message: str) -> None:

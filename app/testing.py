@@ -27,14 +27,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving the real app on a loopback port, in a thread."""
+    """uvicorn serving the real app on a loopback port, in a thread. ``fresh``: an app
+    built now, from the settings as they are now (the module's ``app`` was built on
+    import)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh: bool = False) -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config("app.main:app", host="127.0.0.1", port=self.port,
+        config = uvicorn.Config("app.main:create_app" if fresh else "app.main:app",
+                                factory=fresh, host="127.0.0.1", port=self.port,
                                 log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

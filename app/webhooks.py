@@ -32,6 +32,7 @@ import httpx
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from app import metrics
 from app.errors import InvalidParams, shown
 from app.events import text
 
@@ -167,11 +168,15 @@ class Deliverer:
                                    "last_event": json.loads(f["body"])["type"]})
         if ok:
             pipe.hincrby(record, "delivered", 1)
+            outcome = "delivered"
         elif attempt <= len(RETRY_DELAYS_S):
             due = time.time() + RETRY_DELAYS_S[attempt - 1] * self.retry_base_s
             pipe.zadd(DUE, {json.dumps({**f, "attempt": str(attempt)}): due})
+            outcome = "retrying"
         else:
             pipe.hincrby(record, "given_up", 1)
+            outcome = "failed"
+        metrics.inc(pipe, "lethe_webhook_deliveries", outcome=outcome)
         pipe.expire(record, self.ttl_s)
         pipe.xack(OUTBOX, GROUP, entry_id)
         pipe.xdel(OUTBOX, entry_id)

@@ -34,10 +34,12 @@ return out
 """
 
 
-def beat(connection: Redis, name: str, queues: list[str], ttl_s: float) -> None:
-    """Say that worker ``name`` (on ``queues``) is alive for the next ``ttl_s`` seconds."""
+def beat(connection: Redis, name: str, queues: list[str], ttl_s: float, **info: Any) -> None:
+    """Say that worker ``name`` (on ``queues``) is alive for the next ``ttl_s`` seconds;
+    ``info``: what else it tells (its pipeline cache's numbers, for /metrics)."""
     with connection.pipeline(transaction=True) as pipe:
-        pipe.set(_PREFIX + name, json.dumps({"queues": queues}), px=int(ttl_s * 1000))
+        pipe.set(_PREFIX + name, json.dumps({"queues": queues, **info}),
+                 px=int(ttl_s * 1000))
         pipe.sadd(NAMES, name)
         pipe.execute()
 

@@ -45,12 +45,13 @@ def inspect_folder(path: Path) -> dict:
 
 
 def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bool = False,
-                 prediction_type: str | None = None, source: str | None = None) -> dict:
+                 prediction_type: str | None = None, source: str | None = None,
+                 extra: dict | None = None) -> dict:
     """Import a diffusers folder or a single-file checkpoint as ``model_id``.
 
     ``prediction_type`` overrides what the checkpoint's scheduler predicts (SD 2.x files do
     not say: the shipped config assumes the 768 v-prediction model; the 512 base models
-    predict ``epsilon``).
+    predict ``epsilon``). ``extra`` goes into the manifest (the owner of an upload).
     """
     validate_model_id(model_id, "id")
     if registry.exists(model_id):  # before any loading: the answer is the same after it
@@ -58,7 +59,7 @@ def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bo
     path = Path(path)
     source = source or f"imported from {path.resolve()}"
     if path.is_dir():
-        manifest = inspect_folder(path) | {"source": source}
+        manifest = inspect_folder(path) | {"source": source} | (extra or {})
         return registry.import_folder(path, model_id, manifest)
     if not path.is_file():
         raise InvalidParams(f"`path` {str(path)!r} is neither a folder nor a file")
@@ -73,11 +74,12 @@ def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bo
                 raise pickle_refusal("path", path.name)
             path = _pickle_to_safetensors(path, Path(tmp) / "converted.safetensors")
         return _import_single_file(registry, path, model_id, prediction_type, source,
-                                   Path(tmp))
+                                   Path(tmp), extra or {})
 
 
 def _import_single_file(registry: Registry, path: Path, model_id: str,
-                        prediction_type: str | None, source: str, tmp: Path) -> dict:
+                        prediction_type: str | None, source: str, tmp: Path,
+                        extra: dict) -> dict:
     header = read_header(path)
     architecture, folder = config_folder(header, tmp / "config", prediction_type)
     check_layout(header, folder)
@@ -95,6 +97,7 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
         exported = json.loads(header.metadata["lethe"])
         manifest |= {k: exported[k] for k in USAGE if k in exported}
         manifest["exported_from"] = {k: exported.get(k) for k in ("id", "digest")}
+    manifest |= extra
     # Written on the registry's disk already: moved into place, not copied a second time.
     return registry.import_folder(staging, model_id, manifest, move=True)
 

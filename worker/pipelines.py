@@ -140,6 +140,9 @@ class PipelineCache:
     def __contains__(self, key: str) -> bool:
         return key in self._items
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     @property
     def bytes(self) -> int:
         return sum(item.bytes for item in self._items.values())

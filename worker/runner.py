@@ -28,7 +28,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
-from app import events, jobfiles, jobs, workers
+from app import events, jobfiles, jobs, logs, workers
 from app.config import Settings
 from app.queue import connect
 from worker.context import get_context
@@ -39,6 +39,17 @@ log = logging.getLogger("lethe.worker")
 
 REDIS_LOST = {"code": "redis_lost",
               "message": "the job store (Redis) went away while this job ran; submit it again"}
+
+
+class _TakenJob(logging.Filter):
+    """RQ names the job it has just taken (``Worker <name>: <queue>: <job> (<id>)``) before
+    it runs it, outside the job's context: that line gets the job's id too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (isinstance(record.msg, str) and record.msg.startswith("Worker %s: %s: ")
+                and isinstance(record.args, tuple) and record.args):
+            record.job_id = record.args[-1]
+        return True
 
 
 class LetheWorker(SimpleWorker):
@@ -68,6 +79,7 @@ class LetheWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         self._running = (job, execution)
+        token = logs.current_job.set(job.id)  # every line logged for this job names it
         try:
             self.perform_job(job, queue, execution)
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -81,6 +93,7 @@ class LetheWorker(SimpleWorker):
                 self._fail_after_outage(job, queue, execution)
         finally:
             self._running = None
+            logs.current_job.reset(token)
         self.set_state(WorkerStatus.IDLE)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution
@@ -121,7 +134,10 @@ class LetheWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         try:
-            removed = jobfiles.sweep(self.connection, get_context().settings)
+            settings = get_context().settings
+            # A file younger than a short TTL's record may be swept as soon as that expires.
+            removed = jobfiles.sweep(self.connection, settings,
+                                     min_age_s=min(jobfiles.MIN_AGE_S, settings.result_ttl_s))
         except (OSError, RedisError):
             log.warning("sweeping job files failed", exc_info=True)
             return
@@ -135,12 +151,20 @@ class LetheWorker(SimpleWorker):
 
     def _beat(self) -> None:
         try:
-            workers.beat(self.connection, self.name, self.queue_names(), self.heartbeat_ttl_s)
+            workers.beat(self.connection, self.name, self.queue_names(), self.heartbeat_ttl_s,
+                         cache=_cache_info())
             running = self._running
             if running is not None:
                 self.maintain_heartbeats(*running)
         except Exception:  # a missed beat is retried; it must not kill the worker
             log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+
+
+def _cache_info() -> dict[str, int]:
+    """The pipeline cache's numbers, for /metrics (through the worker's beat)."""
+    cache = get_context().cache
+    return {"hits": cache.stats.hits, "loads": cache.stats.loads,
+            "evictions": cache.stats.evictions, "bytes": cache.bytes, "models": len(cache)}
 
 
 def _announce_end(job: Job) -> None:
@@ -173,8 +197,8 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False,
                name: str | None = None) -> None:
     if not settings.redis_url:
         raise SystemExit("LETHE_REDIS_URL is not set; `lethe serve` sets it for its workers")
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(settings.log_format)
+    logging.getLogger("rq.worker").addFilter(_TakenJob())
     register_from_setting(settings.domains)
     ctx = get_context()
     _set_threads(settings, ctx.runtime.device.type)
@@ -187,7 +211,8 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False,
         name=name,
         worker_ttl=max(settings.heartbeat_ttl_s, 20),
         job_monitoring_interval=max(settings.heartbeat_ttl_s // 3, 1),
-        maintenance_interval=max(settings.heartbeat_ttl_s, 10),
+        # RQ's own upkeep (abandoned jobs) as before; the reaper at least as often as asked
+        maintenance_interval=min(settings.reap_interval_s, max(settings.heartbeat_ttl_s, 10)),
     )
     import torch
 

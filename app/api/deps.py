@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from app import idempotency
+from app.accounts import Caller
 from app.config import Settings, get_settings
+from app.middleware import caller_of
 from app.registry import Registry
+from app.submissions import Submitter
 
 
 def _redis(request: Request) -> Redis:
@@ -25,7 +29,23 @@ def _registry(settings: Annotated[Settings, Depends(get_settings)]) -> Registry:
     return Registry(settings.registry_dir)
 
 
+def _caller(request: Request) -> Caller:
+    return caller_of(request.scope)
+
+
+def _submitter(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+               key: Annotated[str | None, Header(
+                   alias=idempotency.HEADER, description="Makes a retried submission "
+                   "safe: the same key and body within 24 h answer with the first "
+                   "request's job (`Idempotent-Replayed: true`); another body, 409.")] = None,
+               ) -> Submitter:
+    return Submitter(request.app.state.redis, settings, caller_of(request.scope),
+                     idempotency.validate(key))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CallerDep = Annotated[Caller, Depends(_caller)]
+SubmitterDep = Annotated[Submitter, Depends(_submitter)]
 RedisDep = Annotated[Redis, Depends(_redis)]
 # For reads that block in Redis (event streams, long polls) without holding a thread.
 AsyncRedisDep = Annotated[AsyncRedis, Depends(_async_redis)]

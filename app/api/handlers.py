@@ -60,7 +60,8 @@ def _allowed_methods(request: Request) -> list[str]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
     async def _lethe(_: Request, exc: LetheError) -> JSONResponse:
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S}
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S},
+                   429: {"Retry-After": str(max(1, (exc.details or {}).get("retry_after_s", 1)))}
                    }.get(exc.status)
         return JSONResponse(
             error_body(exc.code, exc.message, exc.details), exc.status, headers=headers

@@ -6,7 +6,6 @@
 const $ = (id) => document.getElementById(id);
 const FINAL = ["succeeded", "failed", "canceled"];
 const KEY = "lethe.key";
-const JOBS = "lethe.jobs";
 
 function headers(extra = {}) {
   const key = localStorage.getItem(KEY);
@@ -85,12 +84,6 @@ function formBody(form) {
   return body;
 }
 
-function remember(job) {
-  const jobs = JSON.parse(localStorage.getItem(JOBS) || "[]").filter((j) => j.id !== job.id);
-  jobs.unshift(job);
-  localStorage.setItem(JOBS, JSON.stringify(jobs.slice(0, 50)));
-}
-
 function showProgress(prefix, p) {
   if (!p) return;
   $(`${prefix}-progress`).value = p.total ? p.step / p.total : 0;
@@ -120,7 +113,6 @@ async function generate(event) {
   $("g-preview-box").hidden = true;
   try {
     const job = await api("POST", "/generate", body);
-    remember({ id: job.id, type: "generate", prompt: body.prompt });
     const abort = new AbortController();
     generating = { id: job.id, abort };
     $("g-cancel").disabled = false;
@@ -161,16 +153,20 @@ async function cancel(current) {
 }
 
 // -- gallery -------------------------------------------------------------------------
+// The key's own jobs (an admin key's: everyone's), newest first, from GET /jobs: the same
+// gallery from any browser the key is used in.
 async function gallery() {
   const box = $("gallery");
   box.replaceChildren();
-  for (const entry of JSON.parse(localStorage.getItem(JOBS) || "[]")) {
-    let job;
-    try { job = await api("GET", `/jobs/${entry.id}`); } catch { continue; }  // expired
+  const page = await api("GET", "/jobs?limit=50");
+  for (const job of page.data) {
+    if (!["generate", "upscale", "erase"].includes(job.type)) continue;
+    const params = job.params || {};
+    const what = params.prompt || (params.concepts || []).join(", ");
     const card = document.createElement("div");
     card.className = "card";
     const title = document.createElement("p");
-    title.textContent = `${job.type}: ${entry.prompt || entry.concepts || ""} — ${job.status}`;
+    title.textContent = `${job.type}: ${what} — ${job.status}`;
     card.append(title);
     for (const image of (job.result && job.result.images) || []) {
       const url = await imageURL(job.id, image.index);
@@ -187,7 +183,6 @@ async function gallery() {
       up.addEventListener("click", async () => {
         try {
           const created = await api("POST", "/upscale", { source: { job_id: job.id, index: image.index } });
-          remember({ id: created.id, type: "upscale", prompt: entry.prompt });
           up.disabled = true;
           await follow(created.id, () => {});
           gallery();
@@ -230,7 +225,6 @@ async function erase(event) {
   const points = [];
   try {
     const job = await api("POST", "/erase", body);
-    remember({ id: job.id, type: "erase", concepts: body.concepts.join(", ") });
     const abort = new AbortController();
     erasing = { id: job.id, abort };
     $("e-cancel").disabled = false;

@@ -63,3 +63,12 @@ def test_single_file_export_and_import_through_the_cli(registry, tmp_path, capsy
     with pytest.raises(SystemExit, match="does not match the layout"):
         main(["models", "import", str(ckpt), "--id", "pickled", "--allow-pickle"])
     assert sorted(m["id"] for m in registry.models()) == ["mine", "mine-back"]
+
+
+def test_jobs_lists_the_callers_jobs_newest_first(http, live_url, capsys):
+    ids = [http.post("/generate", json={"prompt": "a", "steps": 1, "width": 64,
+                                         "height": 64}).json()["id"] for _ in range(2)]
+    main(["jobs", "--url", live_url, "--type", "generate", "--limit", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ids[::-1]
+    assert all(" generate " in line and line.rstrip().endswith("anonymous") for line in lines)

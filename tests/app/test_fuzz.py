@@ -42,6 +42,7 @@ OPERATIONS = [
     ("POST", "/erase"),
     ("POST", "/upscale"),
     ("POST", "/evaluate"),
+    ("GET", "/jobs"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/images/{index}"),
@@ -54,6 +55,7 @@ OPERATIONS = [
     ("GET", "/domains"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/metrics"),
 ]
 
 

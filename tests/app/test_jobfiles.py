@@ -69,3 +69,59 @@ def test_sweep_keeps_live_and_succeeded_jobs_and_removes_the_rest(scratch):
     assert jobfiles.output_dir(settings, young).is_dir()
     assert jobfiles.sweep(redis, settings) == []
 
+
+
+def test_sweep_spares_a_folder_whose_upload_is_still_being_written(scratch):
+    redis, settings = scratch
+    streaming = "22222222-0000-4000-8000-000000000000"
+    files_of(settings, streaming)  # made ten minutes ago, no job yet...
+    (jobfiles.output_dir(settings, streaming) / "0.png").write_bytes(b"more")  # ...written now
+    assert jobfiles.sweep(redis, settings) == []
+    assert jobfiles.output_dir(settings, streaming).is_dir()
+
+
+def test_images_go_with_their_job_record_after_the_result_ttl(worker, home):
+    """Retention end to end: a 3 s TTL; the session's worker sweeps every 10 s."""
+    import httpx
+
+    from tests.support import served, wait_job
+
+    with served(LETHE_RESULT_TTL_S="3") as url, httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post("/generate", json={"prompt": "a", "steps": 1, "width": 64, "height": 64})
+        job = wait_job(http, r.json()["id"])
+        assert job["status"] == "succeeded"
+        folder = home / "outputs" / job["id"]
+        assert (folder / job["result"]["images"][0]["file"]).is_file()
+        ended = time.monotonic()
+        deadline = ended + 60
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        gone_s = time.monotonic() - ended
+        assert not folder.exists(), "the images outlived their job record by a minute"
+        r = http.get(f"/jobs/{job['id']}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+        assert http.get(f"/jobs/{job['id']}/images/0").status_code == 404
+    print(f"images removed {gone_s:.1f} s after the job ended (TTL 3 s)")
+
+
+def test_purge_removes_a_finished_jobs_images_at_once(http, home):
+    from tests.support import wait_job
+
+    r = http.post("/generate", json={"prompt": "a", "steps": 1, "width": 64, "height": 64})
+    job_id = r.json()["id"]
+    wait_job(http, job_id)
+    assert (home / "outputs" / job_id).is_dir()
+    assert http.delete(f"/jobs/{job_id}", params={"purge": "true"}).status_code == 204
+    assert not (home / "outputs" / job_id).exists()
+    assert http.get(f"/jobs/{job_id}").status_code == 404
+    assert job_id not in [j["id"] for j in http.get("/jobs").json()["data"]]
+
+
+def test_purging_a_running_job_is_a_409(http):
+    r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
+                                  "iterations": 500, "name": "tiny-purge-refused"})
+    job_id = r.json()["id"]
+    r = http.delete(f"/jobs/{job_id}", params={"purge": "true"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished"
+    assert "cancel it first" in r.json()["error"]["message"]
+    assert http.delete(f"/jobs/{job_id}").status_code == 202  # cancel

@@ -78,7 +78,10 @@ def test_the_signature_matches_the_standard_webhooks_test_vector():
 
 
 def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_try(http, receiver):
+    from tests.app.test_metrics import moved, scrape
+
     hook = receiver(fail=2)
+    before = scrape(http)
     r = http.post("/generate", json={"prompt": "a red circle", "steps": 2,
                                      "webhook": hook.url})
     assert r.status_code == 202, r.text
@@ -100,6 +103,9 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_try(http, recei
     assert record["attempts"] == 3 and record["last_status"] == "204"
     assert record["last_event"] == "job.succeeded"
     assert not verify({**headers, "webhook-timestamp": "1"}, body)  # the recipe can fail
+    delta = moved(before, scrape(http))  # and /metrics counted each attempt
+    assert delta[("lethe_webhook_deliveries_total", (("outcome", "retrying"),))] == 2
+    assert delta[("lethe_webhook_deliveries_total", (("outcome", "delivered"),))] == 1
 
 
 def test_started_progress_and_completed_arrive_in_order(http, receiver):

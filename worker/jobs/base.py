@@ -110,3 +110,11 @@ def image_entry(job_id: str, index: int, name: str, image: Any, seed: int,
 def job_id() -> str:
     job = get_current_job()
     return job.id if job else "local"
+
+
+def owned() -> dict[str, str]:
+    """``{"owner": <key name>}`` of the running job, for the manifest of a model it makes
+    (its owner may delete it); empty outside a job or for an unowned one."""
+    job = get_current_job()
+    owner = job.meta.get("owner") if job else None
+    return {"owner": owner} if owner else {}

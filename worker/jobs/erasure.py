@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rq import get_current_job
 
-from app import jobfiles
+from app import jobfiles, metrics
 from app.errors import ModelExists
 from app.jobspecs import EraseJob
 from app.registry import Registry
 from worker.context import WorkerContext, get_context
-from worker.jobs.base import image_entry, job_function, job_id, save_png
+from worker.jobs.base import image_entry, job_function, job_id, owned, save_png
 from worker.progress import Reporter
 
 log = logging.getLogger("lethe.worker.jobs")
@@ -188,12 +189,17 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
 
     trainer.train(on_step)
     train_s = time.perf_counter() - t0
+    current = get_current_job()
+    if current is not None and total > (resumed_from or 0):
+        metrics.safely(metrics.esd_trained, current.connection, total - (resumed_from or 0),
+                       train_s)
     reporter.progress(total, total, "saving", force=True)
     losses = trainer.state.losses
     delta = trainer.delta()
     manifest: dict[str, Any] = {
         "kind": "text-to-image", "format": "delta",
         "base": {"id": spec.base_model, "digest": base_manifest["digest"]},
+        **owned(),
         "edit": _edit_record(spec, prompts),
         "training": {"loss_first": losses[0] if losses else None,
                      "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),

@@ -12,7 +12,7 @@ from pathlib import Path
 from app.exports import download_url
 from app.jobspecs import ExportJob, ImportJob
 from worker.context import get_context
-from worker.jobs.base import job_function
+from worker.jobs.base import job_function, owned
 from worker.progress import Reporter
 
 
@@ -26,7 +26,7 @@ def import_model(spec: ImportJob, reporter: Reporter) -> dict:
     try:
         manifest = run_import(ctx.registry, upload, spec.id,
                               prediction_type=spec.prediction_type,
-                              source=f"uploaded as {spec.filename!r}")
+                              source=f"uploaded as {spec.filename!r}", extra=owned())
     finally:
         upload.unlink(missing_ok=True)  # registered or refused, the upload has served
     reporter.progress(1, 1, "done", force=True)

@@ -1,4 +1,5 @@
-"""Jobs: create (POST /generate), read, download images, cancel."""
+"""Jobs: create (POST /generate, /erase, /evaluate), list, read, follow, download images,
+cancel. A caller sees its own jobs (an admin every job): another's reads as a 404."""
 
 from __future__ import annotations
 
@@ -17,13 +18,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import events, jobfiles, jobs, webhooks
-from app.api.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep
+from app import events, jobfiles, jobindex, jobs, webhooks
+from app.accounts import Caller
+from app.api.deps import (
+    AsyncRedisDep,
+    CallerDep,
+    RedisDep,
+    RegistryDep,
+    SettingsDep,
+    SubmitterDep,
+)
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, shown
 from app.openapi import errors
 from app.params import resolve_erase, resolve_evaluate, resolve_generate
-from app.queue import enqueue
+from app.queue import JOB_TYPES
 from app.schemas import (
     EraseCreate,
     EvaluateCreate,
@@ -31,54 +40,88 @@ from app.schemas import (
     JobCreated,
     JobLinks,
     JobPublic,
+    JobsPage,
 )
+from app.submissions import Submitted, submit
 
 router = APIRouter(tags=["jobs"], responses=errors(401, 503))
 
-_LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The job's URL."}}
-# What a route that queues a job answers.
-CREATED = {202: {"headers": _LOCATION}, **errors(400, 404, 413, 422)}
+_LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The job's URL."},
+             "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "`true` "
+                                     "when an earlier request with the same "
+                                     "`Idempotency-Key` queued this job."}}
+# What a route that queues a job answers: 409 for an Idempotency-Key reused with another
+# body, 429 over a quota.
+CREATED = {202: {"headers": _LOCATION}, **errors(400, 404, 409, 413, 422, 429)}
 
 
-def created(job, job_type: str) -> JSONResponse:
-    body = JobCreated(id=job.id, type=job_type, status="queued",
+def created(job: Submitted) -> JSONResponse:
+    body = JobCreated(id=job.id, type=job.type, status="queued",
                       links=JobLinks(self=f"/jobs/{job.id}"))
-    return JSONResponse(body.model_dump(), 202, headers={"Location": f"/jobs/{job.id}"})
+    headers = {"Location": f"/jobs/{job.id}"}
+    if job.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body.model_dump(), 202, headers=headers)
 
 
-@router.post("/erase", status_code=202, response_model=JobCreated,
-             responses={**CREATED, **errors(409)})
-def create_erase(body: EraseCreate, redis: RedisDep, registry: RegistryDep,
-                 settings: SettingsDep) -> JSONResponse:
+@router.post("/erase", status_code=202, response_model=JobCreated, responses=CREATED)
+def create_erase(body: EraseCreate, sub: SubmitterDep, registry: RegistryDep) -> JSONResponse:
     """Queue an ESD fine-tune; on success a new model appears in the registry (`result.model`)."""
+    settings = sub.settings
     spec = resolve_erase(body, registry, settings)
-    job = enqueue(redis, "erase", spec, timeout_s=settings.train_timeout_s,
-                  webhook=webhooks.of_request(body, settings),
-                  result_ttl_s=settings.result_ttl_s, retries=settings.train_retries)
-    return created(job, "erase")
+    return created(submit(sub, "erase", spec, request=body.model_dump(mode="json"),
+                          timeout_s=settings.train_timeout_s, retries=settings.train_retries,
+                          webhook=webhooks.of_request(body, settings)))
 
 
 @router.post("/evaluate", status_code=202, response_model=JobCreated, responses=CREATED)
-def create_evaluate(body: EvaluateCreate, redis: RedisDep, registry: RegistryDep,
-                    settings: SettingsDep) -> JSONResponse:
+def create_evaluate(body: EvaluateCreate, sub: SubmitterDep, registry: RegistryDep
+                    ) -> JSONResponse:
     """Queue an evaluation (FID, precision/recall, classifier or CLIP scores) of a model; the
     report lands in `result.report` and in the model's `reports` (`GET /models/{id}`)."""
+    settings = sub.settings
     spec = resolve_evaluate(body, registry, settings)
-    job = enqueue(redis, "evaluate", spec, timeout_s=settings.train_timeout_s,
-                  webhook=webhooks.of_request(body, settings),
-                  result_ttl_s=settings.result_ttl_s)
-    return created(job, "evaluate")
+    return created(submit(sub, "evaluate", spec, request=body.model_dump(mode="json"),
+                          timeout_s=settings.train_timeout_s,
+                          webhook=webhooks.of_request(body, settings)))
 
 
 @router.post("/generate", status_code=202, response_model=JobCreated, responses=CREATED)
-def create_generate(body: GenerateCreate, redis: RedisDep, registry: RegistryDep,
-                    settings: SettingsDep) -> JSONResponse:
+def create_generate(body: GenerateCreate, sub: SubmitterDep, registry: RegistryDep
+                    ) -> JSONResponse:
     """Queue a text-to-image job; poll `Location` for its progress and result."""
+    settings = sub.settings
     spec = resolve_generate(body, registry, settings)
-    job = enqueue(redis, "generate", spec, timeout_s=settings.generate_timeout_s,
-                  webhook=webhooks.of_request(body, settings),
-                  result_ttl_s=settings.result_ttl_s)
-    return created(job, "generate")
+    return created(submit(sub, "generate", spec, request=body.model_dump(mode="json"),
+                          timeout_s=settings.generate_timeout_s, images=spec.num_images,
+                          webhook=webhooks.of_request(body, settings)))
+
+
+@router.get("/jobs", response_model=JobsPage, responses=errors(422))
+def list_jobs(redis: RedisDep, caller: CallerDep,
+              status: jobs.JobState | None = Query(None, description="Only jobs in this "
+                                                   "state."),
+              type: str | None = Query(None, description=f"Only jobs of this type: one of "
+                                       f"{', '.join(JOB_TYPES)}."),
+              limit: int = Query(20, ge=1, le=100),
+              cursor: str | None = Query(None, description="`next_cursor` of the page "
+                                         "before."),
+              owner: str | None = Query(None, description="Admins: only this key name's "
+                                        "jobs (default: everyone's).")) -> JobsPage:
+    """The caller's jobs, newest first (an admin's: everyone's), a page at a time."""
+    if type is not None and type not in JOB_TYPES:
+        raise InvalidParams(f"`type` must be one of {list(JOB_TYPES)}, got {shown(type)}")
+    if owner is not None and not caller.admin:
+        raise InvalidParams("`owner` is for admin keys: a user lists its own jobs only")
+    whose = (owner if caller.admin else caller.name)
+
+    def keep(job) -> bool:
+        return ((type is None or job.meta.get("type") == type)
+                and (status is None or jobs.state_of(job) == status))
+
+    found, next_cursor = jobindex.page(redis, whose, limit=limit, cursor=cursor, keep=keep)
+    return JobsPage(data=[JobPublic(**jobs.describe(job)) for job in found],
+                    next_cursor=next_cursor)
 
 
 FINISHED = events.TERMINAL
@@ -91,8 +134,8 @@ def _block_s(settings: Settings) -> float:
     return min(15.0, max(1.0, settings.heartbeat_ttl_s / 3))
 
 
-def _read(redis: Redis, job_id: str) -> dict:
-    job = jobs.fetch(redis, job_id)
+def _read(redis: Redis, job_id: str, caller: Caller) -> dict:
+    job = jobs.fetch_for(redis, job_id, caller)
     jobs.reap_if_abandoned(redis, job)
     return jobs.describe(job)
 
@@ -121,18 +164,19 @@ async def _next_events(aredis: AsyncRedis, job_id: str, after: str, block_s: flo
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404, 422))
 async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings: SettingsDep,
+                  caller: CallerDep,
                   wait: float = Query(0, ge=0, le=30, description="Seconds to hold the "
                                       "answer until the job has finished (long polling); "
                                       "0 answers at once.")) -> dict:
     """A job's status, progress and result. With `wait`, the answer comes when the job
     finishes or the time is up, whichever is first: one request instead of many polls."""
     if not wait:
-        return await run_in_threadpool(_read, redis, job_id)
+        return await run_in_threadpool(_read, redis, job_id, caller)
     # Waits on the stream of the job's final event only (progress does not wake it):
     # its newest entry first, then the state, so an end after the read is an entry after.
     ended = events.end_key(job_id)
     after = events.newest(await _bounded(aredis.xrevrange(ended, count=1)))
-    view = await run_in_threadpool(_read, redis, job_id)
+    view = await run_in_threadpool(_read, redis, job_id, caller)
     deadline = time.monotonic() + wait
     while view["status"] not in FINISHED:
         left = deadline - time.monotonic()
@@ -143,7 +187,7 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
             {ended: after}, count=1, block=max(1, int(block_s * 1000))), block_s))
         if found:
             after = found[-1][0]
-        view = await run_in_threadpool(_read, redis, job_id)
+        view = await run_in_threadpool(_read, redis, job_id, caller)
     return view
 
 
@@ -152,7 +196,7 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
           "`progress`, `preview` (with `previews` on a generate), then one of `succeeded`, "
           "`failed`, `canceled` carrying the job."}, **errors(404, 422)})
 async def job_events(job_id: str, redis: RedisDep, aredis: AsyncRedisDep,
-                     settings: SettingsDep, last_event_id: str | None = Header(
+                     settings: SettingsDep, caller: CallerDep, last_event_id: str | None = Header(
                          None, description="Resume after this event: the id of the last "
                          "event received (browsers send it when they reconnect).")
                      ) -> EventSourceResponse:
@@ -161,14 +205,16 @@ async def job_events(job_id: str, redis: RedisDep, aredis: AsyncRedisDep,
     if last_event_id is not None and not events.valid_id(last_event_id):
         raise InvalidParams(f"`Last-Event-ID` {shown(last_event_id)} is not an event id "
                             "(<milliseconds>-<sequence>)")
-    view = await run_in_threadpool(_read, redis, job_id)  # a 404 before the stream starts
+    # a 404 before the stream starts
+    view = await run_in_threadpool(_read, redis, job_id, caller)
     block_s = _block_s(settings)
     return EventSourceResponse(
-        _stream(redis, aredis, job_id, last_event_id or "0-0", view, block_s), ping=15)
+        _stream(redis, aredis, job_id, caller, last_event_id or "0-0", view, block_s),
+        ping=15)
 
 
-async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, after: str, view: dict,
-                  block_s: float) -> AsyncIterator[dict]:
+async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, caller: Caller, after: str,
+                  view: dict, block_s: float) -> AsyncIterator[dict]:
     while True:
         ended = view["status"] in FINISHED
         try:
@@ -186,16 +232,17 @@ async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, after: str, vie
             yield {"event": view["status"], "data": json.dumps(view)}
             return
         try:
-            view = await run_in_threadpool(_read, redis, job_id)
+            view = await run_in_threadpool(_read, redis, job_id, caller)
         except RedisError:
             return
 
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422)})
-def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep) -> FileResponse:
+def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep,
+              caller: CallerDep) -> FileResponse:
     """A finished job's image `index` (0-based) as PNG."""
-    view = jobs.describe(jobs.fetch(redis, job_id))
+    view = jobs.describe(jobs.fetch_for(redis, job_id, caller))
     if view["status"] != "succeeded":
         raise JobNotFinished(f"job {job_id!r} is {view['status']}; images exist once it succeeded")
     images = (view["result"] or {}).get("images", [])
@@ -210,11 +257,23 @@ def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep) -
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic, status_code=202,
-               responses=errors(404))
-def cancel_job(job_id: str, redis: RedisDep, settings: SettingsDep) -> Response:
-    """Cancel: a queued job never runs; a running one stops at its next step (poll for it)."""
-    job = jobs.fetch(redis, job_id)
-    if jobs.state_of(job) in (jobs.JobState.queued, jobs.JobState.running):
+               responses=errors(404, 409))
+def cancel_job(job_id: str, redis: RedisDep, settings: SettingsDep, caller: CallerDep,
+               purge: bool = Query(False, description="A finished job: remove its images "
+                                   "and record now rather than at the end of its TTL.")
+               ) -> Response:
+    """Cancel: a queued job never runs; a running one stops at its next step (poll for it).
+    With `purge`, a finished job's files and record are removed at once (204)."""
+    job = jobs.fetch_for(redis, job_id, caller, owned=True)
+    state = jobs.state_of(job)
+    if purge:
+        if state.value not in FINISHED:
+            raise JobNotFinished(f"job {job_id!r} is {state.value}; cancel it first, then "
+                                 "purge it once it has ended")
+        jobfiles.discard(settings, job_id)
+        jobs.purge(redis, job)
+        return Response(status_code=204)
+    if state in (jobs.JobState.queued, jobs.JobState.running):
         jobs.request_cancel(redis, job, settings.result_ttl_s)
         job.refresh()
         if jobs.state_of(job) == jobs.JobState.canceled:  # it never ran: its upload goes

@@ -12,16 +12,17 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import exports, jobfiles, jobs
-from app.api.deps import RedisDep, RegistryDep, SettingsDep
+from app.api.deps import CallerDep, RedisDep, RegistryDep, SettingsDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
-from app.errors import InvalidParams, JobNotFound, ModelExists, shown
+from app.errors import Forbidden, InvalidParams, JobNotFound, ModelExists, shown
 from app.jobspecs import ExportJob, ImportJob
 from app.openapi import errors
 from app.queue import enqueue
-from app.registry import Registry, validate_model_id
+from app.registry import Registry, file_digest, validate_model_id
 from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelPublic, ModelsPublic
+from app.submissions import Submitted, submit
 from app.uploads import receive_file
 
 PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
@@ -55,11 +56,11 @@ _UPLOAD_SCHEMA = {
              responses={**CREATED, **errors(409, 413, 415)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "multipart/form-data": {"schema": _UPLOAD_SCHEMA}}}})
-async def upload_model(request: Request, redis: RedisDep, registry: RegistryDep,
-                       settings: SettingsDep) -> Any:
+async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDep) -> Any:
     """Upload a single-file checkpoint, streamed to disk under `LETHE_MAX_UPLOAD_BYTES`.
     Its header is checked at once (a truncated file, unknown tensor names, a pickle: 4xx);
     a worker then assembles and registers it: poll `Location` (`result.model`)."""
+    settings = sub.settings
     job_id = str(uuid.uuid4())
     folder = jobfiles.output_dir(settings, job_id)
     path = folder / UPLOAD_FILE
@@ -86,12 +87,18 @@ async def upload_model(request: Request, redis: RedisDep, registry: RegistryDep,
             detect_architecture(header, "file")
         spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
                          filename=filename, prediction_type=prediction_type)
-        job = enqueue(redis, "import", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
-                      result_ttl_s=settings.result_ttl_s)
+        # What makes a retried upload the same (read only when it carries the key).
+        same = {"fields": got.fields, "filename": filename,
+                "sha256": sub.idempotency_key and await run_in_threadpool(file_digest, path)}
+        job = await run_in_threadpool(lambda: submit(
+            sub, "import", spec, request=same, job_id=job_id,
+            timeout_s=settings.train_timeout_s))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing of a refused upload stays
         raise
-    return created(job, "import")
+    if job.replayed:  # the first upload is the one being imported
+        shutil.rmtree(folder, ignore_errors=True)
+    return created(job)
 
 
 def _check_new_id(registry: Registry, model_id: str) -> None:
@@ -112,7 +119,7 @@ def get_model(model_id: PathModelId, registry: RegistryDep) -> ModelPublic:
                      "description": "The export is being made: poll the job, then ask again."},
     **errors(404, 422)})
 def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep,
-                   settings: SettingsDep,
+                   settings: SettingsDep, caller: CallerDep,
                    format: Literal["diffusers", "single-file", "lora"] = "diffusers",
                    dtype: Literal["float32", "float16"] | None = None,
                    rank: Annotated[int | None, Query(ge=1, le=exports.MAX_RANK)] = None
@@ -134,18 +141,24 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
     try:
         job = jobs.fetch(redis, job_id)
         if jobs.state_of(job).value in ("queued", "running"):
-            return created(job, "export")  # already being made: the same job to poll
+            # already being made: the same job to poll (an export is shared)
+            return created(Submitted(job.id, "export"))
     except JobNotFound:
         pass
     spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank,
                      target=str(target.relative_to(registry.root)))
     job = enqueue(redis, "export", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
-                  result_ttl_s=settings.result_ttl_s)
-    return created(job, "export")
+                  result_ttl_s=settings.result_ttl_s, owner=caller.name, shared=True)
+    return created(Submitted(job.id, "export"))
 
 
-@router.delete("/{model_id}", status_code=204, responses=errors(404, 409, 422))
-def delete_model(model_id: PathModelId, registry: RegistryDep) -> Response:
-    """Remove a derived (edited) model; base models are protected (409)."""
+@router.delete("/{model_id}", status_code=204, responses=errors(403, 404, 409, 422))
+def delete_model(model_id: PathModelId, registry: RegistryDep, caller: CallerDep) -> Response:
+    """Remove a derived (edited) model; base models are protected (409). A user deletes the
+    models its own jobs made (403 for another's: models are listed to every caller)."""
+    owner = registry.get(model_id).get("owner")
+    if not caller.may_see(owner):
+        raise Forbidden(f"`model` {model_id!r} was made by another key; only its owner or "
+                        "an admin may delete it")
     registry.remove(model_id)
     return Response(status_code=204)

@@ -6,6 +6,7 @@ PNG in the new job's output folder; the worker reads only that file.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -18,14 +19,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import jobfiles, webhooks
-from app.api.deps import RedisDep, RegistryDep, SettingsDep
+from app.api.deps import RegistryDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.errors import InvalidParams, UnsupportedMedia, shown
 from app.images import decode_base64, open_checked, save_input
 from app.openapi import errors
 from app.params import SCALE, resolve_source, resolve_upscale
-from app.queue import enqueue
 from app.schemas import HOOK_FIELDS, JobCreated, UpscaleCreate, UpscaleOptions
+from app.submissions import submit
 
 router = APIRouter(tags=["jobs"], responses=errors(401, 503))
 
@@ -73,10 +74,10 @@ def _form_webhook(fields: dict[str, Any], settings: Any) -> dict[str, Any] | Non
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     }}},
 )
-async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDep,
-                         settings: SettingsDep) -> Any:
+async def create_upscale(request: Request, sub: SubmitterDep, registry: RegistryDep) -> Any:
     """Queue a ×4 upscale of an upload (multipart `image`, or base64 `image` in JSON) or of
     an earlier job's image (`source`); poll `Location` for the result."""
+    redis, settings = sub.redis, sub.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     job_id = str(uuid.uuid4())
     data: bytes | None = None
@@ -97,6 +98,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
             raise InvalidParams("`image`: a multipart request needs a file field named `image`")
         data = await upload.read()
         fields = {k: v for k, v in form.multi_items() if k != "image"}
+        same = {"form": dict(fields), "image": hashlib.sha256(data).hexdigest()}
         hook = await run_in_threadpool(_form_webhook, fields, settings)
         try:
             # Form fields are text: parsed as their JSON types ("2" is a step count).
@@ -111,6 +113,7 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
         except ValidationError as exc:
             raise _invalid(exc) from None
         options, source = body, body.source
+        same = body.model_dump(mode="json")
         hook = await run_in_threadpool(webhooks.of_request, body, settings)
         if body.image is not None:
             data = decode_base64(body.image)
@@ -120,7 +123,8 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
 
     # Registry files, Redis and the image codec all block: they run off the event loop.
     if source is not None:
-        rel, source_prompt = await run_in_threadpool(resolve_source, source, redis, settings)
+        rel, source_prompt = await run_in_threadpool(resolve_source, source, redis, settings,
+                                                     sub.caller)
         spec = await run_in_threadpool(resolve_upscale, options, registry, settings,
                                        prompt=source_prompt, input=rel,
                                        source=source.model_dump())
@@ -134,12 +138,13 @@ async def create_upscale(request: Request, redis: RedisDep, registry: RegistryDe
     else:  # unreachable: UpscaleCreate asks for exactly one of the two
         raise InvalidParams("give exactly one of `image` and `source`")
     try:
-        job = await run_in_threadpool(enqueue, redis, "upscale", spec,
-                                      timeout_s=settings.generate_timeout_s,
-                                      result_ttl_s=settings.result_ttl_s, job_id=job_id,
-                                      webhook=hook)
+        job = await run_in_threadpool(lambda: submit(
+            sub, "upscale", spec, request=same, timeout_s=settings.generate_timeout_s,
+            images=1, job_id=job_id, webhook=hook))
     except BaseException:
         # Not queued (Redis unreachable, say): the stored upload belongs to no job.
         await run_in_threadpool(jobfiles.discard, settings, job_id)
         raise
-    return created(job, "upscale")
+    if job.replayed:  # an earlier request's job has its own copy of the image
+        await run_in_threadpool(jobfiles.discard, settings, job_id)
+    return created(job)
