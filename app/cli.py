@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
 from app.client import FINISHED, ApiError, LetheClient
 from app.config import get_settings
@@ -346,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except LetheError as exc:
         raise SystemExit(f"lethe: {exc.message}") from None
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # A setting the service cannot start with: each named, without a traceback.
+        raise SystemExit("lethe: invalid settings:\n" + "\n".join(
+            f"  LETHE_{'_'.join(map(str, e['loc'])).upper()}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
 
 
 if __name__ == "__main__":

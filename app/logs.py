@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 
 current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("lethe_job_id",
                                                                         default=None)
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "job_id"}
+# uvicorn adds `color_message`: the same text with terminal colours.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "job_id", "color_message"}
 
 
 class _JobId(logging.Filter):

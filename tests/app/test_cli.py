@@ -72,3 +72,18 @@ def test_jobs_lists_the_callers_jobs_newest_first(http, live_url, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ids[::-1]
     assert all(" generate " in line and line.rstrip().endswith("anonymous") for line in lines)
+
+
+def test_serve_with_a_malformed_setting_stops_naming_it(monkeypatch):
+    from app.config import get_settings
+
+    monkeypatch.setenv("LETHE_API_KEYS", "alice:k1:boss")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", "--port", "1"])
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert str(stopped.value) == ("lethe: invalid settings:\n  LETHE_API_KEYS: LETHE_API_KEYS "
+                                  "entry 1 (alice): role 'boss' is not one of ['user', 'admin']")

@@ -80,8 +80,22 @@ def test_cancel_from_the_page_ends_the_job_canceled(page, live_url, http):
                            ".startsWith('denoising')")
     page.get_by_role("button", name="Cancel").click()
     page.wait_for_function("document.getElementById('g-status').textContent === 'canceled'")
-    job_id = page.evaluate("JSON.parse(localStorage.getItem('lethe.jobs'))[0].id")
-    assert LetheClient(http=http).job(job_id)["status"] == "canceled"
+    newest = http.get("/jobs", params={"type": "generate", "limit": 1}).json()["data"][0]
+    assert newest["params"]["steps"] == 500
+    assert LetheClient(http=http).job(newest["id"])["status"] == "canceled"
+
+
+def test_the_gallery_shows_the_keys_jobs_wherever_they_were_started(page, live_url, http):
+    from tests.support import wait_job
+
+    r = http.post("/generate", json={"prompt": "made elsewhere", "model": "tiny-sd",
+                                     "steps": 1, "width": 64, "height": 64})
+    job_id = r.json()["id"]
+    wait_job(http, job_id)
+    page.goto(f"{live_url}/ui/#gallery")  # a browser that never saw the job
+    card = page.locator("#gallery .card", has_text="generate: made elsewhere — succeeded")
+    card.first.wait_for()
+    assert card.first.locator(f"img[alt='generate {job_id} image 0']").count() == 1
 
 
 def test_erase_shows_progress_and_the_loss_then_its_report(page, live_url, shots, http):
