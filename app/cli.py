@@ -9,18 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from pydantic import ValidationError
 
-from app.client import FINISHED, ApiError, LetheClient
+from app.client import ApiError, LetheClient
 from app.config import get_settings
 from app.errors import LetheError
 from app.registry import Registry
+from app.schemas import JobCreated, JobPublic
 
 
 def _print(obj: object) -> None:
@@ -96,17 +95,17 @@ def _client(url: str) -> LetheClient:
     return LetheClient(url, api_key=key)
 
 
-def _follow(client: LetheClient, job_id: str) -> dict:
+def _follow(client: LetheClient, job: JobCreated) -> JobPublic:
     """The job's events as a progress bar on stderr (tqdm); the finished job."""
     from tqdm import tqdm
 
     with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        for event in client.events(job_id):
-            if event["event"] in FINISHED:
-                return event["data"]
-            if event["event"] != "progress":
+        for event in client.events(job):
+            if event.job is not None:
+                return event.job
+            if event.event != "progress":
                 continue
-            p = event["data"]
+            p = event.data
             bar.total, bar.n = p["total"], p["step"]
             bar.set_description(p["stage"], refresh=False)
             shown = {}
@@ -116,38 +115,30 @@ def _follow(client: LetheClient, job_id: str) -> dict:
                 shown["neighbours' PSNR"] = f"{p['drift']['psnr']} dB"
             bar.set_postfix(shown, refresh=False)
             bar.refresh()
-    return client.job(job_id)  # the stream ended early (the service went away): its state
+    return client.job(job)  # the stream ended early (the service went away): its state
 
 
-def _submit_and_wait(client: LetheClient, path: str, body: dict,
-                     submit: Callable[[], str] | None = None) -> dict:
-    """POST a job (``body`` to ``path``, or through ``submit``), show its progress on
-    stderr, return the finished job. A JSON submission that loses its connection is sent
-    again with the same Idempotency-Key: it queues its job once, however many tries."""
-    key = str(uuid.uuid4())
-    for attempt in range(3):
-        try:
-            job_id = submit() if submit else client.submit(path, body, idempotency_key=key)
-            break
-        except ApiError as refused:
-            raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}"
-                             ) from None
-        except httpx.TransportError as lost:
-            if submit or attempt == 2:
-                raise SystemExit(f"lethe: the service did not answer ({lost})") from None
-            time.sleep(1 + attempt)
-    print(f"job {job_id}", file=sys.stderr)
-    job = _follow(client, job_id)
-    if job["status"] != "succeeded":
-        raise SystemExit(f"job {job['status']}: {job.get('error')}")
-    return job
+def _submit_and_wait(client: LetheClient, submit: Callable[[], JobCreated]) -> JobPublic:
+    """Queue a job with ``submit`` (the SDK sends it with an Idempotency-Key and retries
+    a lost connection), show its progress on stderr, return the finished job."""
+    try:
+        job = submit()
+    except ApiError as refused:
+        raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}") from None
+    except httpx.TransportError as lost:
+        raise SystemExit(f"lethe: the service did not answer ({lost})") from None
+    print(f"job {job.id}", file=sys.stderr)
+    done = _follow(client, job)
+    if done.status != "succeeded":
+        raise SystemExit(f"job {done.status}: {done.error}")
+    return done
 
 
-def _save_images(client: LetheClient, job: dict, out: Path) -> None:
+def _save_images(client: LetheClient, job: JobPublic, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for image in job["result"]["images"]:
-        path = out / f"{job['id']}-{image['index']}.png"
-        path.write_bytes(client.image(job["id"], image["index"]))
+    for image in (job.result or {})["images"]:
+        path = out / f"{job.id}-{image['index']}.png"
+        path.write_bytes(client.image(job, image["index"]))
         print(path)
 
 
@@ -159,7 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
     }
     with _client(args.url) as client:
-        _save_images(client, _submit_and_wait(client, "/generate", body), Path(args.out))
+        _save_images(client, _submit_and_wait(client, lambda: client.generate(**body)),
+                     Path(args.out))
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:
@@ -169,8 +161,8 @@ def cmd_jobs(args: argparse.Namespace) -> None:
             for n, job in enumerate(client.jobs(status=args.status, type=args.type)):
                 if n == args.limit:
                     break
-                print(f"{job['id']}  {job['type']:<8} {job['status']:<9} "
-                      f"{job['created_at'] or '-':<27} {job.get('owner') or '-'}")
+                print(f"{job.id}  {job.type:<8} {job.status:<9} "
+                      f"{job.created_at or '-':<27} {job.owner or '-'}")
         except ApiError as refused:
             raise SystemExit(f"error {refused.status} {refused.code}: {refused.message}"
                              ) from None
@@ -184,8 +176,8 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     options = {"model": args.model, "prompt": args.prompt, "steps": args.steps,
                "seed": args.seed}
     with _client(args.url) as client:
-        job = _submit_and_wait(client, "/upscale", options, submit=lambda: client.upscale(
-            image=path.read_bytes(), **options))
+        job = _submit_and_wait(client, lambda: client.upscale(image=path.read_bytes(),
+                                                              **options))
         _save_images(client, job, Path(args.out))
 
 
@@ -199,8 +191,8 @@ def cmd_erase(args: argparse.Namespace) -> None:
         "name": args.name, "seed": args.seed,
     }
     with _client(args.url) as client:
-        job = _submit_and_wait(client, "/erase", body)
-        print(job["result"]["model"])
+        job = _submit_and_wait(client, lambda: client.erase(**body))
+        print((job.result or {})["model"])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -212,8 +204,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "negative_prompt": args.negative_prompt,
     }
     with _client(args.url) as client:
-        job = _submit_and_wait(client, "/evaluate", body)
-        print(json.dumps(job["result"]["report"], indent=2))
+        job = _submit_and_wait(client, lambda: client.evaluate(**body))
+        print(json.dumps((job.result or {})["report"], indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:

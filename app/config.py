@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(1.0, gt=0, description="Scales the retry delays "
                                         "(5 s doubling to 10 min, 64 min in all at 1).")
 
+    # The OpenAI-compatible routes (/v1/).
+    openai_wait_s: float = Field(300, gt=0, le=3600, description="Longest POST "
+                                 "/v1/images/generations holds a request for its job; past "
+                                 "it the answer names the job to poll.")
+    url_secret: str = Field("", description="Signs the image URLs /v1 answers with "
+                            "(`response_format: url`); unset: a random secret kept in Redis, "
+                            "shared by every API process.")
+    url_ttl_s: int = Field(3600, ge=60, description="How long a signed image URL works.")
+    public_url: str = Field("", description="The service's address as clients reach it "
+                            "(`https://lethe.example.com`), for absolute image URLs; unset: "
+                            "the address the request came to.")
+
     device: str = Field("auto", description="`auto` picks cuda when present, else cpu.")
     dtype: str = Field("auto", description="`auto`: float16 on cuda, float32 on cpu.")
 

@@ -70,6 +70,14 @@ class TooLarge(LetheError):
     status, code = 413, "too_large"
 
 
+class JobEndedBadly(LetheError):  # POST /v1/images/generations: its job failed or was canceled
+    status, code = 500, "job_failed"
+
+
+class JobUnfinished(LetheError):  # ... its job outlasted the wait (the job goes on)
+    status, code = 504, "job_still_running"
+
+
 class Unavailable(LetheError):
     status, code = 503, "unavailable"
 

@@ -15,7 +15,7 @@ from fastapi_offline import FastAPIOffline
 from app import logs
 from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
-from app.api.routes import domains, health, jobs, metrics, models, upscale
+from app.api.routes import domains, health, jobs, metrics, models, upscale, v1
 from app.config import get_settings
 from app.middleware import ApiKeys, BodySizeLimit, RequestRate, SecurityHeaders
 from app.openapi import with_error_schemas
@@ -82,6 +82,8 @@ def create_app() -> FastAPI:
     app.include_router(models.router, dependencies=protected)
     app.include_router(domains.router, dependencies=protected)
     app.include_router(metrics.router, dependencies=protected)
+    app.include_router(v1.router, dependencies=protected)
+    app.include_router(v1.files)
     # The web UI: static files committed as they are served (no build step), calling the
     # API like any client; the pages load without a key, the API calls need one.
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

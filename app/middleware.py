@@ -14,26 +14,31 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import quotas
 from app.accounts import ANONYMOUS, Caller
-from app.api.handlers import error_body
+from app.api.handlers import shaped
 from app.errors import RateLimited
 
 log = logging.getLogger("lethe.api")
 
-# Routes anyone may call: liveness, readiness, the API's own description, and the web UI's
-# static files (the page asks for the key; every call it makes carries it).
+# Routes anyone may call: liveness, readiness, the API's own description, the web UI's
+# static files (the page asks for the key; every call it makes carries it), and images by
+# signed link (the signature is the permission: app.links).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc",
                         "/docs/oauth2-redirect"})
-OPEN_PREFIXES = ("/docs/static/", "/ui")
+OPEN_PREFIXES = ("/docs/static/", "/ui", "/files/")
 
 
-async def _send_json(send: Send, status: int, body: dict,
-                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+async def _send_error(scope: Scope, send: Send, status: int, code: str, message: str,
+                      details: Any = None, headers: Iterable[tuple[bytes, bytes]] = ()
+                      ) -> None:
+    """An error answer in the shape of the route asked for (``app.api.handlers.shaped``)."""
+    status, body = shaped(scope["path"], status, code, message, details)
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
@@ -79,9 +84,9 @@ class ApiKeys:
             scope.setdefault("state", {})["caller"] = caller
             await self.app(scope, receive, send)
             return
-        await _send_json(send, 401, error_body(
-            "unauthorized", "a valid `Authorization: Bearer <key>` header is required"),
-            [(b"www-authenticate", b"Bearer")])
+        await _send_error(scope, send, 401, "unauthorized",
+                          "a valid `Authorization: Bearer <key>` header is required",
+                          headers=[(b"www-authenticate", b"Bearer")])
 
     @staticmethod
     def _open(path: str) -> bool:
@@ -107,8 +112,8 @@ class RequestRate:
                 aredis, caller_of(scope).name, self.per_minute), 2)
         except RateLimited as exc:
             wait_s = str(max(1, math.ceil(exc.details["retry_after_s"])))
-            await _send_json(send, 429, error_body(exc.code, exc.message, exc.details),
-                             [(b"retry-after", wait_s.encode())])
+            await _send_error(scope, send, 429, exc.code, exc.message, exc.details,
+                              [(b"retry-after", wait_s.encode())])
             return
         except (RedisError, asyncio.TimeoutError):
             log.warning("request rate not counted: Redis did not answer")
@@ -132,7 +137,7 @@ class BodySizeLimit:
         max_bytes = self.routes.get(scope["path"], self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            await self._reject(send, int(declared), max_bytes)
+            await self._reject(scope, send, int(declared), max_bytes)
             return
         seen, exceeded, started = 0, False, False
 
@@ -158,12 +163,11 @@ class BodySizeLimit:
         except _TooLarge:
             pass
         if exceeded and not started:
-            await self._reject(send, seen, max_bytes)
+            await self._reject(scope, send, seen, max_bytes)
 
-    async def _reject(self, send: Send, size: int, max_bytes: int) -> None:
-        await _send_json(send, 413, error_body(
-            "too_large", f"request body must be at most {max_bytes} bytes, got {size} "
-            "or more"))
+    async def _reject(self, scope: Scope, send: Send, size: int, max_bytes: int) -> None:
+        await _send_error(scope, send, 413, "too_large", f"request body must be at most "
+                          f"{max_bytes} bytes, got {size} or more")
 
 
 class _TooLarge(Exception):

@@ -89,6 +89,64 @@ class GenerateCreate(_Hooked):
         return v
 
 
+class ImageGeneration(_Strict):
+    """POST /v1/images/generations: OpenAI's Images API, with Lethe's extensions."""
+
+    prompt: str = Field(..., min_length=1, max_length=1000, json_schema_extra=NOT_BLANK)
+    n: int = Field(1, ge=1, le=8, description="Images to make (at most 8 a request).")
+    size: str | None = Field(None, max_length=20, examples=["512x512"], description="'<width>"
+                             "x<height>' (multiples of 8) or 'auto'; default: the model's.")
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="`url`: a signed link to the PNG on this service, good for "
+        "LETHE_URL_TTL_S; `b64_json`: the PNG itself.")
+    model: ModelId | None = Field(None, description="A text-to-image model of the registry "
+                                  "(GET /v1/models); default: LETHE_DEFAULT_MODEL.")
+    user: str | None = Field(None, max_length=256, description="The end user, for the "
+                             "operator's logs.")
+    # Accepted as OpenAI's clients send them; a diffusion model has no use for them.
+    quality: str | None = Field(None, max_length=20, description="Accepted, not used.")
+    style: str | None = Field(None, max_length=20, description="Accepted, not used.")
+    output_format: Literal["png"] | None = None
+    # Lethe's extensions (the openai SDK: `extra_body={...}`).
+    negative_prompt: str | None = Field(None, max_length=1000)
+    steps: int | None = Field(None, ge=1, le=500, description="Default: the model's.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; "
+                             "the same as POST /generate with this seed.")
+    scheduler: Scheduler | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    job_id: str = Field(..., description="Lethe's job (GET /jobs/{id}).")
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModels(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
 class ImageSource(_Strict):
     job_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
     index: int = Field(0, ge=0, le=1000)

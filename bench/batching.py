@@ -20,7 +20,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from app.client import LetheClient
+from app.client import JobRef, LetheClient
+from app.schemas import JobPublic
 
 
 def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) -> dict:
@@ -43,11 +44,11 @@ def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) 
                     job = succeeded(lethe, lethe.generate(
                         prompt=f"a {['red', 'blue'][c % 2]} circle", model=model,
                         steps=steps, seed=seed))
-                    png = lethe.image(job["id"], 0)
+                    png = lethe.image(job, 0)
                     with lock:
                         latencies.append(time.perf_counter() - t0)
                         images[seed] = np.asarray(Image.open(io.BytesIO(png))).astype(int)
-                        batched.append(job["result"].get("batch", {}).get("jobs", 1) > 1)
+                        batched.append(job.result.get("batch", {}).get("jobs", 1) > 1)
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -61,9 +62,9 @@ def one_run(model: str, clients: int, rounds: int, steps: int, max_images: int) 
             "images": images}
 
 
-def succeeded(lethe: LetheClient, job_id: str) -> dict:
+def succeeded(lethe: LetheClient, job_id: JobRef) -> JobPublic:
     job = lethe.wait(job_id, timeout_s=600)
-    if job["status"] != "succeeded":
+    if job.status != "succeeded":
         raise RuntimeError(f"job {job_id} did not succeed: {job}")
     return job
 

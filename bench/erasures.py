@@ -40,8 +40,8 @@ def main() -> None:
         if not args.skip_adherence:
             t0 = time.monotonic()
             job = lethe.wait(lethe.evaluate(model=args.model), timeout_s=3600)
-            assert job["status"] == "succeeded", job
-            metrics = job["result"]["report"]["metrics"]
+            assert job.status == "succeeded", job
+            metrics = job.result["report"]["metrics"]
             print(json.dumps({"model": args.model, "adherence": metrics.get("accuracy"),
                               "attribute_score": metrics.get("attribute_score"),
                               "seconds": round(time.monotonic() - t0, 1)}), flush=True)
@@ -49,8 +49,8 @@ def main() -> None:
             t0 = time.monotonic()
             job = lethe.wait(lethe.erase(base_model=args.model, concepts=[concept], **extra),
                              timeout_s=7200)
-            assert job["status"] == "succeeded", job
-            model = lethe.model(job["result"]["model"])
+            assert job.status == "succeeded", job
+            model = lethe.model(job.result["model"]).model_dump()
             erasure = (model.get("metrics") or {}).get("erasure") or {}
             after = (erasure.get("after") or {}).get("accuracy")
             line = {"concept": concept, "model": model["id"],
@@ -66,7 +66,7 @@ def main() -> None:
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 grid = out / f"{model['id']}-grid.png"
-                grid.write_bytes(lethe.image(job["id"], 0))
+                grid.write_bytes(lethe.image(job, 0))
                 line["grid"] = str(grid)
             print(json.dumps(line), flush=True)
 

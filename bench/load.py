@@ -91,8 +91,8 @@ def one_job(lethe: LetheClient, body: dict, timeout_s: float) -> str:
         job = lethe.wait(job_id, timeout_s=timeout_s)
     except JobWaitTimeout:
         return "lost"
-    if job["status"] != "succeeded":
-        return job["status"]
+    if job.status != "succeeded":
+        return job.status
     try:
         lethe.image(job_id, 0)
     except ApiError:

@@ -22,10 +22,10 @@ from app.client import LetheClient
 def run_job(lethe: LetheClient, body: dict, worker_run_s: list[float] | None = None) -> float:
     t0 = time.perf_counter()
     job = lethe.wait(lethe.generate(**body), timeout_s=600)
-    assert job["status"] == "succeeded", job
-    lethe.image(job["id"], 0)
+    assert job.status == "succeeded", job
+    lethe.image(job, 0)
     if worker_run_s is not None:
-        worker_run_s.append(job["result"]["timings"]["run_s"])
+        worker_run_s.append(job.result["timings"]["run_s"])
     return time.perf_counter() - t0
 
 

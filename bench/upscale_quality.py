@@ -23,15 +23,15 @@ import time
 import numpy as np
 from PIL import Image
 
-from app.client import LetheClient
+from app.client import JobRef, LetheClient
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def image(lethe: LetheClient, job_id: str) -> np.ndarray:
+def image(lethe: LetheClient, job_id: JobRef) -> np.ndarray:
     """Image 0 of a job that must succeed."""
     job = lethe.wait(job_id, timeout_s=600)
-    assert job["status"] == "succeeded", job
+    assert job.status == "succeeded", job
     return np.asarray(Image.open(io.BytesIO(lethe.image(job_id, 0))).convert("RGB"))
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         color, shape = PROMPTS[i % len(PROMPTS)]
         gen = lethe.generate(prompt=f"a {color} {shape}", model="shapes-sd", seed=5000 + i)
         originals.append(image(lethe, gen))
-        upscaled.append(image(lethe, lethe.upscale(source={"job_id": gen, "index": 0})))
+        upscaled.append(image(lethe, lethe.upscale(source={"job_id": gen.id, "index": 0})))
     big = np.stack(upscaled)
     before, after = clf.predict(np.stack(originals)), clf.predict(downsample(big))
     kept = float(np.mean([(a["shape"], a["color"]) == (b["shape"], b["color"])

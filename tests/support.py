@@ -53,10 +53,23 @@ def generate_spec(**fields) -> GenerateJob:
 
 
 def wait_job(http, job_id: str, timeout_s: float = 60, until=FINISHED) -> dict:
-    """``LetheClient.wait`` over the test's httpx client; a job still short of ``until``
+    """``LetheClient.wait`` over the test's httpx client, the job as the JSON the service
+    sent (tests read it as a user of the HTTP API would); a job still short of ``until``
     after ``timeout_s`` fails the test."""
     try:
-        return LetheClient(http=http).wait(job_id, timeout_s=timeout_s, until=until)
+        job = LetheClient(http=http).wait(job_id, timeout_s=timeout_s, until=until)
     except JobWaitTimeout as late:
-        raise AssertionError(f"job {job_id} still {late.job['status']} after {timeout_s}s: "
+        raise AssertionError(f"job {job_id} still {late.job.status} after {timeout_s}s: "
                              f"{late.job}") from None
+    return job.model_dump(mode="json")
+
+
+def until_progress(http, job_id: str, reached) -> dict:
+    """The job's first progress that ``reached(progress)`` accepts, followed on its event
+    stream through the SDK; the job ending first fails the test."""
+    for event in LetheClient(http=http).events(job_id):
+        if event.job is not None:
+            raise AssertionError(f"job {job_id} ended {event.job.status} first: {event.job}")
+        if event.event == "progress" and reached(event.data):
+            return event.data
+    raise AssertionError(f"the event stream of job {job_id} ended early")

@@ -1,9 +1,14 @@
 """Errors as HTTP answers: every ``app.errors`` class, FastAPI's validation errors, routing
-errors and an unreachable Redis, each as ``{"error": {code, message, details}}``."""
+errors and an unreachable Redis, each as ``{"error": {code, message, details}}`` — or, on
+the OpenAI-compatible routes (``/v1/``), in OpenAI's shape and with its status codes
+(``{"error": {message, type, param, code}}``; 400 where Lethe says 422), which the
+``openai`` SDKs turn into their own exception classes."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +29,37 @@ RETRY_AFTER_S = "5"
 
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details}}
+
+
+OPENAI_PREFIX = "/v1/"
+# OpenAI answers an invalid request 400, whatever Lethe's finer status says.
+_OPENAI_STATUS = {413: 400, 415: 400, 422: 400}
+_OPENAI_TYPE = {401: "invalid_request_error", 403: "permission_error",
+                429: "rate_limit_error"}
+_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
+
+
+def shaped(path: str, status: int, code: str, message: str, details: Any = None,
+           param: str | None = None) -> tuple[int, dict]:
+    """The status and body of an error answer on ``path``: Lethe's shape, or OpenAI's on
+    ``/v1/`` (``param``: the field at fault, else the first one the message names)."""
+    if not path.startswith(OPENAI_PREFIX):
+        return status, error_body(code, message, details)
+    status = _OPENAI_STATUS.get(status, status)
+    kind = _OPENAI_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if param is None:
+        named = _PARAM.search(message)
+        param = named.group(1) if named else None
+    if status == 401:
+        code = "invalid_api_key"  # what OpenAI calls it; its SDKs raise AuthenticationError
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _answer(request: Request, status: int, code: str, message: str, details: Any = None,
+            headers: Mapping[str, str] | None = None, param: str | None = None
+            ) -> JSONResponse:
+    status, body = shaped(request.url.path, status, code, message, details, param)
+    return JSONResponse(body, status, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -59,22 +95,23 @@ def _allowed_methods(request: Request) -> list[str]:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
-    async def _lethe(_: Request, exc: LetheError) -> JSONResponse:
+    async def _lethe(request: Request, exc: LetheError) -> JSONResponse:
         headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S},
-                   429: {"Retry-After": str(max(1, (exc.details or {}).get("retry_after_s", 1)))}
+                   429: {"Retry-After": str(max(1, (exc.details or {}).get("retry_after_s", 1)))},
+                   # The job behind it exists (and may run on): OpenAI's SDKs retry 5xx
+                   # answers unless told not to, which would queue it again.
+                   500: {"x-should-retry": "false"}, 504: {"x-should-retry": "false"},
                    }.get(exc.status)
-        return JSONResponse(
-            error_body(exc.code, exc.message, exc.details), exc.status, headers=headers
-        )
+        return _answer(request, exc.status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()
         ]
-        return JSONResponse(
-            error_body("invalid_params", validation_message(list(exc.errors())), errors), 422
-        )
+        first = _field(tuple(errors[0].get("loc", ()))) if errors else None
+        return _answer(request, 422, "invalid_params", validation_message(list(exc.errors())),
+                       errors, param=first)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -86,19 +123,17 @@ def install_handlers(app: FastAPI) -> None:
             allowed = ", ".join(_allowed_methods(request))
             message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
             headers = {"Allow": allowed}
-        return JSONResponse(error_body(code, message[:300]), exc.status_code, headers=headers)
+        return _answer(request, exc.status_code, code, message[:300], headers=headers)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
-    async def _redis(_: Request, exc: Exception) -> JSONResponse:
+    async def _redis(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unreachable: %s", exc)
-        return JSONResponse(
-            error_body("redis_unavailable", "the job store (Redis) is unreachable; retry later"),
-            503,
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
+        return _answer(request, 503, "redis_unavailable",
+                       "the job store (Redis) is unreachable; retry later",
+                       headers={"Retry-After": RETRY_AFTER_S})
 
     @app.exception_handler(Exception)
-    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal_error", "internal error; see the server log"), 500)
+        return _answer(request, 500, "internal_error", "internal error; see the server log")

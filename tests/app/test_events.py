@@ -26,47 +26,48 @@ def png_of(data_url: str) -> Image.Image:
 
 def test_progress_previews_then_the_finished_job(lethe):
     job_id = lethe.generate(prompt="a red circle", model="tiny-sd", steps=20, previews=5,
-                            seed=3, width=32, height=32)
+                            seed=3, width=32, height=32).id
     seen = list(lethe.events(job_id))
-    names = [e["event"] for e in seen]
+    names = [e.event for e in seen]
     assert names[-1] == "succeeded" and names.count("succeeded") == 1
-    final = seen[-1]["data"]
+    final = seen[-1].data
     assert final["id"] == job_id and final["status"] == "succeeded" and final["result"]
+    assert seen[-1].job.status == "succeeded"  # the final event as the typed job
     assert "progress" in names
-    previews = [e["data"] for e in seen if e["event"] == "preview"]
+    previews = [e.data for e in seen if e.event == "preview"]
     assert [p["step"] for p in previews] == [5, 10, 15]  # every 5 steps; step 20 is the image
     assert all(png_of(p["image"]).size == (32, 32) for p in previews)
-    ids = [e["id"] for e in seen]
+    ids = [e.id for e in seen]
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     # Previews only watch: the same seed without them draws the very same image.
     plain = lethe.wait(lethe.generate(prompt="a red circle", model="tiny-sd", steps=20,
                                       seed=3, width=32, height=32))
-    assert lethe.image(plain["id"]) == lethe.image(job_id)
+    assert lethe.image(plain) == lethe.image(job_id)
 
 
 def test_a_client_that_reconnects_with_last_event_id_misses_nothing(lethe):
     job_id = lethe.generate(prompt="a blue square", model="tiny-sd", steps=60, previews=10,
-                            width=32, height=32)
+                            width=32, height=32).id
     first = []
     for event in lethe.events(job_id):
         first.append(event)
         if len(first) == 3:
             break  # the connection drops mid-job
-    rest = list(lethe.events(job_id, last_event_id=first[-1]["id"]))
-    assert rest[-1]["event"] == "succeeded"
+    rest = list(lethe.events(job_id, last_event_id=first[-1].id))
+    assert rest[-1].event == "succeeded"
     everything = list(lethe.events(job_id))  # a late client gets the whole history
-    assert [e["id"] for e in first + rest] == [e["id"] for e in everything]
+    assert [e.id for e in first + rest] == [e.id for e in everything]
 
 
 def test_a_canceled_job_ends_its_stream_with_canceled(lethe):
     job_id = lethe.generate(prompt="a red circle", model="tiny-sd", steps=400,
                             width=32, height=32)
     for event in lethe.events(job_id):
-        if event["event"] == "progress" and event["data"]["stage"] == "denoising":
+        if event.event == "progress" and event.data["stage"] == "denoising":
             lethe.cancel(job_id)
-        if event["event"] in ("succeeded", "failed", "canceled"):
+        if event.event in ("succeeded", "failed", "canceled"):
             break
-    assert event["event"] == "canceled" and event["data"]["status"] == "canceled"
+    assert event.event == "canceled" and event.data["status"] == "canceled"
 
 
 def test_unknown_jobs_and_bad_event_ids_are_refused(lethe):

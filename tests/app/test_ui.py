@@ -82,7 +82,7 @@ def test_cancel_from_the_page_ends_the_job_canceled(page, live_url, http):
     page.wait_for_function("document.getElementById('g-status').textContent === 'canceled'")
     newest = http.get("/jobs", params={"type": "generate", "limit": 1}).json()["data"][0]
     assert newest["params"]["steps"] == 500
-    assert LetheClient(http=http).job(newest["id"])["status"] == "canceled"
+    assert LetheClient(http=http).job(newest["id"]).status == "canceled"
 
 
 def test_the_gallery_shows_the_keys_jobs_wherever_they_were_started(page, live_url, http):

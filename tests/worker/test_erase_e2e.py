@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from app.testing import start_worker
-from tests.support import wait_job
+from tests.support import until_progress, wait_job
 from tests.worker.test_features import clip_folder  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -75,8 +74,7 @@ def test_erase_writes_a_delta_model_that_serves_at_once(http):
 
 def wait_for_checkpoint(http, home, job_id: str) -> None:
     """Until the job has passed its first checkpoint (every 50 iterations by default)."""
-    while (http.get(f"/jobs/{job_id}").json().get("progress") or {}).get("step", 0) < 60:
-        time.sleep(0.05)
+    until_progress(http, job_id, lambda p: p["step"] >= 60)
     assert (home / "checkpoints" / f"{job_id}.pt").is_file()
 
 
@@ -117,13 +115,13 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     # Checkpoints every 50 iterations (the default); 300 iterations of the tiny model.
     job_id = erase(http, name="tiny-resumed", iterations=300)
     seen_partial = False
-    while True:
-        job = http.get(f"/jobs/{job_id}").json()
+
+    def listed_yet(progress: dict) -> bool:  # at every step: is a half-made model listed?
+        nonlocal seen_partial
         seen_partial |= "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
-        progress = job.get("progress") or {}
-        if progress.get("step", 0) >= 120:
-            break
-        time.sleep(0.05)
+        return progress["step"] >= 120
+
+    progress = until_progress(http, job_id, listed_yet)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     worker.proc = start_worker("test-main", log=home / "worker-main.log")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from app.testing import start_worker, stop_worker
-from tests.support import generate_spec, wait_job
+from tests.support import generate_spec, until_progress, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +97,7 @@ def test_each_image_of_a_batch_depends_only_on_its_own_seed(http):
 
 def test_cancel_running_job_stops_within_two_steps(http):
     job_id = generate(http, steps=200, width=64, height=64)
-    running = wait_job(http, job_id, until=("running",))
-    while (running.get("progress") or {}).get("step", 0) < 3:
-        running = http.get(f"/jobs/{job_id}").json()
+    until_progress(http, job_id, lambda p: p["step"] >= 3)
     t0 = time.monotonic()
     before = http.get(f"/jobs/{job_id}").json()["progress"]["step"]
     assert http.delete(f"/jobs/{job_id}").status_code == 202

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.app.test_images import png_bytes
-from tests.support import wait_job
+from tests.support import until_progress, wait_job
 from tests.worker.test_service_e2e import generate, png
 
 pytestmark = pytest.mark.slow
@@ -68,11 +68,7 @@ def test_cascade_cancel_in_either_stage(http, home, stage):
     body = {"prompt": "a red circle", "model": "tiny-sd", "width": 64, "height": 64,
             "steps": 300 if stage == "denoising" else 2, "upscale": {"steps": 300}}
     job_id = http.post("/generate", json=body).json()["id"]
-    while True:
-        job = http.get(f"/jobs/{job_id}").json()
-        assert job["status"] in ("queued", "running"), job
-        if (job.get("progress") or {}).get("stage") == stage:
-            break
+    until_progress(http, job_id, lambda p: p["stage"] == stage)
     assert http.delete(f"/jobs/{job_id}").status_code == 202
     done = wait_job(http, job_id, timeout_s=60)
     assert done["status"] == "canceled", done

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Response
@@ -172,12 +173,19 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
     finishes or the time is up, whichever is first: one request instead of many polls."""
     if not wait:
         return await run_in_threadpool(_read, redis, job_id, caller)
-    # Waits on the stream of the job's final event only (progress does not wake it):
-    # its newest entry first, then the state, so an end after the read is an entry after.
+    return await until_finished(redis, aredis, job_id, caller, settings, wait)
+
+
+async def until_finished(redis: Redis, aredis: AsyncRedis, job_id: str, caller: Caller,
+                         settings: Settings, wait_s: float) -> dict:
+    """The job's view once it has finished, or after ``wait_s``, whichever comes first.
+
+    Waits on the stream of the job's final event only (progress does not wake it): its
+    newest entry first, then the state, so an end after the read is an entry after."""
     ended = events.end_key(job_id)
     after = events.newest(await _bounded(aredis.xrevrange(ended, count=1)))
     view = await run_in_threadpool(_read, redis, job_id, caller)
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + wait_s
     while view["status"] not in FINISHED:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -243,6 +251,13 @@ def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep,
               caller: CallerDep) -> FileResponse:
     """A finished job's image `index` (0-based) as PNG."""
     view = jobs.describe(jobs.fetch_for(redis, job_id, caller))
+    return FileResponse(image_file(view, settings, index), media_type="image/png")
+
+
+def image_file(view: dict, settings: Settings, index: int) -> Path:
+    """Where image ``index`` of the job ``view`` is stored; 409 before the job succeeded,
+    404 for an index it does not have or an image no longer kept."""
+    job_id = view["id"]
     if view["status"] != "succeeded":
         raise JobNotFinished(f"job {job_id!r} is {view['status']}; images exist once it succeeded")
     images = (view["result"] or {}).get("images", [])
@@ -253,7 +268,7 @@ def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep,
     path = jobfiles.output_dir(settings, job_id) / images[index]["file"]
     if not path.is_file():
         raise ImageNotFound(f"image {index} of job {job_id!r} is no longer stored")
-    return FileResponse(path, media_type="image/png")
+    return path
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic, status_code=202,
