@@ -173,18 +173,14 @@ class ServiceCollector(Collector):
         yield disk
 
     def _counters(self, stored: list) -> Iterator[Metric]:
-        for name, (doc, label_names) in COUNTERS.items():
-            family = CounterMetricFamily(name, doc, labels=label_names)
-            for got, labels, _, value in stored:
-                if got == name:
-                    family.add_metric(_label_values(labels, label_names), value)
-            yield family
-        for name, (doc, label_names) in GAUGES.items():
-            gauge = GaugeMetricFamily(name, doc, labels=label_names)
-            for got, labels, _, value in stored:
-                if got == name:
-                    gauge.add_metric(_label_values(labels, label_names), value)
-            yield gauge
+        kinds = [(CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)]
+        for kind, table in kinds:
+            for name, (doc, label_names) in table.items():
+                family = kind(name, doc, labels=label_names)
+                for got, labels, _, value in stored:
+                    if got == name:
+                        family.add_metric(_label_values(labels, label_names), value)
+                yield family
 
     def _histograms(self, stored: list) -> Iterator[Metric]:
         for name, (doc, label_names, buckets) in HISTOGRAMS.items():

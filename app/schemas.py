@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import JsonDict
 
 from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE, LORA_RANK
@@ -19,6 +26,15 @@ MAX_SEED = 2**53 - 1
 # Text that must hold more than white space: stated in the document, checked by a
 # validator whose message says so ("must not be blank").
 NOT_BLANK: JsonDict = {"pattern": r"\S"}
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be blank")
+    return v
+
+
+Prompt = Annotated[str, AfterValidator(_not_blank)]
 
 
 class _Strict(BaseModel):
@@ -60,8 +76,8 @@ HOOK_FIELDS = {"webhook", "webhook_events"}
 
 
 class GenerateCreate(_Hooked):
-    prompt: str = Field(..., min_length=1, max_length=1000, examples=["a red circle"],
-                        json_schema_extra=NOT_BLANK)
+    prompt: Prompt = Field(..., min_length=1, max_length=1000, examples=["a red circle"],
+                           json_schema_extra=NOT_BLANK)
     negative_prompt: str | None = Field(None, max_length=1000)
     model: ModelId | None = Field(None, description="Registry id; default: "
                                   "LETHE_DEFAULT_MODEL.")
@@ -81,18 +97,11 @@ class GenerateCreate(_Hooked):
                           "for, as a small PNG. 0: none. A job with previews is not "
                           "batched with others.")
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
 
 class ImageGeneration(_Strict):
     """POST /v1/images/generations: OpenAI's Images API, with Lethe's extensions."""
 
-    prompt: str = Field(..., min_length=1, max_length=1000, json_schema_extra=NOT_BLANK)
+    prompt: Prompt = Field(..., min_length=1, max_length=1000, json_schema_extra=NOT_BLANK)
     n: int = Field(1, ge=1, le=8, description="Images to make (at most 8 a request).")
     size: str | None = Field(None, max_length=20, examples=["512x512"], description="'<width>"
                              "x<height>' (multiples of 8) or 'auto'; default: the model's.")
@@ -114,13 +123,6 @@ class ImageGeneration(_Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; "
                              "the same as POST /generate with this seed.")
     scheduler: Scheduler | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
 
 
 class ImageData(BaseModel):
