@@ -28,6 +28,19 @@ class ErrorPublic(BaseModel):
     error: ErrorDetail
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., examples=["invalid_request_error"])
+    param: str | None = Field(None, description="The field at fault, where there is one.")
+    code: str | None = None
+
+
+class OpenAIErrorPublic(BaseModel):
+    """The error shape of the OpenAI-compatible routes (/v1/), as OpenAI's SDKs read it."""
+
+    error: OpenAIErrorDetail
+
+
 _DESCRIPTIONS = {
     400: "A body that could not be read as text at all (not UTF-8).",
     401: "No valid `Authorization: Bearer <key>` (when LETHE_API_KEYS is set).",
@@ -38,6 +51,8 @@ _DESCRIPTIONS = {
     413: "A body over LETHE_MAX_BODY_BYTES, or an image over the size limits.",
     415: "A content type or image format the route does not read.",
     422: "An invalid field: the message names it and the value it got.",
+    500: "The job failed (its message says why; the job stays readable at GET /jobs/{id}).",
+    504: "The job was still running when the wait ran out; the message names it, to poll.",
     429: "Over a limit of the key (requests a minute, jobs at once, images a day): the "
          "message names it; retry after `Retry-After` seconds.",
     503: "Redis is unreachable or too slow (or no worker is alive): retry after "
@@ -59,6 +74,17 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         out[status] = {"model": ErrorPublic, "description": _DESCRIPTIONS[status]}
         if status in _HEADERS:
             out[status]["headers"] = _HEADERS[status]
+    return out
+
+
+def openai_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The same, in OpenAI's error shape (the /v1/ routes; 400 stands for Lethe's 413,
+    415 and 422)."""
+    out = errors(*statuses)
+    for entry in out.values():
+        entry["model"] = OpenAIErrorPublic
+    if 400 in out:
+        out[400]["description"] = "An invalid field or body: `param` names the field."
     return out
 
 

@@ -21,6 +21,8 @@ def fuzz_schema(tiny_model):
     # Jobs the fuzzer queues go to a database no worker listens on.
     mp = pytest.MonkeyPatch()
     mp.setenv("LETHE_REDIS_URL", scratch_redis_url())
+    # ... so a generation through /v1 waits for its job only briefly, then answers 504.
+    mp.setenv("LETHE_OPENAI_WAIT_S", "0.2")
     get_settings.cache_clear()
     from fastapi.testclient import TestClient
 
@@ -56,6 +58,10 @@ OPERATIONS = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("POST", "/v1/images/generations"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/files/jobs/{job_id}/images/{index}"),
 ]
 
 
@@ -79,6 +85,14 @@ def test_no_route_answers_5xx(fuzz_schema, method, path):
         if path == "/readyz":  # no worker listens on the scratch database: 503 is the truth
             response = case.call_and_validate(checks=CONFORMANCE[1:])
             assert response.status_code == 503 and response.json()["workers"] == 0
+            return
+        if path == "/v1/images/generations":  # no worker: a valid request outwaits its wait
+            response = case.call_and_validate(checks=CONFORMANCE[1:])
+            if response.status_code >= 500:
+                assert response.status_code == 504, response.text
+                assert response.json()["error"]["code"] == "job_still_running"
+            elif response.status_code >= 400:  # OpenAI's shape: a message and a type
+                assert response.json()["error"]["message"] and response.json()["error"]["type"]
             return
         response = case.call_and_validate(checks=CONFORMANCE)
         if response.status_code >= 400:

@@ -27,7 +27,7 @@ from app.api.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep, Subm
 from app.api.routes.jobs import image_file, until_finished
 from app.config import Settings
 from app.errors import InvalidParams, JobEndedBadly, JobUnfinished, ModelNotFound, shown
-from app.openapi import errors
+from app.openapi import errors, openai_errors
 from app.params import resolve_generate
 from app.registry import Registry
 from app.schemas import (
@@ -41,7 +41,7 @@ from app.schemas import (
 )
 from app.submissions import submit
 
-router = APIRouter(prefix="/v1", tags=["openai"], responses=errors(401, 429, 503))
+router = APIRouter(prefix="/v1", tags=["openai"], responses=openai_errors(400, 401, 429, 503))
 # Signed links: no key (the signature is the permission), so outside the bearer scheme.
 files = APIRouter(tags=["openai"])
 
@@ -80,9 +80,7 @@ def _base_url(request: Request, settings: Settings) -> str:
 
 
 @router.post("/images/generations", response_model=ImagesResponse,
-             responses={**errors(400, 404, 409), 500: {"description": "The job failed."},
-                        504: {"description": "The job was still running when the wait ran "
-                              "out; the message names it (poll GET /jobs/{id})."}})
+             responses=openai_errors(400, 403, 404, 409, 500, 504))
 async def create_images(body: ImageGeneration, request: Request, sub: SubmitterDep,
                         registry: RegistryDep, aredis: AsyncRedisDep) -> Any:
     """OpenAI's `images.generate`: queues a generate job and answers once it has finished,
@@ -97,7 +95,7 @@ async def create_images(body: ImageGeneration, request: Request, sub: SubmitterD
                                 settings.openai_wait_s)
     if view["status"] in ("queued", "running"):
         raise JobUnfinished(f"job {job.id} is still {view['status']} after "
-                            f"{settings.openai_wait_s:.0f} s (LETHE_OPENAI_WAIT_S); it goes "
+                            f"{settings.openai_wait_s:g} s (LETHE_OPENAI_WAIT_S); it goes "
                             f"on: poll GET /jobs/{job.id}")
     if view["status"] != "succeeded":
         error = view.get("error") or {}
@@ -142,7 +140,7 @@ def list_models(registry: RegistryDep) -> OpenAIModels:
     return OpenAIModels(data=[_model(m) for m in _text_to_image(registry)])
 
 
-@router.get("/models/{model_id}", response_model=OpenAIModel, responses=errors(404))
+@router.get("/models/{model_id}", response_model=OpenAIModel, responses=openai_errors(404))
 def get_model(model_id: Annotated[str, Path(pattern=MODEL_ID_PATTERN)],
               registry: RegistryDep) -> OpenAIModel:
     manifest = registry.get(model_id)
