@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from app.client import ApiError, LetheClient
 from app.config import get_settings
 from app.errors import LetheError
-from app.registry import Registry
+from app.registry import open_registry
 from app.schemas import JobCreated, JobPublic
 
 
@@ -41,7 +41,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    registry = Registry(get_settings().registry_dir)
+    registry = open_registry(get_settings())
     if args.action == "list":
         for m in registry.models():
             base = (m.get("base") or {}).get("id", "-")

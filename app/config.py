@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(1.0, gt=0, description="Scales the retry delays "
                                         "(5 s doubling to 10 min, 64 min in all at 1).")
 
+    # Shared storage for the registry (hosts without a shared disk).
+    storage_url: str = Field("", description="Unset: the registry is the folder under "
+                             "LETHE_HOME. `s3://bucket/prefix`: on S3-compatible storage, "
+                             "each host caching what it loads under LETHE_HOME/cache.")
+    s3_endpoint_url: str = Field("", description="The S3 API's address for servers other "
+                                 "than AWS (SeaweedFS, MinIO...).")
+    storage_cache_bytes: int = Field(50 * 1024**3, ge=0, description="Most bytes of model "
+                                     "files a host keeps fetched (least recently used go).")
+
     # The OpenAI-compatible routes (/v1/).
     openai_wait_s: float = Field(300, gt=0, le=3600, description="Longest POST "
                                  "/v1/images/generations holds a request for its job; past "

@@ -246,6 +246,18 @@ class Registry:
         return self.get(model_id)
 
 
+def open_registry(settings: Any) -> Registry:
+    """The registry the settings name: the folder under LETHE_HOME, or shared storage
+    (``LETHE_STORAGE_URL``) with this host's cache (``app.objectregistry``)."""
+    if not settings.storage_url:
+        return Registry(settings.registry_dir)
+    from app.objectregistry import ObjectRegistry
+    from app.storage import open_storage
+
+    return ObjectRegistry(open_storage(settings.storage_url, settings.s3_endpoint_url),
+                          settings.home / "cache", settings.storage_cache_bytes)
+
+
 def _fsync_tree(folder: Path) -> None:
     # Data reaches the disk before the rename that publishes it.
     for p in folder.rglob("*"):

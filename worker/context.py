@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from app.config import Settings, get_settings
-from app.registry import Registry
+from app.registry import Registry, open_registry
 from worker.domains import get_domain
 from worker.pipelines import PipelineCache, Runtime, load_pipeline
 
@@ -20,7 +20,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        registry = Registry(settings.registry_dir)
+        registry = open_registry(settings)
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def loader(model_id: str):

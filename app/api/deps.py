@@ -13,7 +13,7 @@ from app import idempotency
 from app.accounts import Caller
 from app.config import Settings, get_settings
 from app.middleware import caller_of
-from app.registry import Registry
+from app.registry import Registry, open_registry
 from app.submissions import Submitter
 
 
@@ -26,7 +26,7 @@ def _async_redis(request: Request) -> AsyncRedis:
 
 
 def _registry(settings: Annotated[Settings, Depends(get_settings)]) -> Registry:
-    return Registry(settings.registry_dir)
+    return open_registry(settings)
 
 
 def _caller(request: Request) -> Caller:
