@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,18 +12,20 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
 
-from app import logs
+from app import jobfiles, logs
 from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
 from app.api.routes import domains, health, jobs, metrics, models, upscale, v1
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.middleware import ApiKeys, BodySizeLimit, RequestRate, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect, connect_async
 from app.webhooks import Deliverer
 
 UI_DIR = Path(__file__).parent / "ui"
+log = logging.getLogger("lethe.api")
 
 
 @asynccontextmanager
@@ -35,6 +38,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     app.state.redis = connect(settings.redis_url)
     app.state.async_redis = connect_async(settings.redis_url)
+    tasks = []
+    if settings.storage_url:  # copies fetched from shared storage are this host's to reap
+        tasks.append(asyncio.create_task(_reap_forever(app, settings)))
     deliveries = None
     if settings.webhook_secret:  # without a secret no job may ask for a webhook
         deliverer = Deliverer(app.state.async_redis, settings.webhook_secret,
@@ -43,6 +49,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        for task in tasks:
+            task.cancel()
         if deliveries is not None:
             deliveries.cancel()
             with contextlib.suppress(BaseException):  # it ends here, whatever it was doing
@@ -51,6 +59,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A stalled Redis must not hold the shutdown: closing waits on its sockets.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(app.state.async_redis.aclose(), 2)
+
+
+async def _reap_forever(app: FastAPI, settings: Settings) -> None:
+    """With shared storage the API keeps copies of the images it serves: swept like a
+    worker's files (``jobfiles.sweep``), every ``reap_interval_s``."""
+    while True:
+        await asyncio.sleep(settings.reap_interval_s)
+        try:
+            await run_in_threadpool(jobfiles.sweep, app.state.redis, settings)
+        except Exception:  # Redis or the store away: the next round tries again
+            log.warning("sweeping job files failed", exc_info=True)
 
 
 def create_app() -> FastAPI:

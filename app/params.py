@@ -13,7 +13,7 @@ from typing import Any
 
 from redis import Redis
 
-from app import jobs
+from app import jobfiles, jobs
 from app import jobspecs as d
 from app.accounts import Caller
 from app.config import Settings
@@ -328,7 +328,7 @@ def resolve_source(source: ImageSource, redis: Redis, settings: Settings, caller
                             f"{source.job_id!r}, got {source.index}")
     entry = images[source.index]
     rel = f"{source.job_id}/{entry['file']}"
-    if not (settings.outputs_dir / rel).is_file():
+    if not jobfiles.fetch(settings, settings.outputs_dir / rel):
         raise ImageNotFound(f"image {source.index} of job {source.job_id!r} is no longer stored")
     check_input_size(entry["width"], entry["height"], settings, "source")
     return rel, (view["params"] or {}).get("prompt", "")

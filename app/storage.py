@@ -39,6 +39,9 @@ class Storage(Protocol):
     def keys(self, prefix: str) -> Iterator[str]:
         """Every key under ``prefix``, in key order."""
 
+    def listing(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """Every key under ``prefix`` with when it was last written (Unix time)."""
+
     def folders(self, prefix: str) -> list[str]:
         """The names one level below ``prefix`` (``registry/`` → model ids)."""
 
@@ -81,12 +84,19 @@ class LocalStorage:
         _place(dest, lambda tmp: shutil.copyfile(source, tmp))
 
     def keys(self, prefix: str) -> Iterator[str]:
+        for key, _ in self.listing(prefix):
+            yield key
+
+    def listing(self, prefix: str) -> Iterator[tuple[str, float]]:
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.exists():
             return
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                yield path.relative_to(self.root).as_posix()
+            try:
+                if path.is_file() and not path.name.startswith("."):
+                    yield path.relative_to(self.root).as_posix(), path.stat().st_mtime
+            except FileNotFoundError:  # removed while listed
+                continue
 
     def folders(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/"))
@@ -142,6 +152,18 @@ class S3Storage:
     def upload(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key))
 
+    def ensure_bucket(self) -> None:
+        """Make the bucket if there is none yet (a new deployment's first start)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.client.exceptions.ClientError as exc:
+            if not self._missing(exc) and "NoSuchBucket" not in str(exc):
+                raise
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except self.client.exceptions.BucketAlreadyOwnedByYou:
+                pass  # another host made it meanwhile
+
     def download(self, key: str, dest: Path) -> None:
         def fetch(tmp: Path) -> None:
             try:
@@ -154,12 +176,16 @@ class S3Storage:
         _place(dest, fetch)
 
     def keys(self, prefix: str) -> Iterator[str]:
+        for key, _ in self.listing(prefix):
+            yield key
+
+    def listing(self, prefix: str) -> Iterator[tuple[str, float]]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix))
         cut = len(self.prefix) + 1 if self.prefix else 0
         for page in pages:
             for item in page.get("Contents", []):
-                yield item["Key"][cut:]
+                yield item["Key"][cut:], item["LastModified"].timestamp()
 
     def folders(self, prefix: str) -> list[str]:
         full = self._key(prefix.rstrip("/") + "/")
@@ -191,15 +217,23 @@ def _place(dest: Path, fill: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_opened: dict[tuple[str, str | None], Storage] = {}
+
+
 def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
-    """The storage ``url`` names: ``s3://bucket[/prefix]`` or a folder (``file://`` or a
-    path)."""
+    """The storage ``url`` names: ``s3://bucket[/prefix]`` (its bucket made if missing;
+    one client per process) or a folder (``file://`` or a path)."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise InvalidParams(f"`LETHE_STORAGE_URL` {shown(url)} names no bucket "
                                 "(s3://bucket/prefix)")
-        return S3Storage(parts.netloc, parts.path, endpoint_url or None)
+        at = (url, endpoint_url or None)
+        if at not in _opened:
+            store = S3Storage(parts.netloc, parts.path, endpoint_url or None)
+            store.ensure_bucket()
+            _opened[at] = store
+        return _opened[at]
     if parts.scheme in ("", "file"):
         return LocalStorage(Path(parts.path if parts.scheme else url))
     raise InvalidParams(f"`LETHE_STORAGE_URL` {shown(url)} is not s3://bucket/prefix or a "

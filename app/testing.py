@@ -56,15 +56,16 @@ class LiveServer:
         self.thread.join(10)
 
 
-def start_worker(name: str, queues: str = "images,train", log: Path | None = None
-                 ) -> subprocess.Popen:
-    """A real `lethe worker` process on the test Redis; returns once it beats."""
+def start_worker(name: str, queues: str = "images,train", log: Path | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real `lethe worker` process on the test Redis (``env``: settings of its own on
+    top of this process's); returns once it beats."""
     from app import workers
 
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--name", name],
-        cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT,
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
     )
     redis = Redis.from_url(os.environ["LETHE_REDIS_URL"])
     deadline = time.monotonic() + 120

@@ -46,3 +46,13 @@ def test_a_bad_storage_url_is_refused_naming_the_setting(url, words):
     with pytest.raises(InvalidParams, match="LETHE_STORAGE_URL") as caught:
         open_storage(url)
     assert words in caught.value.message
+
+
+def test_opening_the_storage_makes_a_missing_bucket(s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"new-{uuid.uuid4().hex[:8]}"
+    store = open_storage(f"s3://{bucket}/x", s3_server.endpoint)
+    store.write("registry/.domains.json", b"{}")
+    assert store.read("registry/.domains.json") == b"{}"
+    assert open_storage(f"s3://{bucket}/x", s3_server.endpoint) is store  # one client

@@ -85,3 +85,14 @@ def test_the_worker_image_carries_the_shipped_demo_models():
     assert len(shipped) > 10
     covered = {p for pat in patterns for p in package.glob(pat) if p.is_file()}
     assert set(shipped) <= covered, set(shipped) - covered
+
+
+def test_the_object_store_is_optional_and_the_services_can_point_at_it():
+    store = SERVICES["s3"]
+    assert store["profiles"] == ["s3"]  # started only with --profile s3
+    assert "-s3" in store["command"] and "-s3.port=8333" in store["command"]
+    for name in ("api", "worker"):
+        env = SERVICES[name]["environment"]
+        assert env["LETHE_STORAGE_URL"] == "${LETHE_STORAGE_URL:-}"  # off unless asked
+        assert env["LETHE_S3_ENDPOINT_URL"].endswith("http://s3:8333}")
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(env)

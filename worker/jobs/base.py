@@ -94,11 +94,13 @@ def _discard_unless_retried(settings: Any, job: Any, canceled: bool = False) -> 
 
 
 def save_png(image: Any, path: Path) -> None:
-    # Written beside the target and renamed: a client never downloads half a PNG.
+    # Written beside the target and renamed: a client never downloads half a PNG; then
+    # shared with the other hosts when there is shared storage.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".png.tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+    jobfiles.share(get_context().settings, path)
 
 
 def image_entry(job_id: str, index: int, name: str, image: Any, seed: int,

@@ -86,6 +86,8 @@ def _save_checkpoint(trainer: Any, drift: list[dict], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(trainer.checkpoint() | {"drift": drift}, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint whole
+    # In shared storage a worker on another host resumes from it.
+    jobfiles.share(get_context().settings, path)
 
 
 def _publish(registry: Registry, name: str, given: bool, manifest: dict,
@@ -153,7 +155,7 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
     resumed_from = None
     drift: list[dict] = []  # the neighbours' drift at each check during training
-    if ckpt.is_file():
+    if jobfiles.fetch(ctx.settings, ckpt):  # this host's, or another's from shared storage
         saved = torch.load(ckpt, weights_only=False)
         trainer.restore(saved)
         drift = list(saved.get("drift") or [])
@@ -218,7 +220,7 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
         drift.append({"iteration": total, "psnr": final["psnr"], "ssim": final["ssim"]})
     manifest["training"]["drift"] = drift
     name = _publish(registry, spec.name, spec.name_given, manifest, delta)
-    ckpt.unlink(missing_ok=True)
+    jobfiles.drop_checkpoint(ctx.settings, this)
     reporter.progress(total, total, "done", force=True)
     return {"model": name, "base": spec.base_model, "links": {"model": f"/models/{name}"},
             "iterations": total, "loss_last20": manifest["training"]["loss_last20"],

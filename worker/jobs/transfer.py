@@ -9,6 +9,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from app import jobfiles
+from app.errors import InvalidParams
 from app.exports import download_url
 from app.jobspecs import ExportJob, ImportJob
 from worker.context import get_context
@@ -22,13 +24,15 @@ def import_model(spec: ImportJob, reporter: Reporter) -> dict:
 
     ctx = get_context()
     upload = ctx.settings.outputs_dir / spec.file
+    if not jobfiles.fetch(ctx.settings, upload):
+        raise InvalidParams(f"the uploaded checkpoint ({spec.file}) is no longer stored")
     reporter.progress(0, 1, "importing", force=True)
     try:
         manifest = run_import(ctx.registry, upload, spec.id,
                               prediction_type=spec.prediction_type,
                               source=f"uploaded as {spec.filename!r}", extra=owned())
     finally:
-        upload.unlink(missing_ok=True)  # registered or refused, the upload has served
+        jobfiles.remove(ctx.settings, upload)  # registered or refused, the upload has served
     reporter.progress(1, 1, "done", force=True)
     return {"model": manifest, "links": {"model": f"/models/{spec.id}"}}
 

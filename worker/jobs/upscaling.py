@@ -26,7 +26,10 @@ def upscale(spec: UpscaleJob, reporter: Reporter) -> dict:
     this = job_id()
     if spec.input is None:
         raise InvalidParams("an upscale job needs `input`, the stored image to upscale")
-    with Image.open(ctx.settings.outputs_dir / spec.input) as stored:
+    stored_at = ctx.settings.outputs_dir / spec.input
+    if not jobfiles.fetch(ctx.settings, stored_at):
+        raise InvalidParams(f"the image to upscale ({spec.input}) is no longer stored")
+    with Image.open(stored_at) as stored:
         image = stored.convert("RGB")
     tiles = len(plan(*image.size, spec.tile, spec.overlap))
     total = tiles * spec.steps

@@ -266,7 +266,7 @@ def image_file(view: dict, settings: Settings, index: int) -> Path:
             f"`index` must be between 0 and {len(images) - 1} for job {job_id!r}, got {index}"
         )
     path = jobfiles.output_dir(settings, job_id) / images[index]["file"]
-    if not path.is_file():
+    if not jobfiles.fetch(settings, path):  # another host's, from shared storage
         raise ImageNotFound(f"image {index} of job {job_id!r} is no longer stored")
     return path
 

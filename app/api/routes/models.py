@@ -85,6 +85,7 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
         header = await run_in_threadpool(read_header, path, "file", filename)
         if CONFIG_FOLDER_KEY not in header.metadata:
             detect_architecture(header, "file")
+        await run_in_threadpool(jobfiles.share, settings, path)  # for a worker elsewhere
         spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
                          filename=filename, prediction_type=prediction_type)
         # What makes a retried upload the same (read only when it carries the key).

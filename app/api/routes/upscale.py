@@ -133,8 +133,9 @@ async def create_upscale(request: Request, sub: SubmitterDep, registry: Registry
                                        input=f"{job_id}/{INPUT_FILE}")
         image = await run_in_threadpool(
             open_checked, data, max(settings.max_upscale_side // SCALE, 1))
-        await run_in_threadpool(save_input, image,
-                                jobfiles.output_dir(settings, job_id) / INPUT_FILE)
+        stored_at = jobfiles.output_dir(settings, job_id) / INPUT_FILE
+        await run_in_threadpool(save_input, image, stored_at)
+        await run_in_threadpool(jobfiles.share, settings, stored_at)
     else:  # unreachable: UpscaleCreate asks for exactly one of the two
         raise InvalidParams("give exactly one of `image` and `source`")
     try:
