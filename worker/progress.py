@@ -22,6 +22,23 @@ class JobCanceled(Exception):
     """Raised inside a job at the step after its cancel flag was set."""
 
 
+class JobSuperseded(Exception):
+    """Raised inside a job that is no longer this worker's: its worker lost Redis long
+    enough for the job to be run again elsewhere (a host cut off the network). This run
+    then writes nothing more — no progress, no files, no outcome — for the other run owns
+    the job's record and files now."""
+
+
+def held_here(job: Job) -> bool:
+    """Whether ``job`` is still started, and by the worker that started this run."""
+    return _held(job, job.connection.hmget(job.key, "status", "worker_name"))
+
+
+def _held(job: Job, fields: list) -> bool:
+    status, worker = (f.decode() if isinstance(f, bytes) else f for f in fields)
+    return status == "started" and worker == job.worker_name
+
+
 class Reporter:
     def __init__(self, job: Job | None, connection: Redis | None, interval_s: float = 0.25,
                  ttl_s: int = 7 * 24 * 3600):
@@ -29,14 +46,19 @@ class Reporter:
         self.ttl_s = ttl_s  # how long the job's events are kept: as long as its record
         self._last_write = 0.0
 
-    def canceled(self) -> bool:
-        if self.job is None or self.connection is None:
-            return False
-        return bool(self.connection.exists(cancel_key(self.job.id)))
-
     def check(self) -> None:
-        if self.canceled():
-            raise JobCanceled(self.job.id if self.job else "")
+        """At each step: stop if the job was canceled, or run again elsewhere (one round
+        trip for both)."""
+        if self.job is None or self.connection is None:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.exists(cancel_key(self.job.id))
+            pipe.hmget(self.job.key, "status", "worker_name")
+            canceled, fields = pipe.execute()
+        if canceled:
+            raise JobCanceled(self.job.id)
+        if self.job.worker_name and not _held(self.job, fields):
+            raise JobSuperseded(self.job.id)
 
     def progress(self, step: int, total: int, stage: str, force: bool = False, **extra: Any
                  ) -> None:

@@ -34,6 +34,7 @@ from app.queue import connect
 from worker.context import get_context
 from worker.defaults import ensure_default_models
 from worker.domains import register_from_setting
+from worker.progress import held_here
 
 log = logging.getLogger("lethe.worker")
 
@@ -98,13 +99,28 @@ class LetheWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution
                            ) -> None:
+        if self._superseded(job):
+            return
         super().handle_job_success(job, queue, started_job_registry, execution)
         _announce_end(job)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None,
                            exc_string: str = "", execution: Execution | None = None) -> None:
+        if self._superseded(job):
+            return
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         _announce_end(job)
+
+    def _superseded(self, job: Job) -> bool:
+        """A run whose job was given to another worker meanwhile (this one was cut off from
+        Redis past the heartbeat TTL) records no outcome: the job is the other run's."""
+        try:
+            if held_here(job):
+                return False
+        except RedisError:
+            return False  # RQ's own handling meets the same outage and deals with it
+        log.warning("job %s is another worker's now; this run's outcome is dropped", job.id)
+        return True
 
     def _wait_for_redis(self) -> bool:
         delay = 0.5
@@ -122,6 +138,8 @@ class LetheWorker(SimpleWorker):
             job.refresh()
         except NoSuchJobError:
             log.error("job %s did not survive the Redis outage", job.id)
+            return
+        if self._superseded(job):
             return
         job.meta["error"] = REDIS_LOST
         job.save_meta()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from app.testing import start_worker, stop_worker
+from tests.conftest import session_registry
 from tests.support import wait_job
 
 pytestmark = pytest.mark.slow
@@ -16,10 +17,9 @@ PLUGIN = "toy=tests.worker.toy_domain:ToyDomain"
 @pytest.fixture
 def toy_worker(home, worker, monkeypatch):
     """The only worker while the test runs: the session's knows no toy domain."""
-    from app.registry import Registry
     from worker.defaults import TINY_MANIFEST
 
-    registry = Registry(home / "registry")
+    registry = session_registry()
     if not registry.exists("toy-sd"):
         with registry.create("toy-clf", {"kind": "classifier", "format": "toy-classifier",
                                          "domain": "toy", "base": None}) as staging:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from app.testing import start_worker
+from tests.conftest import session_registry
 from tests.support import until_progress, wait_job
 from tests.worker.test_features import clip_folder  # noqa: F401  (a fixture)
 
@@ -89,21 +90,20 @@ def test_cancel_an_erase_leaves_no_model_and_no_checkpoint(http, home):
 
 
 def test_an_erase_that_fails_for_good_leaves_no_checkpoint(http, home):
-    from app.registry import Registry
 
     job_id = erase(http, name="tiny-taken-later", iterations=150)
     wait_for_checkpoint(http, home, job_id)
     # Another writer takes the name meanwhile: the erase cannot publish, and each retry
     # finds the name taken at once.
-    with Registry(home / "registry").create("tiny-taken-later", {"kind": "text-to-image",
-                                                                 "format": "delta"}):
+    with session_registry().create("tiny-taken-later", {"kind": "text-to-image",
+                                                        "format": "delta"}):
         pass
     try:
         done = wait_job(http, job_id, timeout_s=300)
         assert done["status"] == "failed" and done["error"]["code"] == "model_exists", done
         assert not (home / "checkpoints" / f"{job_id}.pt").exists()
     finally:
-        Registry(home / "registry").force_remove("tiny-taken-later")
+        session_registry().force_remove("tiny-taken-later")
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
@@ -184,11 +184,10 @@ def test_two_erases_deriving_the_same_name_both_publish(http):
 def test_sdxl_generates_erases_and_serves_its_edit(http, home):
     """SDXL through the service: a tiny SDXL generates, an esd-x erase of it trains (the
     pooled embedding and time ids conditioning its UNet), and the edit serves at once."""
-    from app.registry import Registry
     from worker.defaults import TINY_MANIFEST
     from worker.tiny import tiny_sdxl_pipeline
 
-    registry = Registry(home / "registry")
+    registry = session_registry()
     if not registry.exists("tiny-sdxl"):
         with registry.create("tiny-sdxl", {**TINY_MANIFEST,
                                            "pipeline": "StableDiffusionXLPipeline"}) as staging:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from app.registry import Registry
+from tests.conftest import session_registry
 from worker.pipelines import (
     SCHEDULERS,
     PipelineCache,
@@ -85,7 +85,7 @@ def test_cache_is_bounded_by_bytes(counting_loader):
 
 
 def test_registry_default_model_is_complete(home, tiny_model):
-    manifest = Registry(home / "registry").get(tiny_model)
+    manifest = session_registry().get(tiny_model)
     assert "unet/diffusion_pytorch_model.safetensors" in manifest["files"]
     assert manifest["defaults"]["width"] == 32
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.testing import start_worker, stop_worker
-from tests.conftest import REDIS_URL
+from tests.conftest import other_redis_url
 from tests.support import served, until_progress, wait_job
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,7 @@ def hosts(s3_server, tmp_path_factory):
     """The API on a host of its own; workers are started by the tests, each on its own."""
     root = tmp_path_factory.mktemp("hosts")
     # Its own Redis database: the session's worker never sees these jobs.
-    redis_url = (REDIS_URL.split("?")[0] + "?db=15" if REDIS_URL.startswith("unix://")
-                 else REDIS_URL.rsplit("/", 1)[0] + "/15")
+    redis_url = other_redis_url(2)
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()

@@ -18,7 +18,7 @@ from app import jobfiles
 from app.errors import InvalidParams, LetheError
 from app.jobspecs import JobSpec
 from worker.context import get_context
-from worker.progress import JobCanceled, Reporter
+from worker.progress import JobCanceled, JobSuperseded, Reporter
 
 log = logging.getLogger("lethe.worker.jobs")
 
@@ -55,6 +55,11 @@ def _run(fn: Callable[[Spec, Reporter], dict], spec_type: type[Spec], params: di
         except ValidationError as exc:
             raise InvalidParams(f"this worker cannot run the job's params: {exc}") from None
         return fn(spec, reporter)
+    except JobSuperseded:
+        # Another worker runs the job now: its meta and files are that run's, not ours.
+        log.warning("job %s: run again elsewhere while this worker was cut off; this run "
+                    "stops and leaves the job to it", job.id if job else "-")
+        raise
     except JobCanceled:
         reporter.set_meta(canceled=True)
         log.info("job %s canceled", job.id if job else "-")
