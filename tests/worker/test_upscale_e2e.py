@@ -95,11 +95,22 @@ def test_a_failed_job_shows_no_path_of_this_machine(http, redis, home):
     r = http.post("/upscale", files={"image": ("in.png", png_bytes(8, 8), "image/png")},
                   data={"steps": "1"})
     params = wait_job(http, r.json()["id"])["params"]
-    # Its stored input gone (deleted by hand, say): the worker fails on a missing file.
+    # Its stored input gone (deleted by hand, say): the job says so, naming no path here.
     spec = UpscaleJob(**{**params, "input": "gone/input.png"})
     job = enqueue(redis, "upscale", spec, timeout_s=60, result_ttl_s=600)
     failed = wait_job(http, job.id)
     assert failed["status"] == "failed", failed
     message = failed["error"]["message"]
-    assert "FileNotFoundError" in message and "$LETHE_HOME" in message, message
+    assert message == "the image to upscale (gone/input.png) is no longer stored", message
     assert str(home) not in message
+
+
+def test_an_unexpected_error_names_the_data_folder_by_its_setting(home):
+    from app.config import get_settings
+    from worker.jobs.base import _shown_error
+
+    settings = get_settings()
+    missing = settings.home / "outputs" / "x" / "input.png"
+    shown = _shown_error(FileNotFoundError(f"no such file: {missing}"), settings)
+    assert shown == "FileNotFoundError: no such file: $LETHE_HOME/outputs/x/input.png"
+    assert str(home) not in shown
