@@ -13,11 +13,33 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from redis import Redis
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def environment(**env: str) -> Iterator[None]:
+    """These LETHE_* (and other) variables set for the block and restored after, the
+    settings read again on the way in and out."""
+    from app.config import get_settings
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
 
 
 def free_port() -> int:

@@ -62,28 +62,20 @@ def loads(model: str, repeats: int, root: Path, s3) -> dict:  # noqa: ANN001
 
 def erase_s(model: str, iterations: int, env: dict[str, str]) -> float:
     """One erase through the whole service (API, Redis, a worker), submitted to finished."""
+    from app.testing import environment
     from bench.stack import Stack
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with Stack() as stack:
-            from app.client import LetheClient
+    with environment(**env), Stack() as stack:
+        from app.client import LetheClient
 
-            with LetheClient(stack.url, timeout_s=60) as lethe:
-                lethe.wait(lethe.generate(prompt="a", model=model, steps=1))  # model loaded
-                t0 = time.perf_counter()
-                job = lethe.wait(lethe.erase(base_model=model, concepts=["red"],
-                                             iterations=iterations), timeout_s=3600)
-                took = time.perf_counter() - t0
-                assert job.status == "succeeded", job
-                return took
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with LetheClient(stack.url, timeout_s=60) as lethe:
+            lethe.wait(lethe.generate(prompt="a", model=model, steps=1))  # model loaded
+            t0 = time.perf_counter()
+            job = lethe.wait(lethe.erase(base_model=model, concepts=["red"],
+                                         iterations=iterations), timeout_s=3600)
+            took = time.perf_counter() - t0
+            assert job.status == "succeeded", job
+            return took
 
 
 def run(model: str = "shapes-sd", repeats: int = 5, iterations: int = 50) -> dict:

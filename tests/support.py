@@ -3,14 +3,12 @@ and workers come from ``app.testing``, which the benchmarks use too)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from app.client import FINISHED, JobWaitTimeout, LetheClient
-from app.config import get_settings
 from app.jobspecs import GenerateJob
-from app.testing import LiveServer
+from app.testing import LiveServer, environment
 
 # Keys of a service shared by users and an operator (carol and dave: tests whose counts
 # must start from zero, a user of their own each).
@@ -30,19 +28,8 @@ def served(**env: str) -> Iterator[str]:
     session's; the session's worker runs its jobs. Yields its URL."""
     import app.main  # noqa: F401  (its module-level app is built now, with the session's)
 
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    get_settings.cache_clear()
-    try:
-        with LiveServer(fresh=True) as server:
-            yield server.url
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        get_settings.cache_clear()
+    with environment(**env), LiveServer(fresh=True) as server:
+        yield server.url
 
 
 def generate_spec(**fields) -> GenerateJob:
