@@ -128,7 +128,9 @@ class S3Storage:
         # Path-style addressing: what S3-compatible servers on one host name understand.
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3,
+            # Retries with back-off: a store answers 500/503 while it grows (SeaweedFS
+            # allocating a new bucket's first volume) or under load.
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 8,
                                                                     "mode": "standard"}))
 
     def _key(self, key: str) -> str:

@@ -3,6 +3,7 @@ and workers come from ``app.testing``, which the benchmarks use too)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,16 @@ KEYS = {"alice": "ka-5ecret", "bob": "kb-5ecret", "carol": "kc-5ecret", "dave": 
         "root": "kr-5ecret"}
 SHARED_KEYS = ",".join([*(f"{name}:{key}" for name, key in KEYS.items() if name != "root"),
                         f"root:{KEYS['root']}:admin"])
+
+
+def own_storage() -> dict[str, str]:
+    """Settings for a test that builds a fresh service state of its own: in a session on
+    S3 (LETHE_TEST_STORAGE=s3) a prefix of its own in the session's bucket; otherwise
+    nothing, its own LETHE_HOME being enough."""
+    import uuid
+
+    url = os.environ.get("LETHE_STORAGE_URL")
+    return {"storage_url": f"{url}-{uuid.uuid4().hex[:8]}"} if url else {}
 
 
 def bearer(name: str) -> dict[str, str]:

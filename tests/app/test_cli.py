@@ -5,7 +5,8 @@ import json
 import pytest
 
 from app.cli import main
-from app.registry import Registry
+from app.registry import open_registry
+from tests.support import own_storage
 from worker.tiny import save_tiny_pipeline
 
 
@@ -14,8 +15,10 @@ def registry(tmp_path, monkeypatch):
     from app.config import get_settings
 
     monkeypatch.setenv("LETHE_HOME", str(tmp_path / "home"))
+    for name, value in own_storage().items():
+        monkeypatch.setenv(f"LETHE_{name.upper()}", value)
     get_settings.cache_clear()
-    yield Registry(tmp_path / "home" / "registry")
+    yield open_registry(get_settings())
     get_settings.cache_clear()
 
 

@@ -12,12 +12,12 @@ from rq.job import JobStatus
 from app import jobfiles
 from app.config import Settings
 from app.queue import enqueue
-from tests.support import generate_spec
+from tests.support import generate_spec, own_storage
 
 
 @pytest.fixture
 def scratch(scratch_redis, tmp_path):
-    return scratch_redis, Settings(home=tmp_path)
+    return scratch_redis, Settings(home=tmp_path, **own_storage())
 
 
 def files_of(settings: Settings, job_id: str, checkpoint: bool = False, age_s: float = 600

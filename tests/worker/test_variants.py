@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.config import Settings
+from tests.support import own_storage
 from worker.context import WorkerContext
 from worker.esd import ESDConfig, ESDTrainer
 from worker.tiny import tiny_pipeline, tiny_sdxl_pipeline
@@ -44,7 +45,8 @@ def test_variant_shares_unchanged_tensors_and_reproduces_the_edit(edit):
 
 def context_with_edit(home, trainer) -> WorkerContext:
     """A worker context whose registry holds the tiny base and the edit as "base-no-red"."""
-    ctx = WorkerContext.from_settings(Settings(home=home, device="cpu", dtype="float32"))
+    ctx = WorkerContext.from_settings(Settings(home=home, device="cpu", dtype="float32",
+                                               **own_storage()))
     with ctx.registry.create("base", {"kind": "text-to-image", "format": "diffusers",
                                       "base": None}) as staging:
         trainer.pipe.save_pretrained(staging, safe_serialization=True)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from app.registry import Registry
+from tests.support import own_storage
 from worker.context import WorkerContext
 from worker.defaults import ensure_default_models
 from worker.domains.shapes.degrade import bicubic
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.skipif(not (DEMO_DIR / "shapes-sd").is_dir(),
 def ctx(tmp_path_factory):
     from app.config import Settings
 
-    settings = Settings(home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32")
+    settings = Settings(home=tmp_path_factory.mktemp("home"), device="cpu", dtype="float32",
+                        **own_storage())
     context = WorkerContext.from_settings(settings)
     added = ensure_default_models(context.registry)
     assert {"shapes-sd", "shapes-x4", "shapes-clf"} <= set(added)
