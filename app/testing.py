@@ -149,7 +149,10 @@ class SeaweedS3:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={self.folder}", f"-ip={self.host}", f"-ip.bind={self.host}",
-             "-s3", "-volume.max=8", "-master.telemetry=false",
+             # Room for many buckets (SeaweedFS gives each a collection of volumes of
+             # its own), each volume small: a test store stays small on disk.
+             "-s3", "-volume.max=200", "-master.volumeSizeLimitMB=64",
+             "-master.telemetry=false",
              *(f"-{name}={port}" for name, port in self.ports.items())],
             stdout=open(self.folder / "weed.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

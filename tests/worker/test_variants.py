@@ -111,6 +111,7 @@ def test_an_edit_exports_as_a_lora_file_its_base_loads(edit, tmp_path, monkeypat
     _, trainer = edit
     ctx = context_with_edit(tmp_path, trainer)
     monkeypatch.setenv("LETHE_HOME", str(tmp_path))  # `lethe models` reads this registry
+    monkeypatch.setenv("LETHE_STORAGE_URL", ctx.settings.storage_url)
     get_settings.cache_clear()
     monkeypatch.setattr("app.config.get_settings", get_settings)
     out = tmp_path / "no-red.safetensors"
