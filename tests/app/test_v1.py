@@ -39,7 +39,7 @@ def png(data: bytes) -> Image.Image:
 def test_images_generate_gives_n_pngs_of_the_size_asked(openai_client, response_format):
     r = openai_client.images.generate(prompt="a red circle", n=2, size="64x48",
                                       model="tiny-sd", response_format=response_format,
-                                      extra_body=FAST)
+                                      user="end-user-7", extra_body=FAST)
     assert len(r.data) == 2 and r.created > 0
     for item in r.data:
         if response_format == "b64_json":

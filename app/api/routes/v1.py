@@ -11,6 +11,7 @@ signed links (``app.links``) that work without the key, as OpenAI's own URLs do.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import time
 from datetime import datetime
@@ -41,6 +42,7 @@ from app.schemas import (
 )
 from app.submissions import submit
 
+log = logging.getLogger("lethe.api")
 router = APIRouter(prefix="/v1", tags=["openai"], responses=openai_errors(400, 401, 429, 503))
 # Signed links: no key (the signature is the permission), so outside the bearer scheme.
 files = APIRouter(tags=["openai"])
@@ -91,6 +93,9 @@ async def create_images(body: ImageGeneration, request: Request, sub: SubmitterD
     job = await run_in_threadpool(lambda: submit(
         sub, "generate", spec, request=body.model_dump(mode="json"),
         timeout_s=settings.generate_timeout_s, images=spec.num_images))
+    if body.user:  # OpenAI's end-user id: for the operator's logs, beside the job
+        log.info("images.generate for end user %r", body.user,
+                 extra={"job_id": job.id, "key": sub.caller.name})
     view = await until_finished(sub.redis, aredis, job.id, sub.caller, settings,
                                 settings.openai_wait_s)
     if view["status"] in ("queued", "running"):
