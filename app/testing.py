@@ -178,9 +178,11 @@ class SeaweedS3:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            # weed drains for many seconds on SIGTERM; a test store's data is thrown away,
+            # so after a short grace it is killed.
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
