@@ -154,10 +154,7 @@ def sweep(connection: Redis, settings: Settings, min_age_s: float = MIN_AGE_S) -
             discard(settings, job_id)
         elif status == RQStatus.FINISHED and (checkpoint_path(settings, job_id).exists()
                                               or "checkpoint" in shared.get(job_id, ())):
-            checkpoint_path(settings, job_id).unlink(missing_ok=True)  # its images stay
-            store = remote(settings)
-            if store is not None:
-                store.delete(f"checkpoints/{job_id}.pt")
+            drop_checkpoint(settings, job_id)  # its images stay
         else:
             continue  # queued (a retry included) or running: its files are in use
         removed.append(job_id)

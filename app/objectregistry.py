@@ -223,13 +223,7 @@ class ObjectRegistry(Registry):
                              json.dumps(manifest, indent=2).encode())
         return manifest
 
-    def _remove_checked(self, model_id: str) -> None:
-        children = self.children(model_id)
-        if children:
-            from app.errors import ModelProtected
-
-            raise ModelProtected(
-                f"`model` {model_id!r} is the base of {children}; remove those first")
+    def _drop(self, model_id: str) -> None:
         self.store.delete(self._manifest_key(model_id))  # unlisted in one step
         for key in list(self.store.keys(f"{PREFIX}/{model_id}/")):
             self.store.delete(key)

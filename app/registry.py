@@ -194,6 +194,10 @@ class Registry:
             raise ModelProtected(
                 f"`model` {model_id!r} is the base of {children}; remove those first"
             )
+        self._drop(model_id)
+
+    def _drop(self, model_id: str) -> None:
+        """Take a model out of the registry (its children were checked), exports too."""
         trash = self.root / _TRASH / f"{model_id}-{uuid.uuid4().hex[:8]}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.root / model_id, trash)  # gone from listings in one step
