@@ -138,11 +138,11 @@ EXPORT_FORMATS = ("diffusers", "single-file", "lora")
 
 
 class ExportJob(JobSpec):
-    """A model written out in ``format`` to ``target`` (relative to the registry), the
-    file ``GET /models/{id}/download`` then streams."""
+    """A model written out in ``format`` as the export ``name`` of the registry
+    (``Registry.keep_export``), the file ``GET /models/{id}/download`` then streams."""
 
     model: str
     format: Literal["diffusers", "single-file", "lora"]
     dtype: Literal["float32", "float16"]
     rank: int | None = None
-    target: str
+    name: str

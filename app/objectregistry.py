@@ -31,6 +31,7 @@ from typing import Any
 from app.errors import InvalidParams, ModelExists, ModelNotFound
 from app.registry import (
     DOMAINS_FILE,
+    EXPORTS_DIR,
     KINDS,
     MANIFEST,
     Registry,
@@ -227,8 +228,30 @@ class ObjectRegistry(Registry):
         self.store.delete(self._manifest_key(model_id))  # unlisted in one step
         for key in list(self.store.keys(f"{PREFIX}/{model_id}/")):
             self.store.delete(key)
+        for key in list(self.store.keys(self._export_key(model_id, ""))):
+            self.store.delete(key)
         shutil.rmtree(self.root / model_id, ignore_errors=True)
         shutil.rmtree(self.exports_dir(model_id), ignore_errors=True)
+
+    # Exports live in the store beside the models (a hidden folder, never listed); each
+    # host keeps the ones it served in its cache until the model goes.
+    def _export_key(self, model_id: str, name: str) -> str:
+        return f"{PREFIX}/{EXPORTS_DIR}/{validate_model_id(model_id)}/{name}"
+
+    def export_file(self, model_id: str, name: str) -> Path | None:
+        local = super().export_file(model_id, name)
+        if local is not None:
+            return local
+        path = self.exports_dir(model_id) / name
+        try:
+            self.store.download(self._export_key(model_id, name), path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def keep_export(self, model_id: str, name: str, made: Path) -> Path:
+        self.store.upload(self._export_key(model_id, name), made)
+        return super().keep_export(model_id, name, made)
 
     def unlisted(self) -> list[str]:
         """Folders of the store that hold files but no manifest: uploads cut short (or a

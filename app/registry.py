@@ -30,7 +30,7 @@ KINDS = ("text-to-image", "upscaler", "classifier")
 # What the workers' domains offer (worker.domains.published), for the API to read.
 DOMAINS_FILE = ".domains.json"
 _STAGING = ".staging"
-_EXPORTS = ".exports"
+EXPORTS_DIR = ".exports"
 _TRASH = ".trash"
 
 
@@ -207,7 +207,20 @@ class Registry:
     def exports_dir(self, model_id: str) -> Path:
         """Where a model's downloadable exports are kept (hidden: never a model itself);
         they go with the model."""
-        return self.root / _EXPORTS / validate_model_id(model_id)
+        return self.root / EXPORTS_DIR / validate_model_id(model_id)
+
+    def export_file(self, model_id: str, name: str) -> Path | None:
+        """The export ``name`` of a model as a local file, or None while it is not made."""
+        path = self.exports_dir(model_id) / name
+        return path if path.is_file() else None
+
+    def keep_export(self, model_id: str, name: str, made: Path) -> Path:
+        """File the export just written at ``made`` (moved: it appears whole or not at
+        all) where ``export_file`` finds it."""
+        target = self.exports_dir(model_id) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(made, target)
+        return target
 
     def publish_domains(self, info: dict[str, dict[str, Any]]) -> None:
         """Merge a worker's domain facts into ``DOMAINS_FILE``: each worker adds what it

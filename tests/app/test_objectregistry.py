@@ -46,10 +46,19 @@ def test_a_model_published_on_one_host_loads_on_another(store, tmp_path):
         publish(b, "m1")
     b.update_manifest("m1", reports=[{"n": 1}])
     assert a.get("m1")["reports"] == [{"n": 1}]
+    # An export made on one host is downloaded from another; it goes with its model.
+    assert a.export_file("m1", "x.zip") is None
+    made = tmp_path / "made.zip"
+    made.write_bytes(b"zip bytes")
+    a.keep_export("m1", "x.zip", made)
+    served = b.export_file("m1", "x.zip")
+    assert served is not None and served.is_relative_to(tmp_path / "b")
+    assert served.read_bytes() == b"zip bytes"
     a.force_remove("m1")
     assert b.models() == [] and not b.exists("m1")
     with pytest.raises(ModelNotFound):
         b.path("m1")
+    assert list(store.keys("registry/.exports/")) == []
 
 
 class _CutAfter:

@@ -15,6 +15,7 @@ import pytest
 from app.testing import start_worker, stop_worker
 from tests.conftest import other_redis_url
 from tests.support import served, until_progress, wait_job
+from tests.worker.test_multihost_e2e import namespaces_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,10 @@ class Hosts:
     s3: object
 
     def worker(self, name: str, queues: str = "images,train"):
+        # Checkpoints every 10 iterations (50 by default): shorter erases to resume.
         return start_worker(name, queues, log=self.root / f"{name}.log",
-                            env={"LETHE_HOME": str(self.root / name)})
+                            env={"LETHE_HOME": str(self.root / name),
+                                 "LETHE_CHECKPOINT_EVERY": "10"})
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +72,20 @@ def test_generate_upscale_erase_and_delete_across_hosts(hosts):
         up = wait_job(http, r.json()["id"], timeout_s=120)
         assert up["status"] == "succeeded", up
         assert http.get(up["result"]["images"][0]["url"]).status_code == 200
+        # An export made on the worker's host, downloaded from the API's.
+        download = "/models/tiny-no-red-s3/download?format=lora"
+        made = wait_job(http, http.get(download).json()["id"], timeout_s=120)
+        assert made["status"] == "succeeded", made
+        lora = http.get(download)
+        assert lora.status_code == 200 and lora.headers["content-length"] == str(
+            made["result"]["bytes"])
+        exports = "lethe/registry/.exports/tiny-no-red-s3/"
+        assert client.list_objects_v2(Bucket=hosts.s3.bucket, Prefix=exports)["KeyCount"] == 1
         assert http.delete("/models/tiny-no-red-s3").status_code == 204
         assert "tiny-no-red-s3" not in [m["id"] for m in http.get("/models").json()["data"]]
-        assert client.list_objects_v2(Bucket=hosts.s3.bucket, Prefix=(
-            "lethe/registry/tiny-no-red-s3/")).get("KeyCount", 0) == 0
+        for gone in ("lethe/registry/tiny-no-red-s3/", exports):
+            assert client.list_objects_v2(Bucket=hosts.s3.bucket, Prefix=gone).get(
+                "KeyCount", 0) == 0
     finally:
         stop_worker(worker)
     # No registry folder on the worker's host, only the cache of what it loaded; the API's
@@ -84,12 +97,14 @@ def test_generate_upscale_erase_and_delete_across_hosts(hosts):
 
 
 def test_an_erase_resumes_on_another_host_from_its_checkpoint_in_the_bucket(hosts):
+    if namespaces_unavailable() is None:  # CI's case: half a minute spared
+        pytest.skip("shown with hosts cut off the network by test_a_host_cut_off_mid_erase")
     http = hosts.http
     first = hosts.worker("w2", queues="train")
     job_id = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["blue"],
-                                       "iterations": 150, "name": "tiny-no-blue-s3"}
+                                       "iterations": 60, "name": "tiny-no-blue-s3"}
                        ).json()["id"]
-    until_progress(http, job_id, lambda p: p["step"] >= 60)  # past its first checkpoint
+    until_progress(http, job_id, lambda p: p["step"] >= 25)  # past its second checkpoint
     os.kill(first.pid, signal.SIGKILL)  # the host is gone, and its disk with it
     first.wait()
     second = hosts.worker("w3", queues="train")
@@ -98,8 +113,8 @@ def test_an_erase_resumes_on_another_host_from_its_checkpoint_in_the_bucket(host
     finally:
         stop_worker(second)
     assert done["status"] == "succeeded", done
-    assert done["result"]["iterations"] == 150
-    assert 50 <= done["result"]["resumed_from"] < 150, done["result"]
+    assert done["result"]["iterations"] == 60
+    assert 20 <= done["result"]["resumed_from"] < 60, done["result"]
     assert not (hosts.root / "w3" / "checkpoints" / f"{job_id}.pt").exists()  # it served
     assert hosts.s3.client().list_objects_v2(Bucket=hosts.s3.bucket, Prefix=(
         f"lethe/checkpoints/{job_id}")).get("KeyCount", 0) == 0

@@ -3,7 +3,6 @@ model written out in a format its users load elsewhere (the file a download stre
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import zipfile
@@ -43,11 +42,13 @@ def export_model(spec: ExportJob, reporter: Reporter) -> dict:
 
     ctx = get_context()
     registry = ctx.registry
-    target = registry.root / spec.target
     reporter.progress(0, 1, "exporting", force=True)
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".export-", dir=target.parent) as tmp:
+    target = registry.export_file(spec.model, spec.name)
+    if target is None:
+        # written beside where it is kept, so keeping it is a rename
+        scratch = registry.exports_dir(spec.model)
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=scratch) as tmp:
             written = Path(tmp) / "out"
             if spec.format == "lora":
                 export_lora(registry, spec.model, written, rank=spec.rank)
@@ -56,7 +57,7 @@ def export_model(spec: ExportJob, reporter: Reporter) -> dict:
             else:
                 export_model(registry, spec.model, written, spec.dtype)
                 written = _zip(written, Path(tmp) / "out.zip", spec.model)
-            os.replace(written, target)  # the download appears whole or not at all
+            target = registry.keep_export(spec.model, spec.name, written)
     reporter.progress(1, 1, "done", force=True)
     return {"model": spec.model, "format": spec.format, "bytes": target.stat().st_size,
             "links": {"download": download_url(spec.model, spec.format, spec.dtype,

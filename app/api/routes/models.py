@@ -133,8 +133,8 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
     manifest = registry.get(model_id)
     dtype_used, rank = exports.resolve(manifest, format, dtype, rank)
     name = exports.file_name(manifest, format, dtype_used, rank)
-    target = registry.exports_dir(model_id) / name
-    if target.is_file():
+    target = registry.export_file(model_id, name)
+    if target is not None:
         return FileResponse(target, filename=exports.download_name(model_id, format, rank),
                             media_type="application/zip" if format == "diffusers"
                             else "application/octet-stream")
@@ -146,8 +146,7 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
             return created(Submitted(job.id, "export"))
     except JobNotFound:
         pass
-    spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank,
-                     target=str(target.relative_to(registry.root)))
+    spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank, name=name)
     job = enqueue(redis, "export", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
                   result_ttl_s=settings.result_ttl_s, owner=caller.name, shared=True)
     return created(Submitted(job.id, "export"))
