@@ -110,34 +110,35 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     from app.testing import stop_worker
 
     stop_worker(worker.proc)
+    # It checkpoints every 10 iterations (50 by default: fewer iterations to wait for).
     victim = start_worker("test-train-victim", queues="train",
-                          log=home / "worker-train-victim.log")
-    # Checkpoints every 50 iterations (the default); 300 iterations of the tiny model.
-    job_id = erase(http, name="tiny-resumed", iterations=300)
+                          log=home / "worker-train-victim.log",
+                          env={"LETHE_CHECKPOINT_EVERY": "10"})
+    job_id = erase(http, name="tiny-resumed", iterations=100)
     seen_partial = False
 
     def listed_yet(progress: dict) -> bool:  # at every step: is a half-made model listed?
         nonlocal seen_partial
         seen_partial |= "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
-        return progress["step"] >= 120
+        return progress["step"] >= 40
 
     progress = until_progress(http, job_id, listed_yet)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     worker.proc = start_worker("test-main", log=home / "worker-main.log")
-    # Past the first drift check (at 75), the running job showed it, and its loss.
-    assert (progress.get("drift") or {}).get("iteration") == 75, progress
+    # Past the first drift check (at 25), the running job showed it, and its loss.
+    assert (progress.get("drift") or {}).get("iteration") == 25, progress
     assert progress["loss"] is not None
     # Generous: a 2-core CI machine runs the remaining iterations after a worker restart.
     done = wait_job(http, job_id, timeout_s=600)
     assert done["status"] == "succeeded", done
     assert not seen_partial
     assert "tiny-resumed" in [m["id"] for m in http.get("/models").json()["data"]]
-    # It picked up at its last checkpoint (every 50 iterations), not at iteration zero.
-    assert done["result"]["iterations"] == 300
-    assert 100 <= done["result"]["resumed_from"] < 300, done["result"]
+    # It picked up at its last checkpoint, not at iteration zero.
+    assert done["result"]["iterations"] == 100
+    assert 30 <= done["result"]["resumed_from"] < 100, done["result"]
     # The drift measured before the kill came back with the checkpoint.
-    assert [d["iteration"] for d in done["result"]["drift"]] == [75, 150, 225, 300]
+    assert [d["iteration"] for d in done["result"]["drift"]] == [25, 50, 75, 100]
 
 
 def test_with_a_clip_model_the_evidence_carries_clips_verdicts(http, home, worker,
