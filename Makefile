@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: serve test lint install install-dev clean
+.PHONY: serve test test-s3 lint install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: install-dev
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The whole suite again with the registry and job files on S3 (a SeaweedFS it starts).
+test-s3: install-dev
+	LETHE_TEST_STORAGE=s3 $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV)
