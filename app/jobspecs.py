@@ -9,9 +9,9 @@ trainer and samplers take theirs from here too.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # How a model draws when neither the request nor its manifest says: Stable Diffusion's.
 DRAW_STEPS = 30
@@ -108,6 +108,49 @@ class EraseJob(JobSpec):
     lora_rank: int = LORA_RANK
 
 
+Attack = Literal["inversion", "conditioning", "relearning", "prompt_search"]
+ATTACKS: tuple[Attack, ...] = ("inversion", "conditioning", "relearning", "prompt_search")
+RELEARN_LEARNING_RATE = 1e-4  # relearning a model that records no learning rate of its own
+
+Budget = Annotated[float, Field(gt=0, le=10)]
+
+
+class AttackSpec(BaseModel):
+    """Attacks on erased concepts (``worker.attacks``), run on the model and on its base as
+    the control; every setting is recorded in the report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concepts: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, min_length=1, max_length=8,
+        description="Default: the concepts the model's edit erased.")
+    attacks: list[Attack] = Field(list(ATTACKS), min_length=1)
+    train_images: int = Field(32, ge=1, le=512, description="Images of each concept the "
+                              "base draws (its own prompts) for the attacks to learn from.")
+    judge_images: int = Field(48, ge=1, le=512, description="Images judged per rate.")
+    batch: int = Field(8, ge=1, le=64, description="Images per training step.")
+    tokens: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        [1, 4], min_length=1, max_length=4, description="Inversion: new tokens per run.")
+    inversion_steps: int = Field(300, ge=1, le=5000)
+    inversion_lr: float = Field(5e-3, gt=0, le=1)
+    budgets: list[Budget] = Field(
+        [0.25, 0.5, 1.0], min_length=1, max_length=8, description="Conditioning: the "
+        "offset's norm bounds, × the mean norm of the concept's prompt encodings.")
+    conditioning_steps: int = Field(150, ge=1, le=5000)
+    conditioning_lr: float = Field(0.05, gt=0, le=1, description="Adam's step, × the "
+                                   "budget's norm per entry.")
+    relearn_steps: list[Annotated[int, Field(ge=1, le=5000)]] = Field(
+        [10, 50, 200], min_length=1, max_length=8, description="Relearning: the rate after "
+        "each of these fine-tuning steps.")
+    relearn_lr: float | None = Field(None, gt=0, le=1, description="Default: the edit's "
+                                     "own learning rate.")
+    search_words: int = Field(24, ge=0, le=256, description="Prompt search: the words "
+                              "nearest the concept tried in its place.")
+    search_images: int = Field(8, ge=1, le=64)
+    search_worst: int = Field(3, ge=1, le=16, description="Drawn again with fresh seeds.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
 class EvaluateJob(JobSpec):
     model: str
     prompts: list[str] | None = None
@@ -123,6 +166,8 @@ class EvaluateJob(JobSpec):
     width: int
     domain: str | None = None
     evaluator: str | None = None
+    attack: AttackSpec | None = None
+    attack_base: str | None = None  # the control the attacks also run on
 
 
 class ImportJob(JobSpec):

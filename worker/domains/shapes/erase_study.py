@@ -54,6 +54,11 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=30)
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--baseline", action="store_true", help="also report the base model")
+    parser.add_argument("--attack", action="store_true",
+                        help="also attack each edit (worker.attacks, its defaults) and print "
+                        "the attack report on a line of its own")
+    parser.add_argument("--attack-options", type=json.loads, default={},
+                        help='AttackSpec fields as JSON, e.g. \'{"attacks": ["conditioning"]}\'')
     args = parser.parse_args()
 
     ctx = get_context()
@@ -97,6 +102,10 @@ def main() -> None:
         variant = build_variant(base, delta, args.model).pipe
         report = erasure_report(variant, clf, concepts, args.per_prompt, guidance)
         drift = drawing.drift(variant) or {}
+        if args.attack:
+            print(json.dumps({"attacks": attack_line(base, variant, clf, concepts, delta,
+                                                     args.attack_options, guidance)}),
+                  flush=True)
         for rank in args.lora_ranks:
             print(json.dumps(lora_line(ctx, args.model, base, delta, rank, clf,
                                        concepts, args.per_prompt, guidance, summary)),
@@ -112,6 +121,18 @@ def main() -> None:
                           "delta_fp16_bytes": sum(t.numel() * 2 for t in delta.values()),
                           "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")}}
                          | summary(report)), flush=True)
+
+
+def attack_line(base, variant, clf, concepts: list[str], delta: dict, options: dict,
+                guidance: float) -> list[dict]:
+    """Every attack on the edit, with the base as the control, per erased concept."""
+    from app.jobspecs import AttackSpec
+    from worker.attacks import Attacker, Drawing, judged
+
+    judge = get_domain("shapes").judge(clf)
+    return [Attacker(base, variant, c, get_domain("shapes").training_texts(c),
+                     judged(judge, c), AttackSpec(**options), Drawing(guidance=guidance),
+                     trained=sorted(delta)).run() for c in concepts]
 
 
 def lora_line(ctx, model: str, base, delta: dict, rank: int, clf, concepts: list[str],

@@ -1,0 +1,106 @@
+"""The attacks on an erased concept, on the tiny model: what each may change and what it
+must leave alone (their rates mean nothing here; ``shapes-sd`` measures those)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.errors import InvalidParams
+from app.jobspecs import AttackSpec
+from worker.attacks import TOKEN, Attacker, Drawing, judged, worst_rate
+from worker.esd import ESDConfig, ESDTrainer
+from worker.tiny import tiny_pipeline, tiny_sdxl_pipeline
+from worker.variants import build_variant
+
+SMALL = AttackSpec(train_images=4, judge_images=2, batch=2, tokens=[1], inversion_steps=3,
+                   budgets=[0.5], conditioning_steps=3, relearn_steps=[1, 2], search_words=2,
+                   search_images=1, search_worst=1)
+TEXTS = ["a red", "a photo of a red", "red in a field"]
+
+
+class DarkShare:
+    """A stand-in judge for the tiny model (it has none): the share of dark images."""
+
+    def judge(self, images: np.ndarray, prompts: list[str]) -> dict:
+        return {"hits": {"dark": [bool(im.mean() < 128) for im in images]}}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    base = tiny_pipeline(seed=0)
+    trainer = ESDTrainer(base, ESDConfig(concepts=("red",), iterations=2, block=2))
+    trainer.train()
+    delta = trainer.delta()
+    return base, build_variant(base, delta, "tiny").pipe, sorted(delta)
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v.clone() for part in ("unet", "text_encoder")
+            for k, v in getattr(pipe, part).state_dict().items()}
+
+
+def unchanged(pipe, before: dict[str, torch.Tensor]) -> bool:
+    after = snapshot(pipe)
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k])
+                                                 for k in before)
+
+
+def attacker(pipes, cfg: AttackSpec = SMALL) -> Attacker:
+    base, edited, trained = pipes
+    return Attacker(base, edited, "red", TEXTS, judged(DarkShare(), "red"), cfg,
+                    Drawing(steps=2), trained=trained)
+
+
+def test_the_inversion_trains_only_its_new_rows(pipes):
+    base, edited, _ = pipes
+    before = snapshot(edited)
+    table = edited.text_encoder.get_input_embeddings().weight.detach().clone()
+    rate, view = attacker(pipes, SMALL.model_copy(update={"tokens": [2]})
+                          ).inversion(edited, 2)
+    assert rate is not None and 0.0 <= rate <= 1.0
+    learned = view.text_encoder.get_input_embeddings().weight.detach().float()
+    ids = view.tokenizer.convert_tokens_to_ids([TOKEN.format(0), TOKEN.format(1)])
+    assert ids == [len(table), len(table) + 1] and len(learned) == len(table) + 2
+    assert torch.equal(learned[:len(table)], table.float())  # every old row as it was
+    start = table.float().mean(0)
+    assert all(not torch.allclose(learned[i], start) for i in ids)  # the new ones moved
+    assert unchanged(edited, before) and len(edited.tokenizer) == len(table)
+
+
+def test_the_conditioning_attack_changes_nothing_in_the_model(pipes):
+    base, edited, _ = pipes
+    before = snapshot(edited)
+    rate = attacker(pipes).conditioning(edited, 0.5)
+    assert rate is not None
+    assert unchanged(edited, before)
+    assert all(p.grad is None for p in edited.unet.parameters())
+
+
+def test_relearning_tunes_a_copy_of_the_edits_parameters(pipes):
+    base, edited, _ = pipes
+    before = snapshot(edited)
+    curve = attacker(pipes).relearning(edited)
+    assert [c["steps"] for c in curve] == [1, 2]
+    assert unchanged(edited, before)
+
+
+def test_a_whole_report_on_the_edit_and_the_base(pipes):
+    report = attacker(pipes).run()
+    assert set(report) >= {"plain", "inversion", "conditioning", "relearning",
+                           "prompt_search", "worst", "settings"}
+    assert report["conditioning"][0]["budget"] == 0.5
+    assert report["prompt_search"]["edit"]["tried"] == 3  # two words and the concept twice
+    assert report["worst"] == worst_rate(report)
+    assert report["settings"]["inversion_steps"] == 3
+
+
+def test_a_missing_judge_gives_no_rate_and_sdxl_is_refused(pipes):
+    assert judged(None, "red")(np.zeros((2, 8, 8, 3), np.uint8)) is None
+    sdxl = tiny_sdxl_pipeline(seed=0)
+    with pytest.raises(InvalidParams, match="SDXL"):
+        Attacker(sdxl, sdxl, "red", TEXTS, judged(None, "red"), SMALL)
+    with pytest.raises(InvalidParams, match="`attacks`"):
+        Attacker(pipes[0], pipes[1], "red", TEXTS, judged(None, "red"),
+                 AttackSpec.model_construct(attacks=["jailbreak"]))
