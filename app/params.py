@@ -18,7 +18,14 @@ from app import jobspecs as d
 from app.accounts import Caller
 from app.config import Settings
 from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists, Unavailable
-from app.jobspecs import EraseJob, EvaluateJob, GenerateJob, UpscaleJob
+from app.jobspecs import (
+    RELEARN_LEARNING_RATE,
+    AttackSpec,
+    EraseJob,
+    EvaluateJob,
+    GenerateJob,
+    UpscaleJob,
+)
 from app.registry import Registry, validate_model_id
 from app.schemas import (
     HOOK_FIELDS,
@@ -206,14 +213,15 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     judged = bool(info["judge_metrics"])  # the domain has a classifier to judge with
     evaluator = _lineage_value(manifest, registry, "evaluator") if judged else None
     sets: dict[str, int] = info["prompt_sets"]
-    if body.prompts is None and body.prompt_set is None and not info["default_prompt_set"]:
+    metrics = info["default_metrics"] if body.metrics is None else body.metrics
+    if (metrics and body.prompts is None and body.prompt_set is None
+            and not info["default_prompt_set"]):
         raise InvalidParams(f"`prompts` is required for model {model_id!r}: its domain "
                             f"({domain or GENERIC}) has no default prompt set")
     if body.prompt_set is not None and body.prompt_set not in sets:
         raise InvalidParams(f"`prompt_set` {body.prompt_set!r} is not a set of model "
                             f"{model_id!r}'s domain ({domain or GENERIC}), which has "
                             f"{sorted(sets) or 'none'}")
-    metrics = body.metrics or info["default_metrics"]
     if "clip_score" in metrics and settings.clip_model_path is None:
         raise InvalidParams("`metrics` asks for 'clip_score' but no CLIP model is configured: "
                             "set LETHE_CLIP_MODEL_PATH to a local CLIP folder")
@@ -229,7 +237,7 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
                   domain=domain, evaluator=evaluator,
                   prompt_set=None if body.prompts is not None else
                   (body.prompt_set or info["default_prompt_set"]))
-    total = (n_prompts or sets[params["prompt_set"]]) * body.images_per_prompt
+    total = (n_prompts or sets[params["prompt_set"]]) * body.images_per_prompt if metrics else 0
     if total > settings.max_eval_images:
         raise InvalidParams(f"`images_per_prompt` {body.images_per_prompt} × "
                             f"{total // body.images_per_prompt} prompts is {total} images; "
@@ -242,7 +250,29 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     params["guidance_scale"] = (defaults["guidance_scale"] if body.guidance_scale is None
                                 else body.guidance_scale)
     params["height"], params["width"] = defaults["height"], defaults["width"]
+    if body.attack is not None:
+        params["attack"] = _resolve_attack(body.attack, manifest, model_id, registry)
+        params["attack_base"] = (manifest.get("base") or {}).get("id") or model_id
     return EvaluateJob(**params)
+
+
+def _resolve_attack(attack: AttackSpec, manifest: dict, model_id: str, registry: Registry
+                    ) -> AttackSpec:
+    """The attacks' concepts and relearning step from the edit itself where not given."""
+    edit = manifest.get("edit") or {}
+    concepts = attack.concepts or edit.get("concepts")
+    if not concepts:
+        raise InvalidParams(f"`attack.concepts` is required for model {model_id!r}: it is "
+                            "no edit, so it names no erased concept")
+    if "relearning" in attack.attacks and manifest.get("format") != "delta":
+        raise InvalidParams(f"`attack.attacks` 'relearning' retrains an edit's parameters; "
+                            f"model {model_id!r} is no edit")
+    if "XL" in str(_lineage_value(manifest, registry, "pipeline") or ""):
+        raise InvalidParams(f"`attack` supports Stable Diffusion 1.x/2.x models; model "
+                            f"{model_id!r} is SDXL (two text encoders), not supported yet")
+    return attack.model_copy(update={
+        "concepts": list(concepts),
+        "relearn_lr": attack.relearn_lr or edit.get("learning_rate") or RELEARN_LEARNING_RATE})
 
 
 # How messages name the references folder: by its setting, not by this machine's path.

@@ -14,7 +14,7 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonDict
 
-from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE, LORA_RANK
+from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE, LORA_RANK, AttackSpec
 
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
@@ -255,9 +255,9 @@ class EvaluateCreate(_Hooked):
     images_per_prompt: int = Field(8, ge=1, le=256)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Image j uses seed + j.")
     metrics: list[Metric] | None = Field(
-        None, min_length=1, json_schema_extra={"uniqueItems": True},
+        None, json_schema_extra={"uniqueItems": True},
         description="Default: the model's domain's (GET /domains; a model of no named "
-        "domain: clip_score).")
+        "domain: clip_score); [] with `attack`: the attacks alone.")
     reference: ModelId | None = Field(
         None, description="'render' (a domain that renders its own scenes: seeded renders of "
         "each prompt) or the name of a folder under $LETHE_HOME/references/ holding real "
@@ -267,6 +267,10 @@ class EvaluateCreate(_Hooked):
                                         "erasing a concept.")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     steps: int | None = Field(None, ge=1, le=500)
+    attack: AttackSpec | None = Field(
+        None, description="Also attack the erased concepts (inversion, an offset on the "
+        "text encoder's output, relearning, prompt search) on the model and on its base, "
+        "judged by the domain's judge: the report's `attacks`. Minutes of work per concept.")
 
     @field_validator("metrics")
     @classmethod
@@ -279,6 +283,8 @@ class EvaluateCreate(_Hooked):
     def _one_prompt_source(self) -> EvaluateCreate:
         if self.prompts is not None and self.prompt_set is not None:
             raise ValueError("give `prompts` or `prompt_set`, not both")
+        if self.metrics == [] and self.attack is None:
+            raise ValueError("`metrics` [] measures nothing: name a metric, or give `attack`")
         return self
 
 

@@ -33,6 +33,8 @@ def evaluate(pipe: Any, params: EvaluateJob, *, clf: Any = None, settings: Any =
 
     ``on_progress(done, total, stage)`` may raise to stop.
     """
+    if not params.metrics:  # the attacks alone (worker.jobs.evaluation)
+        return {"model": params.model, "images": 0, "metrics": {}}
     domain = get_domain(params.domain)
     # The API sets one of the two (app.params.resolve_evaluate).
     prompts = params.prompts or domain.prompt_set(params.prompt_set or "")

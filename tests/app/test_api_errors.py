@@ -225,6 +225,14 @@ def test_invalid_erase_requests(client, body, status, needle):
          422, "at least 8"),
         ({"model": "shapes-x4"}, 422, "'shapes-x4'"),
         ({"model": "nope"}, 404, "'nope'"),
+        # Attacks: a base model names no erased concept, and has no edit to relearn.
+        ({"model": "shapes-sd", "metrics": []}, 422, "`metrics` []"),
+        ({"model": "shapes-sd", "metrics": [], "attack": {}}, 422, "`attack.concepts`"),
+        ({"model": "shapes-sd", "metrics": [], "attack": {"concepts": ["triangle"]}}, 422,
+         "'relearning'"),
+        ({"model": "shapes-sd", "attack": {"attacks": ["jailbreak"]}}, 422, "'jailbreak'"),
+        ({"model": "shapes-sd", "attack": {"budgets": [-1]}}, 422, "budgets"),
+        ({"model": "shapes-sd", "attack": {"judge_images": 100000}}, 422, "judge_images"),
     ],
 )
 def test_invalid_evaluate_requests(client, body, status, needle):
@@ -243,6 +251,17 @@ def test_evaluate_on_a_shapes_model_is_queued_with_its_defaults(client):
     assert job["params"]["prompt_set"] == "shapes-color"
     assert job["params"]["reference"] == "render"
     assert job["params"]["evaluator"] == "shapes-clf"
+    client.delete(r.headers["Location"])
+
+
+def test_attacks_on_a_base_model_name_their_concepts_and_are_queued_whole(client):
+    r = client.post("/evaluate", json={"model": "shapes-sd", "metrics": [], "attack": {
+        "concepts": ["triangle"], "attacks": ["conditioning"], "budgets": [1.0]}})
+    assert r.status_code == 202, r.text
+    params = client.get(r.headers["Location"]).json()["params"]
+    assert params["attack"]["concepts"] == ["triangle"] and params["attack_base"] == "shapes-sd"
+    assert params["attack"]["judge_images"] == 48  # every default written out
+    assert params["attack"]["relearn_lr"] == 1e-4  # a base records no learning rate
     client.delete(r.headers["Location"])
 
 

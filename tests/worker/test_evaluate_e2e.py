@@ -40,3 +40,24 @@ def test_evaluate_reports_fid_precision_recall_and_the_classifier_scores(http):
     assert blurred["fid"] > 2 * m["fid"]
     assert blurred["attribute_score"] < m["attribute_score"] - 0.2
     assert len(http.get("/models/shapes-sd").json()["reports"]) == len(reports) + 1
+
+
+def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
+    """The path, not the rates: tiny-sd's domain has no judge, so every rate is null."""
+    r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
+                                  "iterations": 2, "name": "tiny-attacked"})
+    assert wait_job(http, r.json()["id"], timeout_s=300)["status"] == "succeeded"
+    small = {"train_images": 2, "judge_images": 2, "batch": 2, "tokens": [1],
+             "inversion_steps": 2, "budgets": [1.0], "conditioning_steps": 2,
+             "relearn_steps": [1, 2], "search_words": 2, "search_images": 1,
+             "search_worst": 1}
+    job = evaluate(http, model="tiny-attacked", metrics=[], attack=small, steps=2)
+    [attacked] = job["result"]["report"]["attacks"]
+    assert attacked["concept"] == "red" and attacked["judge"] is None
+    assert attacked["plain"] == {"edit": None, "base": None}
+    assert [r["steps"] for r in attacked["relearning"]["edit"]] == [1, 2]
+    assert attacked["prompt_search"]["edit"]["tried"] == 3
+    # relearned at the edit's own step (tiny-sd's erase default), as recorded
+    assert attacked["settings"]["relearn_lr"] == 1e-3
+    assert http.get("/models/tiny-attacked").json()["reports"][-1]["attacks"] == [attacked]
+    assert http.delete("/models/tiny-attacked").status_code == 204

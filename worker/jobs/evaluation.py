@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from app import jobfiles
 from app.jobspecs import EvaluateJob
@@ -31,6 +32,8 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
     t0 = time.perf_counter()
     report = run_evaluation(pipe, spec, clf=clf, settings=ctx.settings,
                             on_progress=on_progress)
+    if spec.attack is not None:
+        report["attacks"] = _attacks(spec, pipe, clf, reporter)
     report |= {"job": this, "seconds": round(time.perf_counter() - t0, 1),
                "created_at": utcnow()}
     out = jobfiles.output_dir(ctx.settings, this)
@@ -40,3 +43,33 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
     ctx.registry.add_report(spec.model, report)
     reporter.progress(1, 1, "done", force=True)
     return {"report": report, "links": {"model": f"/models/{spec.model}"}}
+
+
+def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list[dict]:
+    """Each erased concept attacked on the model and on its base (``worker.attacks``)."""
+    from worker.attacks import Attacker, Drawing, judged
+    from worker.domains import get_domain
+    from worker.esd import full_delta
+    from worker.variants import load_delta
+
+    assert spec.attack is not None and spec.attack_base is not None
+    ctx = get_context()
+    base = ctx.cache.get(spec.attack_base)[0] if spec.attack_base != spec.model else pipe
+    manifest = ctx.registry.get(spec.model)
+    trained = (sorted(full_delta(base.unet, load_delta(ctx.registry.path(spec.model))))
+               if manifest.get("format") == "delta" else [])
+    domain, kind = get_domain(spec.domain), (manifest.get("edit") or {}).get("concept_kind")
+    judge = domain.judge(clf)
+    drawing = Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width)
+    concepts = spec.attack.concepts or []
+    out = []
+    for i, concept in enumerate(concepts):
+        def stage(name: str, concept: str = concept, i: int = i) -> None:
+            reporter.check()
+            reporter.progress(i, len(concepts), f"attacking {concept!r}: {name}", force=True)
+
+        out.append(Attacker(base, pipe, concept, domain.training_texts(concept, kind),
+                            judged(judge, concept), spec.attack, drawing, trained,
+                            on_progress=stage).run()
+                   | {"judge": getattr(judge, "name", None)})
+    return out
