@@ -37,6 +37,49 @@ UPSCALE_GUIDANCE = 0.0
 UPSCALE_NOISE_LEVEL = 20
 
 
+Attack = Literal["inversion", "conditioning", "relearning", "prompt_search"]
+ATTACKS: tuple[Attack, ...] = ("inversion", "conditioning", "relearning", "prompt_search")
+RELEARN_LEARNING_RATE = 1e-4  # relearning a model that records no learning rate of its own
+
+Budget = Annotated[float, Field(gt=0, le=10)]
+
+
+class AttackSpec(BaseModel):
+    """Attacks on erased concepts (``worker.attacks``), run on the model and on its base as
+    the control; every setting is recorded in the report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concepts: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, min_length=1, max_length=8,
+        description="Default: the concepts the model's edit erased.")
+    attacks: list[Attack] = Field(list(ATTACKS), min_length=1)
+    train_images: int = Field(32, ge=1, le=512, description="Images of each concept the "
+                              "base draws (its own prompts) for the attacks to learn from.")
+    judge_images: int = Field(48, ge=1, le=512, description="Images judged per rate.")
+    batch: int = Field(8, ge=1, le=64, description="Images per training step.")
+    tokens: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        [1, 4], min_length=1, max_length=4, description="Inversion: new tokens per run.")
+    inversion_steps: int = Field(300, ge=1, le=5000)
+    inversion_lr: float = Field(5e-3, gt=0, le=1)
+    budgets: list[Budget] = Field(
+        [0.25, 0.5, 1.0], min_length=1, max_length=8, description="Conditioning: the "
+        "offset's norm bounds, × the mean norm of the concept's prompt encodings.")
+    conditioning_steps: int = Field(150, ge=1, le=5000)
+    conditioning_lr: float = Field(0.05, gt=0, le=1, description="Adam's step, × the "
+                                   "budget's norm per entry.")
+    relearn_steps: list[Annotated[int, Field(ge=1, le=5000)]] = Field(
+        [10, 50, 200], min_length=1, max_length=8, description="Relearning: the rate after "
+        "each of these fine-tuning steps.")
+    relearn_lr: float | None = Field(None, gt=0, le=1, description="Default: the edit's "
+                                     "own learning rate.")
+    search_words: int = Field(24, ge=0, le=256, description="Prompt search: the words "
+                              "nearest the concept tried in its place.")
+    search_images: int = Field(8, ge=1, le=64)
+    search_worst: int = Field(3, ge=1, le=16, description="Drawn again with fresh seeds.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
 class JobSpec(BaseModel):
     """A resolved job. Unknown fields are refused: a worker older than the API that queued
     the job fails it with a clear error rather than ignore what was asked."""
@@ -98,6 +141,7 @@ class EraseJob(JobSpec):
     domain: str | None = None
     evaluate: bool = False
     evaluator: str | None = None
+    attack: AttackSpec | None = None  # attacks on the new edit, in its manifest
     # The size ESD trains at, and how the evidence grid is drawn: as the model draws.
     height: int
     width: int
@@ -106,49 +150,6 @@ class EraseJob(JobSpec):
     drift_checks: int = DRIFT_CHECKS
     parameterization: Literal["full", "lora"] = "full"
     lora_rank: int = LORA_RANK
-
-
-Attack = Literal["inversion", "conditioning", "relearning", "prompt_search"]
-ATTACKS: tuple[Attack, ...] = ("inversion", "conditioning", "relearning", "prompt_search")
-RELEARN_LEARNING_RATE = 1e-4  # relearning a model that records no learning rate of its own
-
-Budget = Annotated[float, Field(gt=0, le=10)]
-
-
-class AttackSpec(BaseModel):
-    """Attacks on erased concepts (``worker.attacks``), run on the model and on its base as
-    the control; every setting is recorded in the report."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    concepts: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
-        None, min_length=1, max_length=8,
-        description="Default: the concepts the model's edit erased.")
-    attacks: list[Attack] = Field(list(ATTACKS), min_length=1)
-    train_images: int = Field(32, ge=1, le=512, description="Images of each concept the "
-                              "base draws (its own prompts) for the attacks to learn from.")
-    judge_images: int = Field(48, ge=1, le=512, description="Images judged per rate.")
-    batch: int = Field(8, ge=1, le=64, description="Images per training step.")
-    tokens: list[Annotated[int, Field(ge=1, le=16)]] = Field(
-        [1, 4], min_length=1, max_length=4, description="Inversion: new tokens per run.")
-    inversion_steps: int = Field(300, ge=1, le=5000)
-    inversion_lr: float = Field(5e-3, gt=0, le=1)
-    budgets: list[Budget] = Field(
-        [0.25, 0.5, 1.0], min_length=1, max_length=8, description="Conditioning: the "
-        "offset's norm bounds, × the mean norm of the concept's prompt encodings.")
-    conditioning_steps: int = Field(150, ge=1, le=5000)
-    conditioning_lr: float = Field(0.05, gt=0, le=1, description="Adam's step, × the "
-                                   "budget's norm per entry.")
-    relearn_steps: list[Annotated[int, Field(ge=1, le=5000)]] = Field(
-        [10, 50, 200], min_length=1, max_length=8, description="Relearning: the rate after "
-        "each of these fine-tuning steps.")
-    relearn_lr: float | None = Field(None, gt=0, le=1, description="Default: the edit's "
-                                     "own learning rate.")
-    search_words: int = Field(24, ge=0, le=256, description="Prompt search: the words "
-                              "nearest the concept tried in its place.")
-    search_images: int = Field(8, ge=1, le=64)
-    search_worst: int = Field(3, ge=1, le=16, description="Drawn again with fresh seeds.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class EvaluateJob(JobSpec):

@@ -181,6 +181,11 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     # A derived name is a suggestion: if another job takes it first, this one publishes
     # under the next free one rather than fail after its training.
     params["name_given"] = bool(body.name)
+    if body.attack is not None:
+        _attackable(manifest, base_id, registry)
+        params["attack"] = body.attack.model_copy(update={
+            "concepts": body.attack.concepts or list(body.concepts),
+            "relearn_lr": body.attack.relearn_lr or params["learning_rate"]})
     return EraseJob(**params)
 
 
@@ -267,12 +272,16 @@ def _resolve_attack(attack: AttackSpec, manifest: dict, model_id: str, registry:
     if "relearning" in attack.attacks and manifest.get("format") != "delta":
         raise InvalidParams(f"`attack.attacks` 'relearning' retrains an edit's parameters; "
                             f"model {model_id!r} is no edit")
-    if "XL" in str(_lineage_value(manifest, registry, "pipeline") or ""):
-        raise InvalidParams(f"`attack` supports Stable Diffusion 1.x/2.x models; model "
-                            f"{model_id!r} is SDXL (two text encoders), not supported yet")
+    _attackable(manifest, model_id, registry)
     return attack.model_copy(update={
         "concepts": list(concepts),
         "relearn_lr": attack.relearn_lr or edit.get("learning_rate") or RELEARN_LEARNING_RATE})
+
+
+def _attackable(manifest: dict, model_id: str, registry: Registry) -> None:
+    if "XL" in str(_lineage_value(manifest, registry, "pipeline") or ""):
+        raise InvalidParams(f"`attack` supports Stable Diffusion 1.x/2.x models; model "
+                            f"{model_id!r} is SDXL (two text encoders), not supported yet")
 
 
 # How messages name the references folder: by its setting, not by this machine's path.

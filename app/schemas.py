@@ -218,6 +218,9 @@ class EraseCreate(_Hooked):
     evaluate: bool | None = Field(
         None, description="Measure every concept's accuracy before and after (ESD paper, "
         "Table 2). Default: when the base model names an evaluator.")
+    attack: AttackSpec | None = Field(
+        None, description="Attack the new edit once made (as POST /evaluate's `attack`; "
+        "`concepts` default: the erased ones): the manifest's and the result's `attacks`.")
     drift_checks: int = Field(
         DRIFT_CHECKS, ge=0, le=20, description="How many times during training to measure "
         "the neighbour prompts' same-seed drift (PSNR, SSIM against the base); the last "

@@ -334,6 +334,29 @@ class Attacker:
         return report
 
 
+def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str | None,
+                    classifier: Any, drawing: Drawing, trained: list[str],
+                    kind: str | None, reporter: Any) -> list[dict[str, Any]]:
+    """Every concept of ``spec`` attacked on ``edited`` and ``base``, judged by the judge
+    of the domain ``domain_name`` (none: every rate null), with the job's progress."""
+    from worker.domains import get_domain
+
+    domain = get_domain(domain_name)
+    judge = domain.judge(classifier)
+    concepts = spec.concepts or []
+    out = []
+    for i, concept in enumerate(concepts):
+        def stage(name: str, concept: str = concept, i: int = i) -> None:
+            reporter.check()
+            reporter.progress(i, len(concepts), f"attacking {concept!r}: {name}", force=True)
+
+        report = Attacker(base, edited, concept, domain.training_texts(concept, kind),
+                          judged(judge, concept), spec, drawing, trained,
+                          on_progress=stage).run()
+        out.append(report | {"judge": getattr(judge, "name", None)})
+    return out
+
+
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
           params: list[torch.Tensor], mask: torch.Tensor | None = None) -> None:
     """One step on ``params`` alone: ``autograd.grad`` computes only their gradients, so the

@@ -44,13 +44,20 @@ def test_evaluate_reports_fid_precision_recall_and_the_classifier_scores(http):
 
 def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     """The path, not the rates: tiny-sd's domain has no judge, so every rate is null."""
-    r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
-                                  "iterations": 2, "name": "tiny-attacked"})
-    assert wait_job(http, r.json()["id"], timeout_s=300)["status"] == "succeeded"
     small = {"train_images": 2, "judge_images": 2, "batch": 2, "tokens": [1],
              "inversion_steps": 2, "budgets": [1.0], "conditioning_steps": 2,
              "relearn_steps": [1, 2], "search_words": 2, "search_images": 1,
              "search_worst": 1}
+    # Opted in on the erase: the attacks' report comes with the new model.
+    r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
+                                  "iterations": 2, "name": "tiny-attacked",
+                                  "attack": {**small, "attacks": ["conditioning"]}})
+    erased = wait_job(http, r.json()["id"], timeout_s=300)
+    assert erased["status"] == "succeeded", erased
+    [on_erase] = erased["result"]["attacks"]
+    assert on_erase["concept"] == "red" and "inversion" not in on_erase
+    assert [c["budget"] for c in on_erase["conditioning"]] == [1.0]
+    assert http.get("/models/tiny-attacked").json()["attacks"] == [on_erase]
     job = evaluate(http, model="tiny-attacked", metrics=[], attack=small, steps=2)
     [attacked] = job["result"]["report"]["attacks"]
     assert attacked["concept"] == "red" and attacked["judge"] is None

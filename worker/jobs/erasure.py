@@ -219,13 +219,31 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     if final is not None:
         drift.append({"iteration": total, "psnr": final["psnr"], "ssim": final["ssim"]})
     manifest["training"]["drift"] = drift
+    if spec.attack is not None:
+        manifest["attacks"] = _attack(ctx, spec, pipe, delta, reporter)
     name = _publish(registry, spec.name, spec.name_given, manifest, delta)
     jobfiles.drop_checkpoint(ctx.settings, this)
     reporter.progress(total, total, "done", force=True)
     return {"model": name, "base": spec.base_model, "links": {"model": f"/models/{name}"},
             "iterations": total, "loss_last20": manifest["training"]["loss_last20"],
             "resumed_from": resumed_from, "images": [grid_entry],
-            "evidence": manifest["evidence"], "drift": drift}
+            "evidence": manifest["evidence"], "drift": drift,
+            **({"attacks": manifest["attacks"]} if spec.attack is not None else {})}
+
+
+def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torch.Tensor],
+            reporter: Reporter) -> list[dict]:
+    """The attacks asked for on the new edit, the base as the control (worker.attacks)."""
+    from worker.attacks import Drawing, attack_concepts
+    from worker.esd import full_delta
+    from worker.variants import build_variant
+
+    assert spec.attack is not None
+    edited = build_variant(pipe, delta, spec.base_model).pipe
+    classifier = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else None
+    return attack_concepts(pipe, edited, spec.attack, spec.domain, classifier,
+                           Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
+                           sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter)
 
 
 def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torch.Tensor],

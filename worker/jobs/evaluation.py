@@ -47,8 +47,7 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
 
 def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list[dict]:
     """Each erased concept attacked on the model and on its base (``worker.attacks``)."""
-    from worker.attacks import Attacker, Drawing, judged
-    from worker.domains import get_domain
+    from worker.attacks import Drawing, attack_concepts
     from worker.esd import full_delta
     from worker.variants import load_delta
 
@@ -58,18 +57,6 @@ def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list
     manifest = ctx.registry.get(spec.model)
     trained = (sorted(full_delta(base.unet, load_delta(ctx.registry.path(spec.model))))
                if manifest.get("format") == "delta" else [])
-    domain, kind = get_domain(spec.domain), (manifest.get("edit") or {}).get("concept_kind")
-    judge = domain.judge(clf)
-    drawing = Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width)
-    concepts = spec.attack.concepts or []
-    out = []
-    for i, concept in enumerate(concepts):
-        def stage(name: str, concept: str = concept, i: int = i) -> None:
-            reporter.check()
-            reporter.progress(i, len(concepts), f"attacking {concept!r}: {name}", force=True)
-
-        out.append(Attacker(base, pipe, concept, domain.training_texts(concept, kind),
-                            judged(judge, concept), spec.attack, drawing, trained,
-                            on_progress=stage).run()
-                   | {"judge": getattr(judge, "name", None)})
-    return out
+    return attack_concepts(base, pipe, spec.attack, spec.domain, clf,
+                           Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width),
+                           trained, (manifest.get("edit") or {}).get("concept_kind"), reporter)
