@@ -150,6 +150,7 @@ class EraseJob(JobSpec):
     drift_checks: int = DRIFT_CHECKS
     parameterization: Literal["full", "lora"] = "full"
     lora_rank: int = LORA_RANK
+    robust: bool = False
 
 
 class EvaluateJob(JobSpec):

@@ -139,12 +139,23 @@ class ESDConfig:
     # beside each of its matrices does (biases stay), through diffusers' own PEFT adapters.
     parameterization: str = "full"
     lora_rank: int = 4
+    # Robust training, in the spirit of AdvUnlearn (Zhang et al. 2024): at the start of each
+    # block, per trained prompt an offset δ on the text encoder's output is searched that
+    # brings the concept back in the *current* student (its prediction at c_from + δ pulled
+    # to the teacher's at c_from), ‖δ‖ ≤ ``robust_budget`` × the prompt encoding's norm,
+    # ``robust_steps`` normalised gradient steps of ``robust_lr`` × that bound each; the
+    # student then also learns the ESD target under c_from + δ.
+    robust: bool = False
+    robust_budget: float = 1.0
+    robust_steps: int = 4
+    robust_lr: float = 0.25
 
 
 # One iteration's sample: x_t, t, the target, θ*'s prediction for the preserved prompt and
-# the x_t it was made at (None: the same x_t).
+# the x_t it was made at (None: the same x_t), and θ*'s prediction for c_from (what a robust
+# erase's adversary pulls the student back to).
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
-               torch.Tensor | None]
+               torch.Tensor | None, torch.Tensor]
 
 
 @dataclass
@@ -218,6 +229,9 @@ class ESDTrainer:
             raise InvalidParams(f"`block` must be at least 1, got {cfg.block}")
         self.state = ESDState(0, [])
         self._block: tuple[int, list[Sample]] | None = None
+        # Robust training's offsets per c_from text, and the block they were searched for.
+        self.offsets: dict[str, torch.Tensor] = {}
+        self._offset_block: int | None = None
 
     def _latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.pipe.vae_scale_factor
@@ -302,8 +316,37 @@ class ESDTrainer:
             target = esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
             keep_x = x[own_x[j]:own_x[j] + 1] if j in own_x else None
             out.append((x[j:j + 1], ts[j:j + 1], target, e[3:4] if len(e) > 3 else None,
-                        keep_x))
+                        keep_x, e[2:3]))
         return out
+
+    def _search_offsets(self, samples: list[Sample], block: int) -> None:
+        """Robust training's adversary: for each c_from text of the block, the offset on its
+        encoding that best brings the concept back in the current student (see
+        ``ESDConfig.robust``), started from the last block's."""
+        cfg = self.cfg
+        by_text: dict[str, list[int]] = {}
+        for j in range(len(samples)):
+            i = block * cfg.block + j
+            by_text.setdefault(self._from(self.prompts[i % len(self.prompts)]), []).append(j)
+        for text, rows in by_text.items():
+            base = self._cond([text] * len(rows), torch.float32)
+            radius = cfg.robust_budget * float(base["encoder_hidden_states"][0].norm())
+            delta = self.offsets.get(text, torch.zeros_like(base["encoder_hidden_states"][0]))
+            x = torch.cat([samples[j][0] for j in rows]).float()
+            t = torch.cat([samples[j][1] for j in rows])
+            goal = torch.cat([samples[j][5] for j in rows]).float()
+            for _ in range(cfg.robust_steps):
+                delta = delta.detach().requires_grad_(True)
+                cond = base | {"encoder_hidden_states": base["encoder_hidden_states"] + delta}
+                loss = nn.functional.mse_loss(self.unet(x, t, **cond).sample.float(), goal)
+                (grad,) = torch.autograd.grad(loss, [delta])
+                with torch.no_grad():
+                    delta = delta - cfg.robust_lr * radius * grad / (grad.norm() + 1e-12)
+                    norm = float(delta.norm())
+                    if norm > radius:
+                        delta = delta * (radius / norm)
+            self.offsets[text] = delta.detach()
+        self._offset_block = block
 
     def _from(self, p: ESDPrompt) -> str:
         """The text θ is trained on for ``p`` (c_from)."""
@@ -315,14 +358,23 @@ class ESDTrainer:
         block = i // cfg.block
         if self._block is None or self._block[0] != block:
             self._block = (block, self._draw_block(block))
-        x_t, t, target, keep_eps, keep_x = self._block[1][i - block * cfg.block]
+        if cfg.robust and self._offset_block != block:
+            self._search_offsets(self._block[1], block)
+        x_t, t, target, keep_eps, keep_x, _ = self._block[1][i - block * cfg.block]
         p = self.prompts[i % len(self.prompts)]
         held = [p.preserve] if keep_eps is not None and p.preserve is not None else []
         student = [self._from(p), *held]
         x_in = x_t.expand(len(student), -1, -1, -1) if keep_x is None else torch.cat([x_t, keep_x])
-        pred = self.unet(x_in.float(), t.expand(len(student)),
-                         **self._cond(student, torch.float32)).sample
+        cond = self._cond(student, torch.float32)
+        if cfg.robust:  # one more row: c_from under the adversary's offset, the same target
+            x_in, student = torch.cat([x_in, x_t]), [*student, self._from(p)]
+            cond = self._cond(student, torch.float32)
+            cond["encoder_hidden_states"][-1] += self.offsets[self._from(p)]
+        pred = self.unet(x_in.float(), t.expand(len(student)), **cond).sample
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
+        if cfg.robust:
+            loss = loss + nn.functional.mse_loss(pred[-1:].float(), target.float())
+            pred = pred[:-1]
         if keep_eps is not None:
             loss = loss + cfg.preserve_weight * nn.functional.mse_loss(pred[1:].float(),
                                                                        keep_eps.float())
@@ -352,6 +404,8 @@ class ESDTrainer:
         return {"iteration": self.state.iteration, "losses": self.state.losses,
                 "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
                 "optimizer": self.optimizer.state_dict(),
+                "offsets": {k: v.cpu().clone() for k, v in self.offsets.items()},
+                "offset_block": self._offset_block,
                 "time": time.time()}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -360,6 +414,9 @@ class ESDTrainer:
                 self.params[k].copy_(v)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
+        # A robust job resumed mid-block keeps the offsets that block was trained under.
+        self.offsets = {k: v.to(self.device) for k, v in (ckpt.get("offsets") or {}).items()}
+        self._offset_block = ckpt.get("offset_block")
 
 
 def _add_lora(unet: Any, chosen: dict[str, nn.Parameter], cfg: ESDConfig

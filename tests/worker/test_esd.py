@@ -159,6 +159,40 @@ def test_resuming_from_a_checkpoint_gives_the_same_result(pipe):
         assert torch.equal(p, resumed.params[name]), name
 
 
+def test_a_robust_erase_resumed_mid_block_is_bit_identical(pipe):
+    def cfg(iterations: int) -> ESDConfig:
+        return ESDConfig(concepts=("red",), method="esd-x", iterations=iterations,
+                         learning_rate=1e-2, ddim_steps=4, seed=1, block=4, robust=True,
+                         robust_steps=2)
+
+    straight = ESDTrainer(pipe, cfg(10))
+    straight.train()
+    assert straight.offsets and all(float(d.norm()) > 0 for d in straight.offsets.values())
+    first = ESDTrainer(pipe, cfg(6))  # stops mid-block: iterations 4-7 share one offset
+    first.train()
+    resumed = ESDTrainer(pipe, cfg(10))
+    resumed.restore(first.checkpoint())
+    resumed.train()
+    for name, p in straight.params.items():
+        assert torch.equal(p, resumed.params[name]), name
+    # and the adversary changed what was learned: a plain run ends elsewhere
+    plain = ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-x", iterations=10,
+                                       learning_rate=1e-2, ddim_steps=4, seed=1, block=4))
+    plain.train()
+    assert any(not torch.equal(p, plain.params[n]) for n, p in straight.params.items())
+
+
+def test_the_robust_offset_stays_within_its_budget(pipe):
+    trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-x", iterations=4,
+                                         learning_rate=1e-2, ddim_steps=4, seed=1, block=4,
+                                         robust=True, robust_budget=0.1, robust_steps=3,
+                                         robust_lr=1.0))
+    trainer.train()
+    [(text, delta)] = trainer.offsets.items()
+    bound = 0.1 * float(encode_prompts(pipe, [text])[0].norm())
+    assert float(delta.norm()) <= bound * (1 + 1e-5)
+
+
 def test_preservation_holds_the_neighbours_prediction(pipe):
     def drift(preserve: str | None) -> tuple[float, float]:
         prompts = (ESDPrompt("a red circle", "a red circle", "a circle", preserve),)

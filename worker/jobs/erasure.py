@@ -113,7 +113,7 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
     edit = spec.model_dump(include={
         "method", "concepts", "iterations", "learning_rate", "negative_guidance",
         "erase_from", "seed", "ddim_steps", "start_guidance", "train_prompts", "preserve",
-        "preserve_weight", "concept_kind", "preserve_prompts", "parameterization"})
+        "preserve_weight", "concept_kind", "preserve_prompts", "parameterization", "robust"})
     if spec.parameterization == "lora":
         edit["lora_rank"] = spec.lora_rank
     edit["prompts"] = [{"prompt": p.prompt, "anchor": p.anchor}
@@ -149,7 +149,7 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
         preserve_weight=spec.preserve_weight, erase_from=spec.erase_from,
         ddim_steps=spec.ddim_steps, start_guidance=spec.start_guidance, seed=spec.seed,
         height=spec.height, width=spec.width, parameterization=spec.parameterization,
-        lora_rank=spec.lora_rank,
+        lora_rank=spec.lora_rank, robust=spec.robust,
     )
     trainer = ESDTrainer(pipe, cfg)
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
