@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 
 from worker.context import get_context
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--parameterization", nargs="+", choices=["full", "lora"],
                         default=["full"], help="train the weights, or a LoRA beside each "
                         "matrix (worker.esd.ESDConfig.parameterization)")
+    parser.add_argument("--robust", nargs="+", choices=["on", "off"], default=["off"],
+                        help="adversarial training (worker.esd.ESDConfig.robust)")
     parser.add_argument("--train-lora-rank", type=int, default=4,
                         help="the rank of the LoRA trained with --parameterization lora")
     parser.add_argument("--ddim-steps", type=int, default=30)
@@ -83,16 +86,17 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, keep, iters, lr, weight, own, eta, param in itertools.product(
+    for method, style, keep, iters, lr, weight, own, eta, param, robust in itertools.product(
             args.method, args.train_prompts, args.preserve, args.iterations, args.lr,
-            args.preserve_weight, args.preserve_trajectory, args.eta, args.parameterization):
+            args.preserve_weight, args.preserve_trajectory, args.eta, args.parameterization,
+            args.robust):
         cfg = ESDConfig(concepts=tuple(concepts),
                         prompts=training_prompts(concepts, style, manifest.get("domain"),
                                                  preserve=keep == "on"),
                         method=method, iterations=iters, learning_rate=lr,
                         preserve_weight=weight, preserve_trajectory=own == "on",
                         negative_guidance=eta, parameterization=param,
-                        lora_rank=args.train_lora_rank,
+                        lora_rank=args.train_lora_rank, robust=robust == "on",
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
@@ -114,7 +118,8 @@ def main() -> None:
                                   "preserve": keep, "preserve_weight": weight,
                                   "preserve_trajectory": own, "eta": eta,
                                   "iterations": iters, "lr": lr,
-                                  "ddim_steps": args.ddim_steps, "parameterization": param}
+                                  "ddim_steps": args.ddim_steps, "parameterization": param,
+                                  "robust": robust}
                           | ({"lora_rank": args.train_lora_rank} if param == "lora" else {}),
                           "train_s": round(train_s, 1),
                           "trained_parameters": sum(p.numel() for p in trainer.params.values()),
@@ -130,9 +135,12 @@ def attack_line(base, variant, clf, concepts: list[str], delta: dict, options: d
     from worker.attacks import Attacker, Drawing, judged
 
     judge = get_domain("shapes").judge(clf)
+    def stage(name: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} attack: {name}", file=sys.stderr, flush=True)
+
     return [Attacker(base, variant, c, get_domain("shapes").training_texts(c),
                      judged(judge, c), AttackSpec(**options), Drawing(guidance=guidance),
-                     trained=sorted(delta)).run() for c in concepts]
+                     trained=sorted(delta), on_progress=stage).run() for c in concepts]
 
 
 def lora_line(ctx, model: str, base, delta: dict, rank: int, clf, concepts: list[str],
