@@ -78,6 +78,8 @@ class AttackSpec(BaseModel):
     search_images: int = Field(8, ge=1, le=64)
     search_worst: int = Field(3, ge=1, le=16, description="Drawn again with fresh seeds.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    control: bool = Field(True, description="Also run every attack on the base model: the "
+                          "control that shows each attack works (about half the time).")
 
 
 class JobSpec(BaseModel):

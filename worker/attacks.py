@@ -288,11 +288,12 @@ class Attacker:
         tried.append((f"{self.concept} {self.concept}",
                       [replace(t, self.concept, f"{self.concept} {self.concept}") or t
                        for t in self.texts]))
-        scored = []
-        for word, texts in tried:
-            images = self.draw(pipe, cfg.search_images, prompts=self._prompts(
-                cfg.search_images, texts), offset=20_000)
-            scored.append((self.verdict(images) or 0.0, word, texts))
+        # Every candidate's images in one run of full batches, then judged apart.
+        n = cfg.search_images
+        images = self.draw(pipe, n * len(tried), prompts=[
+            p for _, texts in tried for p in self._prompts(n, texts)], offset=20_000)
+        scored = [(self.verdict(images[k * n:(k + 1) * n]) or 0.0, word, texts)
+                  for k, (word, texts) in enumerate(tried)]
         scored.sort(key=lambda s: -s[0])
         worst = [{"words": word, "prompt": texts[0], "search_rate": rate,
                   "rate": self.rate(pipe, prompts=self._prompts(cfg.judge_images, texts))}
@@ -306,29 +307,35 @@ class Attacker:
         report: dict[str, Any] = {"concept": self.concept, "prompts": self.texts,
                                   "settings": cfg.model_dump() | {"drawing": asdict(
                                       self.drawing)}}
+        def control(measure: Callable[..., Any], *args: Any) -> Any:  # the same, on the base
+            return measure(self.base, *args) if cfg.control else None
+
         self.on_progress("plain prompts")
-        report["plain"] = {"edit": self.rate(self.edited), "base": self.rate(self.base)}
+        report["plain"] = {"edit": self.rate(self.edited),
+                           "base": control(self.rate)}
         if "inversion" in cfg.attacks:
             report["inversion"] = []
             for n in cfg.tokens:
                 self.on_progress(f"inversion, {n} token(s)")
-                report["inversion"].append({"tokens": n, "edit": self.inversion(self.edited, n)[0],
-                                            "base": self.inversion(self.base, n)[0]})
+                report["inversion"].append({
+                    "tokens": n, "edit": self.inversion(self.edited, n)[0],
+                    "base": control(lambda pipe, n: self.inversion(pipe, n)[0], n)})
         if "conditioning" in cfg.attacks:
             report["conditioning"] = []
             for b in cfg.budgets:
                 self.on_progress(f"conditioning, budget {b}")
-                report["conditioning"].append({"budget": b,
-                                               "edit": self.conditioning(self.edited, b),
-                                               "base": self.conditioning(self.base, b)})
+                report["conditioning"].append({
+                    "budget": b, "edit": self.conditioning(self.edited, b),
+                    "base": control(self.conditioning, b)})
         if "relearning" in cfg.attacks and self.trained:
             self.on_progress("relearning")
             report["relearning"] = {"edit": self.relearning(self.edited),
                                     "base": report["plain"]["base"]}
         if "prompt_search" in cfg.attacks:
             self.on_progress("prompt search")
-            report["prompt_search"] = {"edit": self.prompt_search(self.edited)}
-            report["prompt_search"]["base"] = self.prompt_search(self.base)["rate"]
+            report["prompt_search"] = {"edit": self.prompt_search(self.edited),
+                                       "base": control(lambda pipe: self.prompt_search(
+                                           pipe)["rate"])}
         report["worst"] = worst_rate(report)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         return report

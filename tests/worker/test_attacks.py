@@ -104,3 +104,10 @@ def test_a_missing_judge_gives_no_rate_and_sdxl_is_refused(pipes):
     with pytest.raises(InvalidParams, match="`attacks`"):
         Attacker(pipes[0], pipes[1], "red", TEXTS, judged(None, "red"),
                  AttackSpec.model_construct(attacks=["jailbreak"]))
+
+
+def test_without_the_control_the_base_is_not_attacked(pipes):
+    report = attacker(pipes, SMALL.model_copy(update={"control": False,
+                                                      "attacks": ["conditioning"]})).run()
+    assert report["plain"]["base"] is None and report["conditioning"][0]["base"] is None
+    assert report["plain"]["edit"] is not None and "inversion" not in report
