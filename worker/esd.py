@@ -139,6 +139,12 @@ class ESDConfig:
     # beside each of its matrices does (biases stay), through diffusers' own PEFT adapters.
     parameterization: str = "full"
     lora_rank: int = 4
+    # Iterations drawn from one teacher trajectory, each at its own random stop: 1 is the
+    # paper (a fresh trajectory per iteration). Each sample keeps the paper's distribution
+    # (a uniform stop on a guided trajectory from fresh noise); ``per`` of them share the
+    # trajectory's noise and prompt, and the trajectory costs the furthest stop of them,
+    # not the sum.
+    stops_per_trajectory: int = 1
     # Robust training, in the spirit of AdvUnlearn (Zhang et al. 2024): at the start of each
     # block, per trained prompt an offset δ on the text encoder's output is searched that
     # brings the concept back in the *current* student (its prediction at c_from + δ pulled
@@ -227,6 +233,13 @@ class ESDTrainer:
                                      device=self.device, dtype=self.dtype)
         if cfg.block < 1:
             raise InvalidParams(f"`block` must be at least 1, got {cfg.block}")
+        per = cfg.stops_per_trajectory
+        if per < 1 or cfg.block % per:
+            raise InvalidParams(f"`stops_per_trajectory` must divide `block` ({cfg.block}), "
+                                f"got {per}")
+        if per > 1 and cfg.preserve_trajectory:
+            raise InvalidParams("`preserve_trajectory` draws a trajectory per iteration: "
+                                f"`stops_per_trajectory` must be 1, got {per}")
         self.state = ESDState(0, [])
         self._block: tuple[int, list[Sample]] | None = None
         # Robust training's offsets per c_from text, and the block they were searched for.
@@ -275,33 +288,51 @@ class ESDTrainer:
         one batched call. Each iteration's noise and stop come from a generator seeded by
         its index, so a resumed job, or another block size, draws the same samples.
         """
-        cfg = self.cfg
+        cfg, per = self.cfg, self.cfg.stops_per_trajectory
         # Always a whole block, past the last iteration too: the same batches every time,
         # so a resumed job's numbers are bit-identical to an uninterrupted one's.
         iters = range(block * cfg.block, (block + 1) * cfg.block)
-        prompts = [self.prompts[i % len(self.prompts)] for i in iters]
+        # The ``per`` iterations of a trajectory share its prompt (and its noise: the
+        # first's); each has its own stop.
+        prompts = [self._prompt_of(i) for i in iters]
         stops, noise = [], []
         for i in iters:
             g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i)
             stops.append(int(torch.randint(0, cfg.ddim_steps, (1,), generator=g)))
-            noise.append(torch.randn(self._latent_shape(1), generator=g))
+            z = torch.randn(self._latent_shape(1), generator=g)
+            if i % per == 0:
+                noise.append(z)
         n = len(iters)
         # With ``preserve_trajectory``, a preserved prompt's x_t comes from its own guided
         # trajectory (from the same noise, stopped at the same step): rows n.. of x.
         own = [j for j, p in enumerate(prompts)
                if p.preserve is not None and cfg.preserve_trajectory]
         stops_t = torch.tensor(stops + [stops[j] for j in own])
-        x = torch.cat(noise + [noise[j] for j in own]).to(self.device, self.dtype) \
+        # Trajectory rows: one per ``per`` iterations, then the preserved prompts' own; each
+        # sample (row, stop) is taken when its row has run ``stop`` steps.
+        taken = [(j // per, stops[j]) for j in range(n)] + [
+            (n // per + k, stops[j]) for k, j in enumerate(own)]
+        ends = torch.tensor([max(stops[r * per:(r + 1) * per]) for r in range(n // per)]
+                            + [stops[j] for j in own])
+        traj = torch.cat(noise + [noise[j] for j in own]).to(self.device, self.dtype) \
             * self.scheduler.init_noise_sigma
-        froms = [self._from(p) for p in prompts] + [prompts[j].preserve for j in own]
-        for k, t in enumerate(self.scheduler.timesteps[:max(stops)]):
-            run = (stops_t > k).nonzero().flatten().to(self.device)  # still on their way to x_t
-            xr = x[run]
+        froms = [self._from(prompts[r * per]) for r in range(n // per)] + [
+            prompts[j].preserve for j in own]
+        x = torch.empty((len(taken), *traj.shape[1:]), device=self.device, dtype=self.dtype)
+        for k in range(int(ends.max()) + 1):
+            for j, (row, stop) in enumerate(taken):
+                if stop == k:
+                    x[j] = traj[row]
+            if k == int(ends.max()):
+                break
+            t = self.scheduler.timesteps[k]
+            run = (ends > k).nonzero().flatten().to(self.device)  # still on their way
+            xr = traj[run]
             texts = [""] * len(run) + [froms[i] for i in run.tolist()]
             eps_u, eps_c = self.frozen(torch.cat([xr, xr]), t,
                                        **self._cond(texts, self.dtype)).sample.chunk(2)
             guided = eps_u + cfg.start_guidance * (eps_c - eps_u)
-            x[run] = self.scheduler.step(guided, t, xr).prev_sample
+            traj[run] = self.scheduler.step(guided, t, xr).prev_sample
         ts = self.scheduler.timesteps[stops_t].to(self.device)
         # Teacher rows per iteration: anchor, concept, c_from, and the preserved prompt.
         rows = [[p.anchor, p.concept, self._from(p)]
@@ -327,7 +358,7 @@ class ESDTrainer:
         by_text: dict[str, list[int]] = {}
         for j in range(len(samples)):
             i = block * cfg.block + j
-            by_text.setdefault(self._from(self.prompts[i % len(self.prompts)]), []).append(j)
+            by_text.setdefault(self._from(self._prompt_of(i)), []).append(j)
         for text, rows in by_text.items():
             base = self._cond([text] * len(rows), torch.float32)
             radius = cfg.robust_budget * float(base["encoder_hidden_states"][0].norm())
@@ -348,6 +379,10 @@ class ESDTrainer:
             self.offsets[text] = delta.detach()
         self._offset_block = block
 
+    def _prompt_of(self, i: int) -> ESDPrompt:
+        """Iteration ``i``'s training prompt: taken in turn, one per trajectory."""
+        return self.prompts[(i // self.cfg.stops_per_trajectory) % len(self.prompts)]
+
     def _from(self, p: ESDPrompt) -> str:
         """The text θ is trained on for ``p`` (c_from)."""
         return self.cfg.erase_from or p.prompt
@@ -361,7 +396,7 @@ class ESDTrainer:
         if cfg.robust and self._offset_block != block:
             self._search_offsets(self._block[1], block)
         x_t, t, target, keep_eps, keep_x, _ = self._block[1][i - block * cfg.block]
-        p = self.prompts[i % len(self.prompts)]
+        p = self._prompt_of(i)
         held = [p.preserve] if keep_eps is not None and p.preserve is not None else []
         student = [self._from(p), *held]
         x_in = x_t.expand(len(student), -1, -1, -1) if keep_x is None else torch.cat([x_t, keep_x])

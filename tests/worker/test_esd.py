@@ -159,6 +159,36 @@ def test_resuming_from_a_checkpoint_gives_the_same_result(pipe):
         assert torch.equal(p, resumed.params[name]), name
 
 
+def test_several_stops_per_trajectory_take_fewer_teacher_rows_and_resume_exactly(pipe):
+    def cfg(per: int, iterations: int = 8) -> ESDConfig:
+        return ESDConfig(concepts=("red",), method="esd-x", iterations=iterations,
+                         learning_rate=1e-2, ddim_steps=8, seed=1, block=8,
+                         stops_per_trajectory=per)
+
+    rows: list[int] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    try:
+        counts = {}
+        for per in (1, 4):
+            rows.clear()
+            ESDTrainer(pipe, cfg(per)).train()
+            counts[per] = sum(rows)
+    finally:
+        hook.remove()
+    # 8 trajectories to each stop against 2 to the furthest of 4 stops (same seeds)
+    assert counts[4] < 0.75 * counts[1], counts
+    straight = ESDTrainer(pipe, cfg(4, 12))
+    straight.train()
+    first = ESDTrainer(pipe, cfg(4, 6))
+    first.train()
+    resumed = ESDTrainer(pipe, cfg(4, 12))
+    resumed.restore(first.checkpoint())
+    resumed.train()
+    assert all(torch.equal(p, resumed.params[n]) for n, p in straight.params.items())
+    with pytest.raises(InvalidParams, match="`stops_per_trajectory` must divide"):
+        ESDTrainer(pipe, cfg(3))
+
+
 def test_a_robust_erase_resumed_mid_block_is_bit_identical(pipe):
     def cfg(iterations: int) -> ESDConfig:
         return ESDConfig(concepts=("red",), method="esd-x", iterations=iterations,
