@@ -19,9 +19,11 @@ import copy
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED_STOPS = 4  # iterations per teacher trajectory in the third run
 
 
 def reference_train(pipe: Any, cfg: Any) -> tuple[dict, float]:
@@ -93,8 +95,10 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     from app.config import Settings
     from worker.context import WorkerContext
     from worker.defaults import ensure_default_models
-    from worker.domains.shapes.erasure import concept_accuracy
+    from worker.domains import get_domain
+    from worker.domains.shapes.erasure import erasure_report
     from worker.esd import ESDConfig, ESDTrainer
+    from worker.evidence import Drawing
     from worker.prompts import training_prompts
     from worker.variants import build_variant
 
@@ -115,26 +119,37 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
                                              preserve=manifest.get("domain") == "shapes"),
                     height=gen.get("height", 32), width=gen.get("width", 32))
 
-    def erased(delta: dict) -> float | None:
-        if clf is None:  # a model without a classifier (tiny-sd in the smoke run)
-            return None
+    domain = get_domain(manifest.get("domain"))
+    drawing = Drawing(base, domain, [concept], gen.get("guidance_scale", 7.5),
+                      gen.get("steps", 30), (gen.get("height", 32), gen.get("width", 32)))
+    near = domain.neighbours(concept, [concept])
+
+    def measured(delta: dict, seconds: float) -> dict:
+        """Speed, and what the edit did: the erased concept's accuracy, its neighbours'
+        (the other concepts of its kind), and their same-seed drift from the base."""
         variant = build_variant(base, delta, model).pipe
-        return concept_accuracy(variant, clf, concept, gen["guidance_scale"], per_prompt)
+        out = {"seconds": round(seconds, 1), "it_per_s": round(iterations / seconds, 2),
+               "accuracy_after": None, "neighbours": None}
+        if clf is not None:  # a model without a classifier (tiny-sd in the smoke run)
+            acc = erasure_report(variant, clf, [concept], per_prompt, gen["guidance_scale"],
+                                 include_full=False)["accuracy"]
+            out["accuracy_after"] = acc[concept]
+            out["neighbours"] = (round(sum(acc[c] for c in near) / len(near), 4)
+                                 if near else None)
+        drift = drawing.drift(variant) or {}
+        return out | {"drift_psnr": drift.get("psnr"), "drift_ssim": drift.get("ssim")}
 
     ref_delta, ref_s = reference_train(base, cfg)
-    t0 = time.perf_counter()
-    trainer = ESDTrainer(base, cfg)
-    trainer.train()
-    ours_s = time.perf_counter() - t0
-    ours_delta = trainer.delta()
-    return {
-        "model": model, "concept": concept, "iterations": iterations,
-        "reference": {"seconds": round(ref_s, 1), "it_per_s": round(iterations / ref_s, 2),
-                      "accuracy_after": erased(ref_delta)},
-        "lethe": {"seconds": round(ours_s, 1), "it_per_s": round(iterations / ours_s, 2),
-                  "accuracy_after": erased(ours_delta), "block": cfg.block},
-        "speedup": round(ref_s / ours_s, 2),
-    }
+    runs = {"reference": measured(ref_delta, ref_s)}
+    for name, per in (("lethe", 1), ("lethe_shared", SHARED_STOPS)):
+        t0 = time.perf_counter()
+        trainer = ESDTrainer(base, replace(cfg, stops_per_trajectory=per))
+        trainer.train()
+        runs[name] = measured(trainer.delta(), time.perf_counter() - t0) | {
+            "block": cfg.block, "stops_per_trajectory": per}
+    return {"model": model, "concept": concept, "iterations": iterations, **runs,
+            "speedup": round(ref_s / runs["lethe"]["seconds"], 2),
+            "speedup_shared": round(ref_s / runs["lethe_shared"]["seconds"], 2)}
 
 
 if __name__ == "__main__":
