@@ -50,14 +50,15 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
              "search_worst": 1}
     # Opted in on the erase: the attacks' report comes with the new model.
     r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
-                                  "iterations": 2, "name": "tiny-attacked",
+                                  "iterations": 2, "name": "tiny-attacked", "robust": True,
                                   "attack": {**small, "attacks": ["conditioning"]}})
     erased = wait_job(http, r.json()["id"], timeout_s=300)
     assert erased["status"] == "succeeded", erased
     [on_erase] = erased["result"]["attacks"]
     assert on_erase["concept"] == "red" and "inversion" not in on_erase
     assert [c["budget"] for c in on_erase["conditioning"]] == [1.0]
-    assert http.get("/models/tiny-attacked").json()["attacks"] == [on_erase]
+    model = http.get("/models/tiny-attacked").json()
+    assert model["attacks"] == [on_erase] and model["edit"]["robust"] is True
     job = evaluate(http, model="tiny-attacked", metrics=[], attack=small, steps=2)
     [attacked] = job["result"]["report"]["attacks"]
     assert attacked["concept"] == "red" and attacked["judge"] is None
