@@ -75,31 +75,9 @@ def profile(base: Any, cfg: Any) -> dict[str, float]:
 
 
 def run(model: str, concept: str, iterations: int, shared: tuple[int, ...] = (1, 4)) -> dict:
-    import atexit
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from bench.esd_speed import setup
 
-    from app.config import Settings
-    from worker.context import WorkerContext
-    from worker.defaults import ensure_default_models
-    from worker.esd import ESDConfig
-    from worker.prompts import training_prompts
-
-    home = Path(tempfile.mkdtemp(prefix="lethe-bench-"))
-    atexit.register(shutil.rmtree, home, True)
-    ctx = WorkerContext.from_settings(Settings(home=home))
-    ensure_default_models(ctx.registry)
-    manifest = ctx.registry.get(model)
-    d, gen = manifest.get("erase_defaults") or {}, manifest.get("defaults") or {}
-    base, _ = ctx.cache.get(model)
-    cfg = ESDConfig(concepts=(concept,), method=d.get("method", "esd-x"), iterations=iterations,
-                    learning_rate=d.get("learning_rate", 1e-5),
-                    ddim_steps=d.get("ddim_steps", 50),
-                    start_guidance=d.get("start_guidance", 3.0),
-                    prompts=training_prompts([concept], "varied", manifest.get("domain"),
-                                             preserve=manifest.get("domain") == "shapes"),
-                    height=gen.get("height", 32), width=gen.get("width", 32))
+    base, _, _, cfg = setup(model, concept, iterations, method=None)  # the job's default
     return {"model": model, "concept": concept, "method": cfg.method,
             "iterations": iterations, "ddim_steps": cfg.ddim_steps, "block": cfg.block,
             "per_iteration_s": {str(k): profile(base, replace(cfg, stops_per_trajectory=k))

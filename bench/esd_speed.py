@@ -86,7 +86,12 @@ def main() -> None:
                      indent=2))
 
 
-def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
+def setup(model: str, concept: str, iterations: int, method: str | None = "esd-x"
+          ) -> tuple[Any, Any, dict, Any]:
+    """A fresh registry's ``model`` (the shipped models, in a temporary LETHE_HOME), its
+    classifier if it names one, its manifest, and the ESD config an erase job of
+    ``concept`` would train with (its erase defaults, varied prompts, preservation on the
+    shapes family); ``method`` None: the model's default method."""
     import atexit
     import shutil
     import tempfile
@@ -95,12 +100,8 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     from app.config import Settings
     from worker.context import WorkerContext
     from worker.defaults import ensure_default_models
-    from worker.domains import get_domain
-    from worker.domains.shapes.erasure import erasure_report
-    from worker.esd import ESDConfig, ESDTrainer
-    from worker.evidence import Drawing
+    from worker.esd import ESDConfig
     from worker.prompts import training_prompts
-    from worker.variants import build_variant
 
     home = Path(tempfile.mkdtemp(prefix="lethe-bench-"))
     atexit.register(shutil.rmtree, home, True)
@@ -111,14 +112,26 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     gen = manifest.get("defaults") or {}
     base, _ = ctx.cache.get(model)
     clf = ctx.cache.get(manifest["evaluator"])[0] if manifest.get("evaluator") else None
-    cfg = ESDConfig(concepts=(concept,), method="esd-x", iterations=iterations,
+    cfg = ESDConfig(concepts=(concept,), method=method or d.get("method", "esd-x"),
+                    iterations=iterations,
                     learning_rate=d.get("learning_rate", 1e-5),
                     ddim_steps=d.get("ddim_steps", 50),
                     start_guidance=d.get("start_guidance", 3.0),
                     prompts=training_prompts([concept], "varied", manifest.get("domain"),
                                              preserve=manifest.get("domain") == "shapes"),
                     height=gen.get("height", 32), width=gen.get("width", 32))
+    return base, clf, manifest, cfg
 
+
+def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
+    from worker.domains import get_domain
+    from worker.domains.shapes.erasure import erasure_report
+    from worker.esd import ESDTrainer
+    from worker.evidence import Drawing
+    from worker.variants import build_variant
+
+    base, clf, manifest, cfg = setup(model, concept, iterations)
+    gen = manifest.get("defaults") or {}
     domain = get_domain(manifest.get("domain"))
     drawing = Drawing(base, domain, [concept], gen.get("guidance_scale", 7.5),
                       gen.get("steps", 30), (gen.get("height", 32), gen.get("width", 32)))
