@@ -99,6 +99,7 @@ class Attacker:
         self.verdict, self.trained = verdict, trained or []
         self.on_progress = on_progress or (lambda stage: None)
         self.device = edited.unet.device
+        self._train: tuple[torch.Tensor, list[str]] | None = None
 
     # Drawing and judging.
     def _seeds(self, n: int, offset: int = 0) -> list[int]:
@@ -139,7 +140,8 @@ class Attacker:
 
     # What the attacks learn from.
     def _training_set(self) -> tuple[torch.Tensor, list[str]]:
-        if not hasattr(self, "_train"):
+        """The base's latents of the concept's prompts (drawn once) and those prompts."""
+        if self._train is None:
             prompts = self._prompts(self.cfg.train_images)
             latents = self.draw(self.base, len(prompts), prompts=prompts, offset=0,
                                 output="latent")
@@ -292,14 +294,14 @@ class Attacker:
         n = cfg.search_images
         images = self.draw(pipe, n * len(tried), prompts=[
             p for _, texts in tried for p in self._prompts(n, texts)], offset=20_000)
-        scored = [(self.verdict(images[k * n:(k + 1) * n]) or 0.0, word, texts)
+        scored = [(self.verdict(images[k * n:(k + 1) * n]), word, texts)
                   for k, (word, texts) in enumerate(tried)]
-        scored.sort(key=lambda s: -s[0])
+        scored.sort(key=lambda s: -1.0 if s[0] is None else -s[0])
         worst = [{"words": word, "prompt": texts[0], "search_rate": rate,
                   "rate": self.rate(pipe, prompts=self._prompts(cfg.judge_images, texts))}
                  for rate, word, texts in scored[:cfg.search_worst]]
-        return {"tried": len(tried), "worst": worst,
-                "rate": max((w["rate"] or 0.0 for w in worst), default=None)}
+        rates = [w["rate"] for w in worst if w["rate"] is not None]
+        return {"tried": len(tried), "worst": worst, "rate": max(rates) if rates else None}
 
     def run(self) -> dict[str, Any]:
         """Every attack of the config on the edit and on the base: the report."""
@@ -307,6 +309,7 @@ class Attacker:
         report: dict[str, Any] = {"concept": self.concept, "prompts": self.texts,
                                   "settings": cfg.model_dump() | {"drawing": asdict(
                                       self.drawing)}}
+
         def control(measure: Callable[..., Any], *args: Any) -> Any:  # the same, on the base
             return measure(self.base, *args) if cfg.control else None
 

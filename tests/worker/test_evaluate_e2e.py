@@ -65,6 +65,8 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     assert attacked["plain"] == {"edit": None, "base": None}
     assert [r["steps"] for r in attacked["relearning"]["edit"]] == [1, 2]
     assert attacked["prompt_search"]["edit"]["tried"] == 3
+    assert attacked["prompt_search"]["edit"]["rate"] is None  # no judge: no number
+    assert attacked["worst"] is None
     # relearned at the edit's own step (tiny-sd's erase default), as recorded
     assert attacked["settings"]["relearn_lr"] == 1e-3
     assert http.get("/models/tiny-attacked").json()["reports"][-1]["attacks"] == [attacked]
