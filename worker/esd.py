@@ -400,10 +400,10 @@ class ESDTrainer:
         held = [p.preserve] if keep_eps is not None and p.preserve is not None else []
         student = [self._from(p), *held]
         x_in = x_t.expand(len(student), -1, -1, -1) if keep_x is None else torch.cat([x_t, keep_x])
-        cond = self._cond(student, torch.float32)
         if cfg.robust:  # one more row: c_from under the adversary's offset, the same target
             x_in, student = torch.cat([x_in, x_t]), [*student, self._from(p)]
-            cond = self._cond(student, torch.float32)
+        cond = self._cond(student, torch.float32)
+        if cfg.robust:
             cond["encoder_hidden_states"][-1] += self.offsets[self._from(p)]
         pred = self.unet(x_in.float(), t.expand(len(student)), **cond).sample
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
