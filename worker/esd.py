@@ -34,6 +34,7 @@ same batched calls, so it costs one more row in each, not another trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -58,6 +59,25 @@ def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eps_f: torch.Tensor,
                eta: float) -> torch.Tensor:
     """ε_f − (1 + η)(ε_c − ε₀); with ε_f = ε_c this is the paper's ε₀ − η(ε_c − ε₀)."""
     return eps_f - (1 + eta) * (eps_c - eps_0)
+
+
+def student_unet(unet: nn.Module, method: str, copied: bool = True
+                 ) -> tuple[Any, dict[str, nn.Parameter]]:
+    """A training copy of ``unet`` for ``method`` and the parameters it trains, by name.
+
+    Only the trained set is new memory (``copied``: float32 copies, since Adam's small
+    steps vanish in half precision); every other parameter and every buffer is ``unet``'s
+    own tensor, frozen, as an edited variant shares its base's. With ``copied`` false
+    nothing is copied (a LoRA beside the chosen matrices trains instead). ``unet`` itself
+    is untouched: its parameters are wrapped, not re-flagged.
+    """
+    chosen = set(select_parameters(unet, method)) if copied else set()
+    memo: dict[int, Any] = {id(b): b for b in unet.buffers()}
+    for name, p in unet.named_parameters():
+        memo[id(p)] = (nn.Parameter(p.detach().float().clone()) if name in chosen
+                       else nn.Parameter(p.detach(), requires_grad=False))
+    student = copy.deepcopy(unet, memo).train()
+    return student, select_parameters(student, method)
 
 
 def _in_cross_attention(name: str) -> bool:
@@ -155,6 +175,12 @@ class ESDConfig:
     robust_budget: float = 1.0
     robust_steps: int = 4
     robust_lr: float = 0.25
+    # One offset for every trained prompt (as the conditioning attack learns one), searched
+    # on all of a block's rows, instead of one per prompt from its own rows.
+    robust_shared: bool = False
+    # Recompute θ's activations in the backward pass instead of keeping them: less memory
+    # on large UNets for about one more forward pass; the same numbers.
+    gradient_checkpointing: bool = False
 
 
 # One iteration's sample: x_t, t, the target, θ*'s prediction for the preserved prompt and
@@ -203,15 +229,16 @@ class ESDTrainer:
     def __init__(self, pipe: Any, cfg: ESDConfig):
         self.pipe, self.cfg = pipe, cfg
         self.frozen: UNet2DConditionModel = pipe.unet  # θ*: never written to
-        # θ trains in float32 even when θ* runs in float16: Adam's small steps vanish in fp16.
-        self.unet: UNet2DConditionModel = copy.deepcopy(pipe.unet).float().train()
-        self.unet.requires_grad_(False)
-        self.params = select_parameters(self.unet, cfg.method)
-        if cfg.parameterization == "lora":
-            self.params = _add_lora(self.unet, self.params, cfg)
-        elif cfg.parameterization != "full":
+        if cfg.parameterization not in PARAMETERIZATIONS:
             raise InvalidParams(f"`parameterization` must be one of {list(PARAMETERIZATIONS)}, "
                                 f"got {cfg.parameterization!r}")
+        lora = cfg.parameterization == "lora"
+        # θ holds only what it trains (no second whole UNet): see ``student_unet``.
+        self.unet, self.params = student_unet(pipe.unet, cfg.method, copied=not lora)
+        if lora:
+            self.params = _add_lora(self.unet, self.params, cfg)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         for p in self.params.values():
             p.requires_grad_(True)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.learning_rate)
@@ -219,6 +246,12 @@ class ESDTrainer:
         self.scheduler.set_timesteps(cfg.ddim_steps)
         self.device = self.frozen.device
         self.dtype = self.frozen.dtype
+        # θ's shared tensors are in θ*'s precision, its trained ones in float32: a half-
+        # precision θ* runs θ under autocast (matrix products in half precision, gradients
+        # and Adam's state in float32 for the trained set).
+        self._autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                          if self.dtype in (torch.float16, torch.bfloat16)
+                          else contextlib.nullcontext())
         self.prompts = list(cfg.prompts or [ESDPrompt(c, c) for c in cfg.concepts])
         # The empty prompt is always needed: the trajectory's unconditional branch.
         texts = ["", *(t for p in self.prompts for t in (p.concept, p.prompt, p.anchor))]
@@ -355,29 +388,40 @@ class ESDTrainer:
         encoding that best brings the concept back in the current student (see
         ``ESDConfig.robust``), started from the last block's."""
         cfg = self.cfg
-        by_text: dict[str, list[int]] = {}
+        by_key: dict[str, list[int]] = {}
         for j in range(len(samples)):
-            i = block * cfg.block + j
-            by_text.setdefault(self._from(self._prompt_of(i)), []).append(j)
-        for text, rows in by_text.items():
-            base = self._cond([text] * len(rows), torch.float32)
-            radius = cfg.robust_budget * float(base["encoder_hidden_states"][0].norm())
-            delta = self.offsets.get(text, torch.zeros_like(base["encoder_hidden_states"][0]))
+            by_key.setdefault(self._offset_key(block * cfg.block + j), []).append(j)
+        for key, rows in by_key.items():
+            texts = [self._from(self._prompt_of(block * cfg.block + j)) for j in rows]
+            base = self._cond(texts, torch.float32)
+            radius = cfg.robust_budget * float(
+                base["encoder_hidden_states"].flatten(1).norm(dim=1).mean())
+            delta = self.offsets.get(key, torch.zeros_like(base["encoder_hidden_states"][0]))
             x = torch.cat([samples[j][0] for j in rows]).float()
             t = torch.cat([samples[j][1] for j in rows])
             goal = torch.cat([samples[j][5] for j in rows]).float()
             for _ in range(cfg.robust_steps):
                 delta = delta.detach().requires_grad_(True)
                 cond = base | {"encoder_hidden_states": base["encoder_hidden_states"] + delta}
-                loss = nn.functional.mse_loss(self.unet(x, t, **cond).sample.float(), goal)
+                loss = nn.functional.mse_loss(self._student(x, t, cond).float(), goal)
                 (grad,) = torch.autograd.grad(loss, [delta])
                 with torch.no_grad():
                     delta = delta - cfg.robust_lr * radius * grad / (grad.norm() + 1e-12)
                     norm = float(delta.norm())
                     if norm > radius:
                         delta = delta * (radius / norm)
-            self.offsets[text] = delta.detach()
+            self.offsets[key] = delta.detach()
         self._offset_block = block
+
+    def _offset_key(self, i: int) -> str:
+        """Whose adversarial offset iteration ``i`` trains under: its c_from text's, or with
+        ``robust_shared`` the one offset of every prompt."""
+        return "*" if self.cfg.robust_shared else self._from(self._prompt_of(i))
+
+    def _student(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """θ's prediction, with gradients to its trained set."""
+        with self._autocast:
+            return self.unet(x, t, **cond).sample
 
     def _prompt_of(self, i: int) -> ESDPrompt:
         """Iteration ``i``'s training prompt: taken in turn, one per trajectory."""
@@ -404,8 +448,8 @@ class ESDTrainer:
             x_in, student = torch.cat([x_in, x_t]), [*student, self._from(p)]
         cond = self._cond(student, torch.float32)
         if cfg.robust:
-            cond["encoder_hidden_states"][-1] += self.offsets[self._from(p)]
-        pred = self.unet(x_in.float(), t.expand(len(student)), **cond).sample
+            cond["encoder_hidden_states"][-1] += self.offsets[self._offset_key(i)]
+        pred = self._student(x_in.float(), t.expand(len(student)), cond)
         loss = nn.functional.mse_loss(pred[:1].float(), target.float())
         if cfg.robust:
             loss = loss + nn.functional.mse_loss(pred[-1:].float(), target.float())
@@ -474,6 +518,7 @@ def _add_lora(unet: Any, chosen: dict[str, nn.Parameter], cfg: ESDConfig
     factors = {}
     for name, param in unet.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
+            param.data = param.data.float()  # trained in float32 beside a half-precision W₀
             factors[name.replace(".default.", ".")] = param  # PEFT names the adapter
     return factors
 

@@ -212,6 +212,22 @@ def test_a_robust_erase_resumed_mid_block_is_bit_identical(pipe):
     assert any(not torch.equal(p, plain.params[n]) for n, p in straight.params.items())
 
 
+def test_a_shared_robust_offset_is_one_for_every_prompt_and_within_its_budget(pipe):
+    prompts = tuple(ESDPrompt(p, p) for p in ("red", "a red circle", "a red square"))
+    trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), prompts=prompts, method="esd-x",
+                                         iterations=8, learning_rate=1e-2, ddim_steps=4,
+                                         seed=1, block=4, robust=True, robust_shared=True,
+                                         robust_budget=0.1, robust_steps=3, robust_lr=1.0))
+    trainer.train()
+    [(key, delta)] = trainer.offsets.items()
+    # the last block's four iterations (all three prompts) trained under the one offset
+    # (the first block's is zero: the student still is the teacher)
+    norms = encode_prompts(pipe, ["a red circle", "a red square", "red", "a red circle"])
+    norms = norms.flatten(1)
+    assert key == "*" and 0 < float(delta.norm()) <= 0.1 * float(norms.norm(dim=1).mean()) \
+        * (1 + 1e-5)
+
+
 def test_the_robust_offset_stays_within_its_budget(pipe):
     trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-x", iterations=4,
                                          learning_rate=1e-2, ddim_steps=4, seed=1, block=4,
@@ -261,3 +277,38 @@ def test_a_neighbour_can_be_held_at_points_of_its_own_trajectory(pipe):
     plain = ESDTrainer(pipe, ESDConfig(**{**cfg.__dict__, "preserve_trajectory": False}))
     assert all(s[4] is None for s in plain._draw_block(0))
     assert len(trainer.train().losses) == 8
+
+
+def test_the_student_holds_only_its_trained_set_and_leaves_the_teacher_as_it_was(pipe):
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    trainer = trained(pipe, "esd-x", iterations=1)
+    teacher = dict(pipe.unet.named_parameters())
+    shared = {n for n, p in trainer.unet.named_parameters()
+              if p.data_ptr() == teacher[n].data_ptr()}
+    # Every tensor outside the trained set is the teacher's own; the trained set is a copy.
+    assert shared == set(teacher) - set(trainer.params)
+    assert not any(p.requires_grad for n, p in trainer.unet.named_parameters() if n in shared)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in trainer.params.values())
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
+def test_a_half_precision_teacher_trains_a_float32_trained_set():
+    pipe = tiny_pipeline(seed=0).to(torch.bfloat16)
+    before = copy.deepcopy(pipe.unet.state_dict())
+    trainer = trained(pipe, "esd-x")
+    assert all(torch.isfinite(torch.tensor(trainer.state.losses)))
+    moved = [n for n, p in trainer.params.items() if not torch.equal(p.to(torch.bfloat16),
+                                                                       before[n])]
+    assert moved and all(p.dtype == torch.float32 for p in trainer.params.values())
+    assert all(torch.equal(before[n], v) for n, v in pipe.unet.state_dict().items())
+
+
+def test_gradient_checkpointing_learns_the_same_numbers(pipe):
+    plain = trained(pipe, "esd-u")
+    cfg = ESDConfig(concepts=("red",), method="esd-u", iterations=3, learning_rate=1e-2,
+                    ddim_steps=4, seed=1, gradient_checkpointing=True)
+    checkpointed = ESDTrainer(pipe, cfg)
+    checkpointed.train()
+    assert checkpointed.unet.is_gradient_checkpointing
+    assert plain.state.losses == checkpointed.state.losses
+    assert all(torch.equal(p, checkpointed.params[n]) for n, p in plain.params.items())
