@@ -22,7 +22,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUITE = ("service", "variant", "esd", "batching", "load", "previews", "waiters")
+SUITE = ("service", "variant", "esd", "esd-memory", "batching", "load", "previews", "waiters")
 
 
 def ms(xs: list[float]) -> str:
@@ -122,6 +122,31 @@ def esd_section(smoke: bool, model: str) -> list[str]:
     return lines
 
 
+def esd_memory_section(smoke: bool, model: str) -> list[str]:
+    import torch
+
+    from bench.esd_memory import run, table
+
+    if smoke:  # the path only: a tenth-width UNet in float32
+        r = run("small", "cpu", "float32", 64, 2, 2, ("esd-x",), 2)
+    elif torch.cuda.is_available():
+        r = run("sd15", "cuda", "float16", 512, 50, 50, ("esd-x", "esd-u"), 30)
+    else:  # half precision on the CPU is bfloat16; SD 1.5's UNet is slow there
+        r = run("sd15", "cpu", "bfloat16", 64, 8, 2, ("esd-x", "esd-u"), 10)
+    return [
+        f"## ESD's memory on a UNet of Stable Diffusion 1.5's configuration ({r['scale']}, "
+        f"random weights; {r['device']}, {r['dtype_name']}, {r['size']}² images, "
+        f"{r['iterations']} iterations, trajectories of {r['ddim_steps']} DDIM steps)",
+        "",
+        "`bench/esd_memory.py`, each row in a process of its own. The student shares every "
+        "tensor it does not train with the teacher; what it trains is a float32 copy, run "
+        "under autocast beside the half-precision rest. The erase's addition is the peak "
+        "less the loaded model: activations, gradients, Adam's state, the teacher's batches.",
+        "",
+        *table(r), "",
+    ]
+
+
 def batching_section(smoke: bool, model: str) -> list[str]:
     from bench.batching import run
 
@@ -211,6 +236,7 @@ def waiters_section(smoke: bool, model: str) -> list[str]:
 
 SECTIONS: dict[str, Callable[[bool, str], list[str]]] = {
     "service": service_section, "variant": variant_section, "esd": esd_section,
+    "esd-memory": esd_memory_section,
     "batching": batching_section, "load": load_section, "previews": previews_section,
     "waiters": waiters_section,
 }

