@@ -52,6 +52,15 @@ def main() -> None:
                         "matrix (worker.esd.ESDConfig.parameterization)")
     parser.add_argument("--robust", nargs="+", choices=["on", "off"], default=["off"],
                         help="adversarial training (worker.esd.ESDConfig.robust)")
+    parser.add_argument("--robust-budget", type=float, nargs="+", default=[1.0],
+                        help="the adversary's bound (ESDConfig.robust_budget)")
+    parser.add_argument("--robust-steps", type=int, nargs="+", default=[4],
+                        help="the adversary's steps per block (ESDConfig.robust_steps)")
+    parser.add_argument("--robust-shared", nargs="+", choices=["on", "off"], default=["off"],
+                        help="one adversarial offset for all prompts (ESDConfig.robust_shared)")
+    parser.add_argument("--stops", type=int, nargs="+", default=[1],
+                        help="iterations per teacher trajectory "
+                        "(ESDConfig.stops_per_trajectory)")
     parser.add_argument("--train-lora-rank", type=int, default=4,
                         help="the rank of the LoRA trained with --parameterization lora")
     parser.add_argument("--ddim-steps", type=int, default=30)
@@ -86,10 +95,12 @@ def main() -> None:
     if args.baseline:
         print(json.dumps({"run": "base", "guidance": guidance} | summary(
             erasure_report(base, clf, concepts, args.per_prompt, guidance))), flush=True)
-    for method, style, keep, iters, lr, weight, own, eta, param, robust in itertools.product(
+    for (method, style, keep, iters, lr, weight, own, eta, param, robust, budget, steps,
+         shared, stops) in itertools.product(
             args.method, args.train_prompts, args.preserve, args.iterations, args.lr,
             args.preserve_weight, args.preserve_trajectory, args.eta, args.parameterization,
-            args.robust):
+            args.robust, args.robust_budget, args.robust_steps, args.robust_shared,
+            args.stops):
         cfg = ESDConfig(concepts=tuple(concepts),
                         prompts=training_prompts(concepts, style, manifest.get("domain"),
                                                  preserve=keep == "on"),
@@ -97,6 +108,8 @@ def main() -> None:
                         preserve_weight=weight, preserve_trajectory=own == "on",
                         negative_guidance=eta, parameterization=param,
                         lora_rank=args.train_lora_rank, robust=robust == "on",
+                        robust_budget=budget, robust_steps=steps,
+                        robust_shared=shared == "on", stops_per_trajectory=stops,
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
@@ -119,7 +132,10 @@ def main() -> None:
                                   "preserve_trajectory": own, "eta": eta,
                                   "iterations": iters, "lr": lr,
                                   "ddim_steps": args.ddim_steps, "parameterization": param,
-                                  "robust": robust}
+                                  "robust": robust, "stops_per_trajectory": stops}
+                          | ({"robust_budget": budget, "robust_steps": steps,
+                              "robust_shared": shared}
+                             if robust == "on" else {})
                           | ({"lora_rank": args.train_lora_rank} if param == "lora" else {}),
                           "train_s": round(train_s, 1),
                           "trained_parameters": sum(p.numel() for p in trainer.params.values()),
