@@ -74,14 +74,19 @@ def profile(base: Any, cfg: Any) -> dict[str, float]:
     return {k: v / n for k, v in out.items()} | {"total": total / n}
 
 
-def run(model: str, concept: str, iterations: int, shared: tuple[int, ...] = (1, 4)) -> dict:
+def run(model: str, concept: str, iterations: int, shared: tuple[int, ...] = (1, 4),
+        blocks: tuple[int, ...] = (8,), max_rows: int | None = None) -> dict:
     from bench.esd_speed import setup
 
     base, _, _, cfg = setup(model, concept, iterations, method=None)  # the job's default
+    rows = {"max_rows": max_rows} if max_rows else {}
     return {"model": model, "concept": concept, "method": cfg.method,
-            "iterations": iterations, "ddim_steps": cfg.ddim_steps, "block": cfg.block,
-            "per_iteration_s": {str(k): profile(base, replace(cfg, stops_per_trajectory=k))
-                                for k in shared}}
+            "iterations": iterations, "ddim_steps": cfg.ddim_steps,
+            "max_rows": max_rows or cfg.max_rows,
+            "per_iteration_s": {
+                f"block {b}, {k} stops a trajectory": profile(
+                    base, replace(cfg, block=b, stops_per_trajectory=k, **rows))
+                for b in blocks for k in shared}}
 
 
 def main() -> None:
@@ -89,8 +94,12 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-sd")
     parser.add_argument("--concept", default="triangle")
     parser.add_argument("--iterations", type=int, default=96)
+    parser.add_argument("--stops", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[8])
+    parser.add_argument("--max-rows", type=int, default=None)
     args = parser.parse_args()
-    print(json.dumps(run(args.model, args.concept, args.iterations), indent=2))
+    print(json.dumps(run(args.model, args.concept, args.iterations, tuple(args.stops),
+                         tuple(args.blocks), args.max_rows), indent=2))
 
 
 if __name__ == "__main__":

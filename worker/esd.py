@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,9 +153,10 @@ class ESDConfig:
     height: int = 32
     width: int = 32
     # Iterations whose trajectories and teacher predictions are computed together, and the
-    # most rows one teacher call takes (bounds memory for large latents).
+    # most rows one teacher call takes (bounds memory for large latents; None: as many as
+    # make 65,536 latent pixels, at most 64: 16 rows at SD 1.5's 64×64 latents).
     block: int = 8
-    max_rows: int = 32
+    max_rows: int | None = None
     # "full": the method's parameters themselves train; "lora": a rank-``lora_rank`` B·A
     # beside each of its matrices does (biases stay), through diffusers' own PEFT adapters.
     parameterization: str = "full"
@@ -165,16 +167,20 @@ class ESDConfig:
     # trajectory's noise and prompt, and the trajectory costs the furthest stop of them,
     # not the sum.
     stops_per_trajectory: int = 1
-    # Robust training, in the spirit of AdvUnlearn (Zhang et al. 2024): at the start of each
-    # block, per trained prompt an offset δ on the text encoder's output is searched that
-    # brings the concept back in the *current* student (its prediction at c_from + δ pulled
-    # to the teacher's at c_from), ‖δ‖ ≤ ``robust_budget`` × the prompt encoding's norm,
+    # Robust training, in the spirit of AdvUnlearn (Zhang et al. 2024): every
+    # ``robust_every`` iterations, per trained prompt an offset δ on the text encoder's
+    # output is searched that brings the concept back in the *current* student (its
+    # prediction at c_from + δ pulled to the teacher's at c_from), ‖δ‖ ≤ ``robust_budget`` ×
+    # the prompt encoding's norm,
     # ``robust_steps`` normalised gradient steps of ``robust_lr`` × that bound each; the
     # student then also learns the ESD target under c_from + δ.
     robust: bool = False
     robust_budget: float = 1.0
     robust_steps: int = 4
     robust_lr: float = 0.25
+    # Iterations between searches (a divisor of ``block``): each search learns from the
+    # samples of the iterations it precedes.
+    robust_every: int = 8
     # One offset for every trained prompt (as the conditioning attack learns one), searched
     # on all of a block's rows, instead of one per prompt from its own rows.
     robust_shared: bool = False
@@ -277,7 +283,12 @@ class ESDTrainer:
         self._block: tuple[int, list[Sample]] | None = None
         # Robust training's offsets per c_from text, and the block they were searched for.
         self.offsets: dict[str, torch.Tensor] = {}
-        self._offset_block: int | None = None
+        self._offset_round: int | None = None
+        if cfg.robust and (cfg.robust_every < 1 or cfg.block % cfg.robust_every):
+            raise InvalidParams(f"`robust_every` must divide `block` ({cfg.block}), got "
+                                f"{cfg.robust_every}")
+        pixels = math.prod(self._latent_shape(1)[2:])
+        self.max_rows = cfg.max_rows or max(1, min(64, 65_536 // pixels))
 
     def _latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.pipe.vae_scale_factor
@@ -306,7 +317,7 @@ class ESDTrainer:
     @torch.no_grad()
     def _teacher(self, x: torch.Tensor, t: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """θ*'s predictions for rows of (x, t, prompt), at most ``max_rows`` per call."""
-        step = self.cfg.max_rows
+        step = self.max_rows
         return torch.cat([self.frozen(x[i:i + step], t[i:i + step],
                                       **self._cond(texts[i:i + step], self.dtype)).sample
                           for i in range(0, len(x), step)])
@@ -362,8 +373,8 @@ class ESDTrainer:
             run = (ends > k).nonzero().flatten().to(self.device)  # still on their way
             xr = traj[run]
             texts = [""] * len(run) + [froms[i] for i in run.tolist()]
-            eps_u, eps_c = self.frozen(torch.cat([xr, xr]), t,
-                                       **self._cond(texts, self.dtype)).sample.chunk(2)
+            rows_t = t.to(self.device).expand(2 * len(run))
+            eps_u, eps_c = self._teacher(torch.cat([xr, xr]), rows_t, texts).chunk(2)
             guided = eps_u + cfg.start_guidance * (eps_c - eps_u)
             traj[run] = self.scheduler.step(guided, t, xr).prev_sample
         ts = self.scheduler.timesteps[stops_t].to(self.device)
@@ -383,16 +394,16 @@ class ESDTrainer:
                         keep_x, e[2:3]))
         return out
 
-    def _search_offsets(self, samples: list[Sample], block: int) -> None:
+    def _search_offsets(self, samples: list[Sample], first: int) -> None:
         """Robust training's adversary: for each c_from text of the block, the offset on its
         encoding that best brings the concept back in the current student (see
         ``ESDConfig.robust``), started from the last block's."""
         cfg = self.cfg
         by_key: dict[str, list[int]] = {}
         for j in range(len(samples)):
-            by_key.setdefault(self._offset_key(block * cfg.block + j), []).append(j)
+            by_key.setdefault(self._offset_key(first + j), []).append(j)
         for key, rows in by_key.items():
-            texts = [self._from(self._prompt_of(block * cfg.block + j)) for j in rows]
+            texts = [self._from(self._prompt_of(first + j)) for j in rows]
             base = self._cond(texts, torch.float32)
             radius = cfg.robust_budget * float(
                 base["encoder_hidden_states"].flatten(1).norm(dim=1).mean())
@@ -411,7 +422,7 @@ class ESDTrainer:
                     if norm > radius:
                         delta = delta * (radius / norm)
             self.offsets[key] = delta.detach()
-        self._offset_block = block
+        self._offset_round = first // cfg.robust_every
 
     def _offset_key(self, i: int) -> str:
         """Whose adversarial offset iteration ``i`` trains under: its c_from text's, or with
@@ -437,8 +448,10 @@ class ESDTrainer:
         block = i // cfg.block
         if self._block is None or self._block[0] != block:
             self._block = (block, self._draw_block(block))
-        if cfg.robust and self._offset_block != block:
-            self._search_offsets(self._block[1], block)
+        if cfg.robust and self._offset_round != i // cfg.robust_every:
+            first = i // cfg.robust_every * cfg.robust_every
+            at = first - block * cfg.block
+            self._search_offsets(self._block[1][at:at + cfg.robust_every], first)
         x_t, t, target, keep_eps, keep_x, _ = self._block[1][i - block * cfg.block]
         p = self._prompt_of(i)
         held = [p.preserve] if keep_eps is not None and p.preserve is not None else []
@@ -484,7 +497,7 @@ class ESDTrainer:
                 "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "offsets": {k: v.cpu().clone() for k, v in self.offsets.items()},
-                "offset_block": self._offset_block,
+                "offset_round": self._offset_round,
                 "time": time.time()}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -493,9 +506,9 @@ class ESDTrainer:
                 self.params[k].copy_(v)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = ESDState(ckpt["iteration"], list(ckpt["losses"]))
-        # A robust job resumed mid-block keeps the offsets that block was trained under.
+        # A robust job resumed mid-round keeps the offsets that round was trained under.
         self.offsets = {k: v.to(self.device) for k, v in (ckpt.get("offsets") or {}).items()}
-        self._offset_block = ckpt.get("offset_block")
+        self._offset_round = ckpt.get("offset_round")
 
 
 def _add_lora(unet: Any, chosen: dict[str, nn.Parameter], cfg: ESDConfig

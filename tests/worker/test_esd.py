@@ -192,13 +192,13 @@ def test_several_stops_per_trajectory_take_fewer_teacher_rows_and_resume_exactly
 def test_a_robust_erase_resumed_mid_block_is_bit_identical(pipe):
     def cfg(iterations: int) -> ESDConfig:
         return ESDConfig(concepts=("red",), method="esd-x", iterations=iterations,
-                         learning_rate=1e-2, ddim_steps=4, seed=1, block=4, robust=True,
-                         robust_steps=2)
+                         learning_rate=1e-2, ddim_steps=4, seed=1, block=8, robust=True,
+                         robust_steps=2, robust_every=4)
 
     straight = ESDTrainer(pipe, cfg(10))
     straight.train()
     assert straight.offsets and all(float(d.norm()) > 0 for d in straight.offsets.values())
-    first = ESDTrainer(pipe, cfg(6))  # stops mid-block: iterations 4-7 share one offset
+    first = ESDTrainer(pipe, cfg(6))  # stops mid-round: iterations 4-7 share one offset
     first.train()
     resumed = ESDTrainer(pipe, cfg(10))
     resumed.restore(first.checkpoint())
@@ -217,6 +217,7 @@ def test_a_shared_robust_offset_is_one_for_every_prompt_and_within_its_budget(pi
     trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), prompts=prompts, method="esd-x",
                                          iterations=8, learning_rate=1e-2, ddim_steps=4,
                                          seed=1, block=4, robust=True, robust_shared=True,
+                                         robust_every=4,
                                          robust_budget=0.1, robust_steps=3, robust_lr=1.0))
     trainer.train()
     [(key, delta)] = trainer.offsets.items()
@@ -231,8 +232,8 @@ def test_a_shared_robust_offset_is_one_for_every_prompt_and_within_its_budget(pi
 def test_the_robust_offset_stays_within_its_budget(pipe):
     trainer = ESDTrainer(pipe, ESDConfig(concepts=("red",), method="esd-x", iterations=4,
                                          learning_rate=1e-2, ddim_steps=4, seed=1, block=4,
-                                         robust=True, robust_budget=0.1, robust_steps=3,
-                                         robust_lr=1.0))
+                                         robust=True, robust_every=4, robust_budget=0.1,
+                                         robust_steps=3, robust_lr=1.0))
     trainer.train()
     [(text, delta)] = trainer.offsets.items()
     bound = 0.1 * float(encode_prompts(pipe, [text])[0].norm())
@@ -312,3 +313,11 @@ def test_gradient_checkpointing_learns_the_same_numbers(pipe):
     assert checkpointed.unet.is_gradient_checkpointing
     assert plain.state.losses == checkpointed.state.losses
     assert all(torch.equal(p, checkpointed.params[n]) for n, p in plain.params.items())
+
+
+def test_the_teachers_batches_shrink_as_latents_grow_and_robust_rounds_fit_blocks(pipe):
+    small = ESDTrainer(pipe, ESDConfig(concepts=("red",), height=32, width=32))
+    large = ESDTrainer(pipe, ESDConfig(concepts=("red",), height=1024, width=1024))
+    assert small.max_rows == 64 and large.max_rows == 1  # 16² and 512² latents
+    with pytest.raises(InvalidParams, match="`robust_every` must divide `block` \\(8\\), got 3"):
+        ESDTrainer(pipe, ESDConfig(concepts=("red",), robust=True, robust_every=3))
