@@ -58,14 +58,29 @@ Verdict = Callable[[np.ndarray], float | None]  # the share of images showing th
 
 def judged(judge: Any, concept: str) -> Verdict:
     """A domain judge's verdict on ``concept``: the share of images it says show it (its
-    ``judge`` asked as if each image's prompt were the bare concept); None without a judge."""
+    ``judge`` asked as if each image's prompt were the bare concept); None without a judge.
+
+    Where the judge has a second opinion (``confirm``: the shapes domain's outline
+    geometry), an image counts only if both agree: an attack's damaged drawings are what a
+    classifier trained on clean images misjudges (blobs called triangles)."""
     def verdict(images: np.ndarray) -> float | None:
         if judge is None:
             return None
         hits = judge.judge(images, [concept] * len(images))["hits"]
         named = [h for kind in hits.values() for h in kind if h is not None]
+        second = getattr(judge, "confirm", lambda *_: None)(images, concept)
+        if second is not None and len(second) == len(named):
+            named = [h and c for h, c in zip(named, second, strict=True)]
         return float(np.mean(named)) if named else None
     return verdict
+
+
+def judge_name(judge: Any, concept: str) -> str | None:
+    """What judged ``concept``: the judge's name, and its second opinion where it gave one."""
+    if judge is None:
+        return None
+    return judge.name + (" + outline" if getattr(judge, "confirms", lambda _: False)(concept)
+                         else "")
 
 
 def concept_texts(texts: list[str], concept: str) -> list[str]:
@@ -363,7 +378,7 @@ def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str |
         report = Attacker(base, edited, concept, domain.training_texts(concept, kind),
                           judged(judge, concept), spec, drawing, trained,
                           on_progress=stage).run()
-        out.append(report | {"judge": getattr(judge, "name", None)})
+        out.append(report | {"judge": judge_name(judge, concept)})
     return out
 
 

@@ -148,7 +148,7 @@ def attack_line(base, variant, clf, concepts: list[str], delta: dict, options: d
                 guidance: float) -> list[dict]:
     """Every attack on the edit, with the base as the control, per erased concept."""
     from app.jobspecs import AttackSpec
-    from worker.attacks import Attacker, Drawing, judged
+    from worker.attacks import Attacker, Drawing, judge_name, judged
 
     judge = get_domain("shapes").judge(clf)
     def stage(name: str) -> None:
@@ -156,7 +156,8 @@ def attack_line(base, variant, clf, concepts: list[str], delta: dict, options: d
 
     return [Attacker(base, variant, c, get_domain("shapes").training_texts(c),
                      judged(judge, c), AttackSpec(**options), Drawing(guidance=guidance),
-                     trained=sorted(delta), on_progress=stage).run() for c in concepts]
+                     trained=sorted(delta), on_progress=stage).run()
+            | {"judge": judge_name(judge, c)} for c in concepts]
 
 
 def lora_line(ctx, model: str, base, delta: dict, rank: int, clf, concepts: list[str],

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from worker.domains.shapes.classifier import to_tensor
+from worker.domains.shapes.geometry import looks_like
 from worker.domains.shapes.render import BACKGROUNDS, COLORS, SHAPES, render, sample_scene
 
 KINDS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
@@ -76,3 +77,15 @@ class ShapesJudge:
                           for i, a in enumerate(asked)]
             probs += [float(p[i, names.index(a[kind])]) for i, a in enumerate(asked) if kind in a]
         return {"hits": hits, "attribute_score": float(np.mean(probs)) if probs else None}
+
+    def confirms(self, concept: str) -> bool:
+        """Whether ``confirm`` has an opinion on ``concept``: shapes, not colours or
+        backgrounds (which the classifier judges alone)."""
+        return concept in SHAPES
+
+    def confirm(self, images: np.ndarray, concept: str) -> list[bool] | None:
+        """A second, model-free opinion on whether each image shows ``concept``: its
+        outline's geometry (``geometry.looks_like``); None where it has none."""
+        if not self.confirms(concept):
+            return None
+        return [looks_like(image, concept) for image in images]
