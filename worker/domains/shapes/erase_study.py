@@ -22,7 +22,7 @@ from worker.defaults import ensure_default_models
 from worker.domains import get_domain
 from worker.domains.shapes.erasure import erasure_report
 from worker.domains.shapes.render import SHAPES
-from worker.esd import ESDConfig, ESDTrainer
+from worker.esd import JOB_SAMPLING, ESDConfig, ESDTrainer
 from worker.evidence import Drawing
 from worker.prompts import training_prompts
 from worker.variants import build_variant
@@ -58,9 +58,12 @@ def main() -> None:
                         help="the adversary's steps per block (ESDConfig.robust_steps)")
     parser.add_argument("--robust-shared", nargs="+", choices=["on", "off"], default=["off"],
                         help="one adversarial offset for all prompts (ESDConfig.robust_shared)")
-    parser.add_argument("--stops", type=int, nargs="+", default=[1],
+    parser.add_argument("--stops", type=int, nargs="+",
+                        default=[JOB_SAMPLING["stops_per_trajectory"]],
                         help="iterations per teacher trajectory "
-                        "(ESDConfig.stops_per_trajectory)")
+                        "(ESDConfig.stops_per_trajectory; default: as an erase job)")
+    parser.add_argument("--block", type=int, default=JOB_SAMPLING["block"],
+                        help="iterations drawn together (ESDConfig.block; default: as a job)")
     parser.add_argument("--train-lora-rank", type=int, default=4,
                         help="the rank of the LoRA trained with --parameterization lora")
     parser.add_argument("--ddim-steps", type=int, default=30)
@@ -110,6 +113,7 @@ def main() -> None:
                         lora_rank=args.train_lora_rank, robust=robust == "on",
                         robust_budget=budget, robust_steps=steps,
                         robust_shared=shared == "on", stops_per_trajectory=stops,
+                        block=args.block,
                         ddim_steps=args.ddim_steps, height=32, width=32)
         t0 = time.perf_counter()
         trainer = ESDTrainer(base, cfg)
@@ -132,7 +136,8 @@ def main() -> None:
                                   "preserve_trajectory": own, "eta": eta,
                                   "iterations": iters, "lr": lr,
                                   "ddim_steps": args.ddim_steps, "parameterization": param,
-                                  "robust": robust, "stops_per_trajectory": stops}
+                                  "robust": robust, "stops_per_trajectory": stops,
+                                  "block": args.block}
                           | ({"robust_budget": budget, "robust_steps": steps,
                               "robust_shared": shared}
                              if robust == "on" else {})
