@@ -8,8 +8,11 @@ paper's code does, one step at a time: a fresh guided DDIM trajectory per iterat
 one UNet call per prediction (unconditional and conditional apart), then one call for
 each of ε₀, ε_c, ε_f (and the preserved prompt's), then the student's forward and backward.
 Lethe draws a block of iterations' trajectories side by side and batches the teacher's
-predictions (``worker.esd``). Erasure is then measured the same way for both: the
-classifier's accuracy on every "a {colour} triangle" prompt, 8 images each.
+predictions (``worker.esd``): once with one trajectory an iteration, once as an erase job
+samples (``worker.esd.JOB_SAMPLING``: larger blocks, several stops from each trajectory).
+Erasure is then measured the same way for all three: the classifier's accuracy on every
+"a {colour} triangle" prompt, 8 images each, the neighbours' accuracy and their same-seed
+drift from the base.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from dataclasses import replace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED_STOPS = 4  # iterations per teacher trajectory in the third run
 
 
 def reference_train(pipe: Any, cfg: Any) -> tuple[dict, float]:
@@ -126,7 +128,7 @@ def setup(model: str, concept: str, iterations: int, method: str | None = "esd-x
 def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
     from worker.domains import get_domain
     from worker.domains.shapes.erasure import erasure_report
-    from worker.esd import ESDTrainer
+    from worker.esd import JOB_SAMPLING, ESDTrainer
     from worker.evidence import Drawing
     from worker.variants import build_variant
 
@@ -154,12 +156,13 @@ def run(model: str, concept: str, iterations: int, per_prompt: int) -> dict:
 
     ref_delta, ref_s = reference_train(base, cfg)
     runs = {"reference": measured(ref_delta, ref_s)}
-    for name, per in (("lethe", 1), ("lethe_shared", SHARED_STOPS)):
+    # Lethe with one trajectory an iteration (the paper's sampling), then as a job runs it.
+    for name, sampling in (("lethe", {"block": 8, "stops_per_trajectory": 1}),
+                           ("lethe_shared", JOB_SAMPLING)):
         t0 = time.perf_counter()
-        trainer = ESDTrainer(base, replace(cfg, stops_per_trajectory=per))
+        trainer = ESDTrainer(base, replace(cfg, **sampling))
         trainer.train()
-        runs[name] = measured(trainer.delta(), time.perf_counter() - t0) | {
-            "block": cfg.block, "stops_per_trajectory": per}
+        runs[name] = measured(trainer.delta(), time.perf_counter() - t0) | sampling
     return {"model": model, "concept": concept, "iterations": iterations, **runs,
             "speedup": round(ref_s / runs["lethe"]["seconds"], 2),
             "speedup_shared": round(ref_s / runs["lethe_shared"]["seconds"], 2)}

@@ -171,9 +171,9 @@ class ESDConfig:
     # ``robust_every`` iterations, per trained prompt an offset δ on the text encoder's
     # output is searched that brings the concept back in the *current* student (its
     # prediction at c_from + δ pulled to the teacher's at c_from), ‖δ‖ ≤ ``robust_budget`` ×
-    # the prompt encoding's norm,
-    # ``robust_steps`` normalised gradient steps of ``robust_lr`` × that bound each; the
-    # student then also learns the ESD target under c_from + δ.
+    # the prompt encoding's norm, ``robust_steps`` normalised gradient steps of
+    # ``robust_lr`` × that bound each; the student then also learns the ESD target under
+    # c_from + δ.
     robust: bool = False
     robust_budget: float = 1.0
     robust_steps: int = 4
@@ -187,6 +187,12 @@ class ESDConfig:
     # Recompute θ's activations in the backward pass instead of keeping them: less memory
     # on large UNets for about one more forward pass; the same numbers.
     gradient_checkpointing: bool = False
+
+
+# How an erase job samples: 32 iterations' trajectories side by side, 4 iterations from
+# each (``stops_per_trajectory``). bench/RESULTS.md measures it against the paper's loop and
+# against one trajectory an iteration: the same erasure, neighbours and drift, faster.
+JOB_SAMPLING: dict[str, int] = {"block": 32, "stops_per_trajectory": 4}
 
 
 # One iteration's sample: x_t, t, the target, θ*'s prediction for the preserved prompt and
@@ -281,7 +287,8 @@ class ESDTrainer:
                                 f"`stops_per_trajectory` must be 1, got {per}")
         self.state = ESDState(0, [])
         self._block: tuple[int, list[Sample]] | None = None
-        # Robust training's offsets per c_from text, and the block they were searched for.
+        # Robust training's offsets (per c_from text, or one shared), and the round of
+        # ``robust_every`` iterations they were searched for.
         self.offsets: dict[str, torch.Tensor] = {}
         self._offset_round: int | None = None
         if cfg.robust and (cfg.robust_every < 1 or cfg.block % cfg.robust_every):

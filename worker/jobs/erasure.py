@@ -126,7 +126,7 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
 def erase(spec: EraseJob, reporter: Reporter) -> dict:
     """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
     from worker.domains import get_domain
-    from worker.esd import ESDConfig, ESDTrainer
+    from worker.esd import JOB_SAMPLING, ESDConfig, ESDTrainer
     from worker.evidence import Drawing
     from worker.prompts import training_prompts
     from worker.variants import build_variant
@@ -149,7 +149,8 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
         preserve_weight=spec.preserve_weight, erase_from=spec.erase_from,
         ddim_steps=spec.ddim_steps, start_guidance=spec.start_guidance, seed=spec.seed,
         height=spec.height, width=spec.width, parameterization=spec.parameterization,
-        lora_rank=spec.lora_rank, robust=spec.robust,
+        lora_rank=spec.lora_rank, robust=spec.robust, block=JOB_SAMPLING["block"],
+        stops_per_trajectory=JOB_SAMPLING["stops_per_trajectory"],
     )
     trainer = ESDTrainer(pipe, cfg)
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
