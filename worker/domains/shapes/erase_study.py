@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--robust-budget", type=float, nargs="+", default=[1.0],
                         help="the adversary's bound (ESDConfig.robust_budget)")
     parser.add_argument("--robust-steps", type=int, nargs="+", default=[4],
-                        help="the adversary's steps per block (ESDConfig.robust_steps)")
+                        help="the adversary's steps per search (ESDConfig.robust_steps)")
     parser.add_argument("--robust-shared", nargs="+", choices=["on", "off"], default=["off"],
                         help="one adversarial offset for all prompts (ESDConfig.robust_shared)")
     parser.add_argument("--stops", type=int, nargs="+",
