@@ -27,7 +27,10 @@ DOMAINS: dict[str, str] = {
 
 
 class Judge(Protocol):
-    """A domain's classifier at work: per-prompt verdicts and features for FID."""
+    """A domain's classifier at work: per-prompt verdicts and features for FID. A judge may
+    also give a second, model-free opinion on a concept (``confirms(concept)`` and
+    ``confirm(images, concept)``: the shapes judge's outline geometry), which attack
+    verdicts require to agree (``worker.attacks.judged``)."""
 
     name: str
 
