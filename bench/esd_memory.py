@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -163,11 +164,8 @@ def measure_erase(scale: str, device: str, dtype_name: str, method: str, checkpo
             "unet_bytes": unet_numel * dtype.itemsize, "trained_fp32_bytes": trained * 4,
             "held_bytes": held_bytes(pipe.unet, trainer.unet), "adam_bytes": adam,
             "loaded_bytes": loaded, "peak_bytes": mem.peak(),
-            "it_per_s": iterations / seconds, "finite": all(map(_finite, trainer.state.losses))}
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
+            "it_per_s": iterations / seconds,
+            "finite": all(map(math.isfinite, trainer.state.losses))}
 
 
 def measure_generate(scale: str, device: str, dtype_name: str, size: int, steps: int
@@ -228,7 +226,9 @@ def table(r: dict[str, Any]) -> list[str]:
         bound = e["unet_bytes"] + e["trained_fp32_bytes"]
         lines.append(
             f"| {e['method']} ({e['trained_parameters'] / 1e6:.1f}M of "
-            f"{e['unet_parameters'] / 1e6:.0f}M trained) | {'on' if e['checkpointing'] else 'off'}"
+            f"{e['unet_parameters'] / 1e6:.0f}M trained"
+            f"{'' if e['finite'] else '; **losses not finite**'}) | "
+            f"{'on' if e['checkpointing'] else 'off'}"
             f" | {e['held_bytes'] / gb:.2f} GiB | {bound / gb:.2f} GiB | "
             f"{e['held_bytes'] / bound:.2f}× | {e['adam_bytes'] / gb:.2f} GiB | "
             f"{e['loaded_bytes'] / gb:.2f} GiB | {e['peak_bytes'] / gb:.2f} GiB | "
