@@ -159,6 +159,8 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     params["ddim_steps"] = defaults.get("ddim_steps", d.ERASE_DDIM_STEPS)
     params["start_guidance"] = defaults.get("start_guidance", d.ERASE_START_GUIDANCE)
     params["preserve_weight"] = defaults.get("preserve_weight", d.PRESERVE_WEIGHT)
+    if body.robust is None:
+        params["robust"] = bool(defaults.get("robust", False))
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
     kinds = info.get("concept_kinds") or []

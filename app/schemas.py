@@ -231,11 +231,12 @@ class EraseCreate(_Hooked):
         "stay): a delta of kilobytes. esd-x and esd-x-strict only.")
     lora_rank: int = Field(LORA_RANK, ge=1, le=256, description="The rank of each matrix's "
                            "change with `parameterization` lora.")
-    robust: bool = Field(False, description="Adversarial training: every 8 iterations, an "
-                         "offset on the text encoder's output that brings the concept back in "
-                         "the model being trained is searched, and the concept is erased "
-                         "under it too (worker.esd.ESDConfig.robust). Slower; holds against "
-                         "conditioning attacks where the plain method does not.")
+    robust: bool | None = Field(
+        None, description="Adversarial training: every 8 iterations, an offset on the text "
+        "encoder's output that brings the concept back in the model being trained is "
+        "searched, and the concept is erased under it too (worker.esd.ESDConfig.robust). "
+        "Slower; holds against conditioning attacks where the plain method does not. "
+        "Default: the model's `erase_defaults` (shapes-sd: on for esd-x-strict), else off.")
 
     @field_validator("concepts")
     @classmethod

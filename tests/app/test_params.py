@@ -12,9 +12,10 @@ from app.registry import Registry
 from app.schemas import EraseCreate
 
 ERASE_DEFAULTS = {"method": "esd-x-strict", "negative_guidance": 2.0, "iterations": 600,
-                  "learning_rate": 5e-4,
+                  "learning_rate": 5e-4, "robust": True, "preserve_weight": 2.0,
                   "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200,
-                                          "negative_guidance": 1.0}},
+                                          "negative_guidance": 1.0, "robust": False,
+                                          "preserve_weight": 1.0}},
                   "by_parameterization": {"lora": {"learning_rate": 2e-3}}}
 
 
@@ -39,10 +40,12 @@ def test_the_models_erase_defaults_decide_what_the_request_leaves_open(registry,
     spec = erase(registry, tmp_path, base_model="tuned-sd")
     assert (spec.method, spec.negative_guidance, spec.iterations, spec.learning_rate) == \
         ("esd-x-strict", 2.0, 600, 5e-4)
+    assert (spec.robust, spec.preserve_weight) == (True, 2.0)
     assert (spec.height, spec.draw_guidance) == (64, 4.0)  # drawn as the model draws
     # A method of the request takes that method's own defaults.
     spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-u")
     assert (spec.negative_guidance, spec.iterations, spec.learning_rate) == (1.0, 200, 1e-4)
+    assert (spec.robust, spec.preserve_weight) == (False, 1.0)
     # Trained as LoRA: that parameterization's own step, the rest as the method's.
     spec = erase(registry, tmp_path, base_model="tuned-sd", parameterization="lora")
     assert (spec.parameterization, spec.lora_rank, spec.learning_rate, spec.iterations) == \
@@ -50,12 +53,14 @@ def test_the_models_erase_defaults_decide_what_the_request_leaves_open(registry,
     with pytest.raises(InvalidParams, match="`method` esd-x or esd-x-strict, got 'esd-u'"):
         erase(registry, tmp_path, base_model="tuned-sd", method="esd-u", parameterization="lora")
     # What the request says wins, a zero included.
-    spec = erase(registry, tmp_path, base_model="tuned-sd", negative_guidance=0.0)
-    assert spec.negative_guidance == 0.0
+    spec = erase(registry, tmp_path, base_model="tuned-sd", negative_guidance=0.0,
+                 robust=False)
+    assert (spec.negative_guidance, spec.robust) == (0.0, False)
 
 
 def test_a_model_without_erase_defaults_gets_the_papers(registry, tmp_path):
     spec = erase(registry, tmp_path, base_model="plain-sd")
     assert (spec.method, spec.negative_guidance, spec.iterations, spec.learning_rate) == \
         (ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, 1000, 1e-5)
+    assert not spec.robust
     assert (spec.height, spec.draw_guidance) == (512, DRAW_GUIDANCE)
