@@ -50,7 +50,7 @@ def pipeline(scale: str, device: str, dtype: Any) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.tiny import tiny_components
+    from worker.tiny import sd_scheduler
     from worker.tokenizer import write_clip_tokenizer
 
     config = SCALES[scale]
@@ -82,7 +82,7 @@ def pipeline(scale: str, device: str, dtype: Any) -> Any:
                         up_block_types=("UpDecoderBlock2D",) * 4)
     return StableDiffusionPipeline(
         unet=unet, vae=vae.to(device, dtype), text_encoder=text_encoder.to(device, dtype),
-        tokenizer=tokenizer, scheduler=tiny_components()["scheduler"], safety_checker=None,
+        tokenizer=tokenizer, scheduler=sd_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
 
 

@@ -27,6 +27,13 @@ from worker.tokenizer import write_clip_tokenizer
 TINY_WORDS = "a an the red orange yellow green blue purple circle square triangle cross on".split()
 
 
+def sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's own noise schedule, so step counts behave as they do there."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1)
+
+
 def tiny_components(seed: int = 0) -> dict:
     """Return the components of a tiny SD pipeline; same seed, same weights."""
     torch.manual_seed(seed)
@@ -53,16 +60,7 @@ def tiny_components(seed: int = 0) -> dict:
         latent_channels=4,
         norm_num_groups=8,
     )
-    # Stable Diffusion's own noise schedule, so step counts behave as they do there.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_clip_tokenizer(tmp, TINY_WORDS, model_max_length=16)
     torch.manual_seed(seed)
