@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     # disk: nothing is downloaded.
     clip_model_path: Path | None = Field(
         None, description="A local CLIP folder (transformers CLIPModel + CLIPProcessor) for "
-        "`clip_score`.")
+        "`clip_score`, the erase evidence's CLIP verdicts, and the judge of attacks on models "
+        "of the generic domain.")
     inception_path: Path | None = Field(
         None, description="A TorchScript file mapping uint8 N×3×H×W images to N×D features "
         "(Inception-v3 pool features) for FID and precision/recall where the model's domain has "

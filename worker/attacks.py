@@ -41,6 +41,8 @@ from worker.pipelines import rebuild
 from worker.prompts import replace
 
 TOKEN = "<lethe-attack-{}>"
+NO_JUDGE = ("this model's domain has no judge of its own: set LETHE_CLIP_MODEL_PATH to a "
+            "local CLIP folder to judge its attacks with CLIP zero-shot")
 
 
 @dataclass(frozen=True)
@@ -363,11 +365,12 @@ def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str |
                     classifier: Any, drawing: Drawing, trained: list[str],
                     kind: str | None, reporter: Any) -> list[dict[str, Any]]:
     """Every concept of ``spec`` attacked on ``edited`` and ``base``, judged by the judge
-    of the domain ``domain_name`` (none: every rate null), with the job's progress."""
+    of the domain ``domain_name`` around ``classifier`` (its classifier, or for the generic
+    domain the operator's CLIP model; none: every rate null), with the job's progress."""
     from worker.domains import get_domain
 
     domain = get_domain(domain_name)
-    judge = domain.judge(classifier)
+    judge = domain.judge(classifier, kind)
     concepts = spec.concepts or []
     out = []
     for i, concept in enumerate(concepts):
@@ -378,7 +381,8 @@ def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str |
         report = Attacker(base, edited, concept, domain.training_texts(concept, kind),
                           judged(judge, concept), spec, drawing, trained,
                           on_progress=stage).run()
-        out.append(report | {"judge": judge_name(judge, concept)})
+        out.append(report | {"judge": judge_name(judge, concept)} | (
+            {} if judge else {"judge_note": NO_JUDGE}))
     return out
 
 

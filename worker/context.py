@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from app.config import Settings, get_settings
 from app.registry import Registry, open_registry
@@ -17,6 +18,7 @@ class WorkerContext:
     registry: Registry
     runtime: Runtime
     cache: PipelineCache
+    _clip: Any = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
@@ -42,6 +44,15 @@ class WorkerContext:
 
         cache = PipelineCache(loader, settings.cache_max_models, settings.cache_max_bytes)
         return cls(settings, registry, runtime, cache)
+
+    def clip(self) -> Any:
+        """The operator's CLIP model (``LETHE_CLIP_MODEL_PATH``) as a
+        ``worker.features.ClipScorer``, loaded on first use; None where none is set."""
+        if self._clip is None and self.settings.clip_model_path is not None:
+            from worker.features import ClipScorer
+
+            self._clip = ClipScorer(self.settings.clip_model_path, self.runtime.device)
+        return self._clip
 
 
 @lru_cache

@@ -53,19 +53,29 @@ class ClipScorer:
         self.device, self.batch = device, batch
 
     @torch.inference_mode()
+    def image_embeddings(self, images: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch):
+            inputs = self.processor(images=[Image.fromarray(a) for a in images[i:i + self.batch]],
+                                    return_tensors="pt")
+            out.append(_embeds(self.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device))))
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch):
+            inputs = self.processor(text=texts[i:i + self.batch], return_tensors="pt",
+                                    padding=True, truncation=True)
+            out.append(_embeds(self.model.get_text_features(
+                input_ids=inputs["input_ids"].to(self.device),
+                attention_mask=inputs["attention_mask"].to(self.device))))
+        return torch.cat(out)
+
     def embeddings(self, images: np.ndarray, prompts: list[str]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        img, txt = [], []
-        for i in range(0, len(images), self.batch):
-            inputs = self.processor(text=prompts[i:i + self.batch],
-                                    images=[Image.fromarray(a) for a in images[i:i + self.batch]],
-                                    return_tensors="pt", padding=True, truncation=True)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            img.append(_embeds(self.model.get_image_features(
-                pixel_values=inputs["pixel_values"])))
-            txt.append(_embeds(self.model.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])))
-        return torch.cat(img), torch.cat(txt)
+        return self.image_embeddings(images), self.text_embeddings(prompts)
 
     def score(self, images: np.ndarray, prompts: list[str]) -> float:
         return clip_score(*self.embeddings(images, prompts))

@@ -141,7 +141,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(http, home, worker):
     assert [d["iteration"] for d in done["result"]["drift"]] == [25, 50, 75, 100]
 
 
-def test_with_a_clip_model_the_evidence_carries_clips_verdicts(http, home, worker,
+def test_with_a_clip_model_clip_judges_the_evidence_and_the_attacks(http, home, worker,
                                                              clip_folder, monkeypatch):  # noqa: F811
     from app.testing import stop_worker
 
@@ -150,8 +150,9 @@ def test_with_a_clip_model_the_evidence_carries_clips_verdicts(http, home, worke
     proc = start_worker("test-clip", log=home / "worker-clip.log")
     monkeypatch.delenv("LETHE_CLIP_MODEL_PATH")
     try:
-        job = wait_job(http, erase(http, name="tiny-no-red-clip", iterations=4),
-                       timeout_s=300)
+        job = wait_job(http, erase(http, name="tiny-no-red-clip", iterations=4, attack={
+            "attacks": ["conditioning"], "budgets": [1.0], "conditioning_steps": 2,
+            "train_images": 2, "judge_images": 4, "batch": 2}), timeout_s=300)
     finally:
         stop_worker(proc)
         worker.proc = start_worker("test-main", log=home / "worker-main.log")
@@ -161,6 +162,11 @@ def test_with_a_clip_model_the_evidence_carries_clips_verdicts(http, home, worke
     for kind in ("erased", "neighbour"):  # two rows of each, four seeds a row
         scores = evidence["clip"][kind]
         assert scores["images"] == 8 and 0 <= scores["before"] <= 1 and 0 <= scores["after"] <= 1
+    # The generic domain's attacks are judged by CLIP zero-shot: rates, on edit and base.
+    [attacked] = job["result"]["attacks"]
+    assert attacked["judge"] == "clip zero-shot" and "judge_note" not in attacked
+    [curve] = attacked["conditioning"]
+    assert all(curve[k] in {0.0, 0.25, 0.5, 0.75, 1.0} for k in ("edit", "base"))
 
 
 def test_lethe_erase_command_runs_through_the_api(live_url, worker, capsys):

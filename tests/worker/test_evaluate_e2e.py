@@ -43,7 +43,8 @@ def test_evaluate_reports_fid_precision_recall_and_the_classifier_scores(http):
 
 
 def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
-    """The path, not the rates: tiny-sd's domain has no judge, so every rate is null."""
+    """The path, not the rates: tiny-sd's domain has no judge here (no CLIP folder is
+    configured), so every rate is null and the report says what would judge it."""
     small = {"train_images": 2, "judge_images": 2, "batch": 2, "tokens": [1],
              "inversion_steps": 2, "budgets": [1.0], "conditioning_steps": 2,
              "relearn_steps": [1, 2], "search_words": 2, "search_images": 1,
@@ -62,6 +63,7 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     job = evaluate(http, model="tiny-attacked", metrics=[], attack=small, steps=2)
     [attacked] = job["result"]["report"]["attacks"]
     assert attacked["concept"] == "red" and attacked["judge"] is None
+    assert "LETHE_CLIP_MODEL_PATH" in attacked["judge_note"]
     assert attacked["plain"] == {"edit": None, "base": None}
     assert [r["steps"] for r in attacked["relearning"]["edit"]] == [1, 2]
     assert attacked["prompt_search"]["edit"]["tried"] == 3

@@ -62,7 +62,10 @@ class Domain(Protocol):
         """Concepts of ``concept``'s kind the edit should keep ([]: none known)."""
         ...
 
-    def judge(self, classifier: Any) -> Judge | None: ...
+    def judge(self, classifier: Any, kind: str | None = None) -> Judge | None:
+        """The domain's judge around ``classifier`` (its own, or the operator's CLIP model
+        for the generic domain), None without one; ``kind`` as in ``training_texts``."""
+        ...
 
     def references(self, prompts: list[str], seed: int, side: int) -> np.ndarray:
         """uint8 images the ``render`` reference compares with (one per prompt)."""

@@ -241,7 +241,8 @@ def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torc
 
     assert spec.attack is not None
     edited = build_variant(pipe, delta, spec.base_model).pipe
-    classifier = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else None
+    # The model's own judge, else (the generic domain) the operator's CLIP model.
+    classifier = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else ctx.clip()
     return attack_concepts(pipe, edited, spec.attack, spec.domain, classifier,
                            Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
                            sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter)
@@ -256,11 +257,7 @@ def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[s
 
     reporter.progress(0, 1, "evidence", force=True)
     edited = build_variant(pipe, delta, spec.base_model).pipe
-    clip = None
-    if ctx.settings.clip_model_path is not None:
-        from worker.features import ClipScorer
-
-        clip = ClipScorer(ctx.settings.clip_model_path, pipe.device)
+    clip = ctx.clip()
     grid, report = evidence(
         pipe, edited, get_domain(spec.domain), list(spec.concepts),
         guidance=spec.draw_guidance, steps=spec.draw_steps, size=(spec.height, spec.width),

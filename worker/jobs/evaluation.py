@@ -57,6 +57,6 @@ def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list
     manifest = ctx.registry.get(spec.model)
     trained = (sorted(full_delta(base.unet, load_delta(ctx.registry.path(spec.model))))
                if manifest.get("format") == "delta" else [])
-    return attack_concepts(base, pipe, spec.attack, spec.domain, clf,
+    return attack_concepts(base, pipe, spec.attack, spec.domain, clf or ctx.clip(),
                            Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width),
                            trained, (manifest.get("edit") or {}).get("concept_kind"), reporter)

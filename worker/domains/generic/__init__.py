@@ -14,6 +14,8 @@ A request names the kind (``concept_kind``); otherwise ``infer_kind`` decides: a
 that says "style", "art", "painting" or "painter", or one written as a capitalised name of
 two words or more, is a style; one of a short list of unsafe words is unsafe; anything else
 is an object. A request may also give its own ``preserve_prompts``.
+
+Its judge, where the operator gives a CLIP folder, is CLIP zero-shot (``judge.py``).
 """
 
 from __future__ import annotations
@@ -71,8 +73,12 @@ class GenericDomain:
         taken = {c.lower() for c in erased} | {concept.lower()}
         return [n for n in NEIGHBOURS[kind or infer_kind(concept)] if n.lower() not in taken]
 
-    def judge(self, classifier: Any) -> None:
-        return None
+    def judge(self, classifier: Any, kind: str | None = None) -> Any:
+        """CLIP zero-shot (``judge.ClipJudge``) when ``classifier`` is the operator's CLIP
+        model (``worker.features.ClipScorer``, from LETHE_CLIP_MODEL_PATH); else none."""
+        from worker.domains.generic.judge import ClipJudge
+
+        return ClipJudge(classifier, kind) if hasattr(classifier, "text_embeddings") else None
 
     def references(self, prompts: list[str], seed: int, side: int) -> np.ndarray:
         raise KeyError("the generic domain renders no references")

@@ -102,7 +102,7 @@ class ShapesDomain:
         family = SHAPES if concept in SHAPES else tuple(COLORS) if concept in COLORS else ()
         return [c for c in family if c != concept and c not in erased]
 
-    def judge(self, classifier: Any) -> ShapesJudge | None:
+    def judge(self, classifier: Any, kind: str | None = None) -> ShapesJudge | None:
         return ShapesJudge(classifier) if classifier is not None else None
 
     def references(self, prompts: list[str], seed: int, side: int) -> np.ndarray:
