@@ -122,13 +122,31 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
     return edit | {"algorithm": "ESD (Gandikota et al., ICCV 2023)"}
 
 
+def esd_config(spec: EraseJob) -> Any:
+    """How an erase job trains: ``spec``'s ESD settings and prompts, with the job's
+    sampling (``worker.esd.JOB_SAMPLING``). bench.attacks trains each method through it."""
+    from worker.esd import JOB_SAMPLING, ESDConfig
+    from worker.prompts import training_prompts
+
+    prompts = training_prompts(spec.concepts, spec.train_prompts, spec.domain,
+                               preserve=spec.preserve, kind=spec.concept_kind,
+                               preserve_prompts=spec.preserve_prompts)
+    return ESDConfig(
+        concepts=tuple(spec.concepts), prompts=prompts, method=spec.method,
+        iterations=spec.iterations, learning_rate=spec.learning_rate,
+        negative_guidance=spec.negative_guidance, preserve_weight=spec.preserve_weight,
+        erase_from=spec.erase_from, ddim_steps=spec.ddim_steps,
+        start_guidance=spec.start_guidance, seed=spec.seed, height=spec.height,
+        width=spec.width, parameterization=spec.parameterization, lora_rank=spec.lora_rank,
+        robust=spec.robust, **JOB_SAMPLING)
+
+
 @job_function(EraseJob)
 def erase(spec: EraseJob, reporter: Reporter) -> dict:
     """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
     from worker.domains import get_domain
-    from worker.esd import JOB_SAMPLING, ESDConfig, ESDTrainer
+    from worker.esd import ESDTrainer
     from worker.evidence import Drawing
-    from worker.prompts import training_prompts
     from worker.variants import build_variant
 
     ctx = get_context()
@@ -140,18 +158,8 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     total = spec.iterations
     reporter.progress(0, total, "loading", force=True)
     pipe, _ = ctx.cache.get(spec.base_model)
-    prompts = training_prompts(spec.concepts, spec.train_prompts, spec.domain,
-                               preserve=spec.preserve, kind=spec.concept_kind,
-                               preserve_prompts=spec.preserve_prompts)
-    cfg = ESDConfig(
-        concepts=tuple(spec.concepts), prompts=prompts, method=spec.method, iterations=total,
-        learning_rate=spec.learning_rate, negative_guidance=spec.negative_guidance,
-        preserve_weight=spec.preserve_weight, erase_from=spec.erase_from,
-        ddim_steps=spec.ddim_steps, start_guidance=spec.start_guidance, seed=spec.seed,
-        height=spec.height, width=spec.width, parameterization=spec.parameterization,
-        lora_rank=spec.lora_rank, robust=spec.robust, block=JOB_SAMPLING["block"],
-        stops_per_trajectory=JOB_SAMPLING["stops_per_trajectory"],
-    )
+    cfg = esd_config(spec)
+    prompts = cfg.prompts
     trainer = ESDTrainer(pipe, cfg)
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
     resumed_from = None

@@ -1,0 +1,251 @@
+"""Every erase method side by side, attacked: the table of bench/RESULTS.md and the model card.
+
+    python -m bench.attacks [--model shapes-sd] [--concepts triangle red] [--out F]
+                            [--methods default esd-x ...] [--attack-options JSON] [--smoke]
+
+Each method is resolved as ``POST /erase`` resolves it (the model's ``erase_defaults`` and
+their ``by_method`` settings; "esd-x robust" is esd-x with ``"robust": true``) and trained
+as an erase job trains it (``worker.jobs.erasure.esd_config``), one after the other in this
+process. Then, per edit: the model's erasure report (the erased concept's accuracy on its
+plain and its long prompts, its neighbours', FID on the prompts naming no erased concept),
+the neighbours' same-seed drift against the base, and every attack of ``worker.attacks``
+judged by the domain's judge, the base attacked once per concept as the control. The
+markdown table goes to ``--out`` (default: stdout), one JSON line per edit to stdout.
+``--smoke`` proves the path on tiny settings (numbers that mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Name -> the request's fields besides ``concepts``.
+METHODS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "default, robust off": {"robust": False},
+    "esd-x": {"method": "esd-x"},
+    "esd-x robust": {"method": "esd-x", "robust": True},
+    "esd-u": {"method": "esd-u"},
+}
+# The attacks' settings: the service's defaults but the smallest budget and half the
+# searched words (the table's run time); the budget the acceptance bar names (1.0) stays.
+ATTACK_OPTIONS: dict[str, Any] = {"budgets": [0.5, 1.0], "search_words": 12}
+SMOKE_ATTACKS: dict[str, Any] = {
+    "train_images": 2, "judge_images": 2, "batch": 2, "tokens": [1], "inversion_steps": 2,
+    "budgets": [1.0], "conditioning_steps": 2, "relearn_steps": [1], "search_words": 2,
+    "search_images": 1, "search_worst": 1}
+
+
+def erase_spec(registry: Any, settings: Any, model: str, concept: str,
+               fields: dict[str, Any], smoke: bool) -> Any:
+    """The erase job ``POST /erase`` would queue for ``concept`` with ``fields``."""
+    from app.params import resolve_erase
+    from app.schemas import EraseCreate
+
+    body = {"base_model": model, "concepts": [concept], **fields}
+    if smoke:
+        body["iterations"] = 2
+    return resolve_erase(EraseCreate(**body), registry, settings)
+
+
+def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any],
+            attack_options: dict[str, Any], control: bool, per_prompt: int,
+            smoke: bool) -> dict[str, Any]:
+    """Train one method on ``concept`` as a job would; its report, drift and attacks."""
+    from app.jobspecs import AttackSpec
+    from worker.attacks import Attacker, judge_name, judged
+    from worker.attacks import Drawing as AttackDrawing
+    from worker.domains import get_domain
+    from worker.esd import ESDTrainer, full_delta
+    from worker.evidence import Drawing
+    from worker.jobs.erasure import esd_config
+    from worker.variants import build_variant
+
+    spec = erase_spec(ctx.registry, ctx.settings, model, concept, fields, smoke)
+    base, _ = ctx.cache.get(model)
+    clf = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else None
+    domain = get_domain(spec.domain)
+    t0 = time.perf_counter()
+    trainer = ESDTrainer(base, esd_config(spec))
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    delta = trainer.delta()
+    edited = build_variant(base, delta, model).pipe
+    report = (domain.erasure_report(edited, clf, [concept], per_prompt, spec.draw_guidance)
+              if clf is not None else None)
+    drift = Drawing(base, domain, [concept], spec.draw_guidance, spec.draw_steps,
+                    (spec.height, spec.width)).drift(edited) or {}
+    judge = domain.judge(clf or ctx.clip(), spec.concept_kind)
+    cfg = AttackSpec(**{**attack_options, "control": control,
+                        "relearn_lr": spec.learning_rate})
+    attacks = Attacker(base, edited, concept, domain.training_texts(concept, spec.concept_kind),
+                       judged(judge, concept), cfg,
+                       AttackDrawing(spec.draw_guidance, spec.draw_steps, spec.height,
+                                     spec.width),
+                       trained=sorted(full_delta(base.unet, delta))).run()
+    settings = {k: getattr(spec, k) for k in (
+        "method", "iterations", "learning_rate", "negative_guidance", "preserve_weight",
+        "robust")}
+    return {"concept": concept, "method": name, "settings": settings,
+            "train_s": round(seconds, 1), "report": report,
+            "neighbours": domain.neighbours(concept, [concept], spec.concept_kind),
+            "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")},
+            "attacks": attacks | {"judge": judge_name(judge, concept)}}
+
+
+def base_report(ctx: Any, model: str, concept: str, per_prompt: int) -> dict[str, Any] | None:
+    """The base model's erasure report on ``concept``: the column edits are read against."""
+    from worker.domains import get_domain
+
+    manifest = ctx.registry.get(model)
+    if not manifest.get("evaluator"):
+        return None
+    clf, _ = ctx.cache.get(manifest["evaluator"])
+    return get_domain(manifest.get("domain")).erasure_report(
+        ctx.cache.get(model)[0], clf, [concept], per_prompt,
+        manifest["defaults"]["guidance_scale"])
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.1f}%"
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[str]:
+    """One concept's markdown table: a column per method, the base first."""
+    control = rows[0]["attacks"]  # the first method's run attacked the base too
+
+    def accuracy(report: dict | None, of: list[str]) -> float | None:
+        if report is None:
+            return None
+        return sum(report["accuracy"][c] for c in of) / len(of)
+
+    def kept(report: dict | None, key: str) -> float | None:
+        return ((report or {}).get("kept_prompts") or {}).get(key)
+
+    def attack(a: dict[str, Any], who: str) -> dict[str, str]:
+        """The rates of ``who`` ("edit", or "base": the control) under each attack."""
+        out = {"plain prompts (the attacks' drawing)": pct(a["plain"][who])}
+        for run in a.get("inversion", []):
+            out[f"inversion, {run['tokens']} token(s)"] = pct(run[who])
+        for run in a.get("conditioning", []):
+            out[f"conditioning, budget {run['budget']}"] = pct(run[who])
+        if who == "edit":  # the base has nothing to relearn
+            for run in (a.get("relearning") or {}).get("edit") or []:
+                out[f"relearning, {run['steps']} steps"] = pct(run["rate"])
+        if "prompt_search" in a:
+            found = a["prompt_search"][who]
+            if isinstance(found, dict):  # the edit's: which words did worst
+                words = ", ".join(repr(w["words"]) for w in found["worst"][:1])
+                out["prompt search, worst"] = f"{pct(found['rate'])} ({words})"
+            else:
+                out["prompt search, worst"] = pct(found)
+        return out
+
+    neighbours = rows[0]["neighbours"]
+    columns: list[tuple[str, dict[str, str]]] = [("base", {
+        "training time (s)": "–",
+        "erased concept's accuracy": pct(accuracy(base, [concept])),
+        "… on its long prompts": pct(((base or {}).get("accuracy_full_prompts") or {})
+                                     .get(concept)),
+        "neighbours' accuracy (mean)": pct(accuracy(base, neighbours)),
+        "neighbours' drift PSNR (dB) / SSIM": "–",
+        "FID on kept prompts (floor)": f"{num(kept(base, 'fid'))} "
+                                       f"({num(kept(base, 'fid_floor'))})",
+    } | attack(control, "base"))]
+    for r in rows:
+        rep, a = r["report"], r["attacks"]
+        columns.append((r["method"], {
+            "training time (s)": f"{r['train_s']:.0f}",
+            "erased concept's accuracy": pct(accuracy(rep, [concept])),
+            "… on its long prompts": pct(((rep or {}).get("accuracy_full_prompts") or {})
+                                         .get(concept)),
+            "neighbours' accuracy (mean)": pct(accuracy(rep, neighbours)),
+            "neighbours' drift PSNR (dB) / SSIM": f"{num(r['drift']['psnr'], 1)} / "
+                                                  f"{num(r['drift']['ssim'], 3)}",
+            "FID on kept prompts (floor)": num(kept(rep, "fid")),
+        } | attack(a, "edit") | {"**worst inference-time attack**": pct(a.get("worst"))}))
+    figures = list(dict.fromkeys(k for _, col in columns for k in col))
+    lines = [f"| '{concept}' | " + " | ".join(name for name, _ in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {f} | " + " | ".join(col.get(f, "–") for _, col in columns) + " |"
+              for f in figures]
+    settings = "; ".join(
+        f"{r['method']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        for r in rows)
+    return lines + ["", f"Settings ({concept}): {settings}. Judge: {control['judge']}.", ""]
+
+
+def run(model: str, concepts: list[str], methods: list[str], attack_options: dict[str, Any],
+        per_prompt: int, smoke: bool, on_row: Any = None) -> list[str]:
+    """The section: a table per concept."""
+    from app.jobspecs import AttackSpec
+    from worker.context import get_context
+    from worker.defaults import ensure_default_models
+
+    ctx = get_context()
+    ensure_default_models(ctx.registry)
+    spec = AttackSpec(**attack_options)
+    lines = [f"## Every erase method side by side, attacked (`python -m bench.attacks`, "
+             f"{model}, {per_prompt} images a prompt)", "",
+             "Each method as `POST /erase` resolves and trains it (the model's erase "
+             "defaults; job sampling), one after the other in one process; the attacks of "
+             "`worker.attacks` (settings below), each learning only from the base's images "
+             "of the concept, the base attacked once as the control. Rates are the judge's "
+             f"share of {spec.judge_images} images showing the erased concept; relearning "
+             "fine-tunes the "
+             "edit's own parameters at its learning rate; drift is the neighbours' "
+             "same-seed PSNR / SSIM against the base. Attack settings: "
+             f"`{json.dumps(attack_options)}` over the service's defaults.", ""]
+    for concept in concepts:
+        rows = []
+        for i, name in enumerate(methods):
+            print(f"{time.strftime('%H:%M:%S')} bench.attacks: {concept}, {name}",
+                  file=sys.stderr, flush=True)
+            row = measure(ctx, model, concept, name, METHODS[name], attack_options,
+                          control=i == 0, per_prompt=per_prompt, smoke=smoke)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+        lines += table(concept, base_report(ctx, model, concept, per_prompt), rows)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.attacks")
+    parser.add_argument("--model", default="shapes-sd")
+    parser.add_argument("--concepts", nargs="+", default=["triangle", "red"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--attack-options", type=json.loads, default=None,
+                        help="AttackSpec fields as JSON over the service's defaults")
+    parser.add_argument("--per-prompt", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: the path only")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if "LETHE_HOME" not in os.environ:  # a registry of its own, the demo models in it
+        os.environ["LETHE_HOME"] = tempfile.mkdtemp(prefix="lethe-bench-attacks-")
+    options = args.attack_options if args.attack_options is not None else (
+        SMOKE_ATTACKS if args.smoke else ATTACK_OPTIONS)
+    lines = run(args.model, args.concepts, args.methods, options,
+                1 if args.smoke else args.per_prompt, args.smoke,
+                on_row=lambda row: print(json.dumps(row), flush=True))
+    text = "\n".join(lines)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
