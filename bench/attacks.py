@@ -34,6 +34,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "esd-x": {"method": "esd-x"},
     "esd-x robust": {"method": "esd-x", "robust": True},
     "esd-u": {"method": "esd-u"},
+    # The strongest against the attacks found for a shape (model card): twice esd-u's steps.
+    "esd-u robust": {"method": "esd-u", "robust": True, "iterations": 400},
 }
 # The attacks' settings: the service's defaults but the smallest budget and half the
 # searched words (the table's run time); the budget the acceptance bar names (1.0) stays.

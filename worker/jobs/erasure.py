@@ -138,7 +138,8 @@ def esd_config(spec: EraseJob) -> Any:
         erase_from=spec.erase_from, ddim_steps=spec.ddim_steps,
         start_guidance=spec.start_guidance, seed=spec.seed, height=spec.height,
         width=spec.width, parameterization=spec.parameterization, lora_rank=spec.lora_rank,
-        robust=spec.robust, **JOB_SAMPLING)
+        robust=spec.robust, block=JOB_SAMPLING["block"],
+        stops_per_trajectory=JOB_SAMPLING["stops_per_trajectory"])
 
 
 @job_function(EraseJob)
