@@ -128,18 +128,10 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
             f"({manifest['kind']}, {manifest['format']})"
         )
     defaults = dict(manifest.get("erase_defaults") or {})
-    # A concept may have an erase of its own (shapes-sd: a shape is erased deep, by robust
-    # esd-u): taken where the request leaves method and parameterization open and every
-    # concept it names has the same one.
-    by_concept = defaults.pop("by_concept", None) or {}
-    own = [by_concept.get(c.lower()) for c in body.concepts]
-    chosen = (own[0] if own[0] and all(o == own[0] for o in own) and body.method is None
-              and body.parameterization == "full" else None) or {}
-    method = body.method or chosen.get("method") or defaults.get("method") or d.ERASE_METHOD
+    method = body.method or defaults.get("method") or d.ERASE_METHOD
     # A method may need its own step size (esd-u trains far more weights than esd-x), and
     # so may a LoRA (its factors start from zero).
     defaults |= (defaults.pop("by_method", None) or {}).get(method, {})
-    defaults |= chosen
     defaults |= (defaults.pop("by_parameterization", None) or {}).get(body.parameterization,
                                                                        {})
     evaluator = manifest.get("evaluator")

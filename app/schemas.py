@@ -236,8 +236,8 @@ class EraseCreate(_Hooked):
         "encoder's output that brings the concept back in the model being trained is "
         "searched, and the concept is erased under it too (worker.esd.ESDConfig.robust). "
         "Slower; holds against conditioning attacks where the plain method does not. "
-        "Default: the model's `erase_defaults` (shapes-sd: on for a shape's default erase, "
-        "robust esd-u; off otherwise), else off.")
+        "Default: the model's `erase_defaults`, else off (shapes-sd: off; its model card "
+        "says why).")
 
     @field_validator("concepts")
     @classmethod

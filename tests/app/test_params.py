@@ -16,9 +16,7 @@ ERASE_DEFAULTS = {"method": "esd-x-strict", "negative_guidance": 2.0, "iteration
                   "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200,
                                           "negative_guidance": 1.0, "robust": False,
                                           "preserve_weight": 1.0}},
-                  "by_parameterization": {"lora": {"learning_rate": 2e-3}},
-                  "by_concept": {c: {"method": "esd-u", "robust": True, "iterations": 400}
-                                 for c in ("circle", "square")}}
+                  "by_parameterization": {"lora": {"learning_rate": 2e-3}}}
 
 
 @pytest.fixture
@@ -66,21 +64,3 @@ def test_a_model_without_erase_defaults_gets_the_papers(registry, tmp_path):
         (ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, 1000, 1e-5)
     assert not spec.robust
     assert (spec.height, spec.draw_guidance) == (512, DRAW_GUIDANCE)
-
-
-def test_a_concept_of_its_own_takes_its_erase_where_the_request_leaves_it_open(registry,
-                                                                               tmp_path):
-    def erase_(concepts: list[str], **body) -> EraseJob:
-        return resolve_erase(EraseCreate(concepts=concepts, base_model="tuned-sd", **body),
-                             registry, Settings(home=tmp_path))
-
-    spec = erase_(["Circle"])  # any case
-    assert (spec.method, spec.robust, spec.iterations, spec.learning_rate) == \
-        ("esd-u", True, 400, 1e-4)  # its own, over esd-u's step
-    assert erase_(["circle", "square"]).method == "esd-u"  # the same one for both
-    # A concept without one, a method or a LoRA asked for: the model's usual defaults.
-    for spec in (erase_(["circle", "red"]), erase_(["circle"], method="esd-x-strict"),
-                 erase_(["circle"], parameterization="lora")):
-        assert spec.method == "esd-x-strict" and spec.iterations == 600 * len(spec.concepts)
-        assert spec.robust is True  # the model's top-level default in this fixture
-    assert erase_(["circle"], robust=False).robust is False  # the request still wins

@@ -34,12 +34,10 @@ DEMO_MANIFESTS: dict[str, dict] = {
         # leaves the neighbours' same-seed drawings far closer to the base's than all of
         # the cross-attention (esd-x), and η = 2 erases red wholly at that step; esd-u
         # trains every other weight and needs 1e-4. Preservation weight 2 keeps the
-        # neighbours' drawings closest to the base's. Not robust: robust esd-x-strict holds
-        # the attacks on triangle but damages every other drawing (circles come out as
-        # lumpy diamonds: kept-prompt FID 209 against the base's 87), and no method holds
-        # red. A shape is erased deep instead (by_concept): robust esd-u, 400 iterations,
-        # holds every inference-time attack on triangle at 0% with the neighbours at 98.6%
-        # and a kept-prompt FID of 124 (model card, bench.attacks).
+        # neighbours' drawings closest to the base's. Not robust by default: robust
+        # training holds the attacks on triangle but damages every other drawing (circles
+        # come out as lumpy diamonds: kept-prompt FID 209 against the base's 87), and does
+        # not hold red; `"robust": true` asks for it (model card, bench.attacks).
         "erase_defaults": {"method": "esd-x-strict", "negative_guidance": 2.0,
                            "iterations": 600, "learning_rate": 5e-4, "ddim_steps": 30,
                            "start_guidance": 3.0, "preserve_weight": 2.0,
@@ -52,11 +50,7 @@ DEMO_MANIFESTS: dict[str, dict] = {
                            # Trained as LoRA (rank 4): the factors start from zero and
                            # need a larger step; 2e-3 erases triangle wholly (model card).
                            "by_parameterization": {"lora": {"learning_rate": 2e-3,
-                                                             **PLAIN}},
-                           "by_concept": {shape: {"method": "esd-u", "robust": True,
-                                                  "iterations": 400, "learning_rate": 1e-4,
-                                                  "negative_guidance": 1.0, **PLAIN}
-                                          for shape in SHAPES}},
+                                                             **PLAIN}}},
     },
     "shapes-x4": {
         "kind": "upscaler", "format": "diffusers", "pipeline": "StableDiffusionUpscalePipeline",
