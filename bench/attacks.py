@@ -73,7 +73,7 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
 
     spec = erase_spec(ctx.registry, ctx.settings, model, concept, fields, smoke)
     base, _ = ctx.cache.get(model)
-    clf = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else None
+    clf = ctx.judge_model(spec.evaluator)
     domain = get_domain(spec.domain)
     t0 = time.perf_counter()
     trainer = ESDTrainer(base, esd_config(spec))
@@ -82,10 +82,10 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     delta = trainer.delta()
     edited = build_variant(base, delta, model).pipe
     report = (domain.erasure_report(edited, clf, [concept], per_prompt, spec.draw_guidance)
-              if clf is not None else None)
+              if spec.evaluator else None)
     drift = Drawing(base, domain, [concept], spec.draw_guidance, spec.draw_steps,
                     (spec.height, spec.width)).drift(edited) or {}
-    judge = domain.judge(clf or ctx.clip(), spec.concept_kind)
+    judge = domain.judge(clf, spec.concept_kind)
     cfg = AttackSpec(**{**attack_options, "control": control,
                         "relearn_lr": spec.learning_rate})
     attacks = Attacker(base, edited, concept, domain.training_texts(concept, spec.concept_kind),

@@ -54,6 +54,11 @@ class WorkerContext:
             self._clip = ClipScorer(self.settings.clip_model_path, self.runtime.device)
         return self._clip
 
+    def judge_model(self, evaluator: str | None) -> Any:
+        """What judges a model's drawings: the classifier its manifest names (its domain's
+        own), else the operator's CLIP model (the generic domain's judge), else None."""
+        return self.cache.get(evaluator)[0] if evaluator else self.clip()
+
 
 @lru_cache
 def get_context() -> WorkerContext:

@@ -250,9 +250,8 @@ def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torc
 
     assert spec.attack is not None
     edited = build_variant(pipe, delta, spec.base_model).pipe
-    # The model's own judge, else (the generic domain) the operator's CLIP model.
-    classifier = ctx.cache.get(spec.evaluator)[0] if spec.evaluator else ctx.clip()
-    return attack_concepts(pipe, edited, spec.attack, spec.domain, classifier,
+    return attack_concepts(pipe, edited, spec.attack, spec.domain,
+                           ctx.judge_model(spec.evaluator),
                            Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
                            sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter)
 
