@@ -25,3 +25,19 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
         assert heading in text, text
     assert "smoke run" in text
     assert "(0 lost)" in text  # no job of the load section went missing
+
+
+def test_the_attack_table_runs_each_method_as_a_job_would(tmp_path):
+    out = tmp_path / "attacks.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
+    proc = subprocess.run([sys.executable, "-m", "bench.attacks", "--smoke", "--model", "tiny-sd",
+                           "--concepts", "red", "--methods", "default", "esd-x robust",
+                           "--out", str(out)], cwd=ROOT, env=env | {"LETHE_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| 'red' | base | default | esd-x robust |" in text
+    # resolved as POST /erase resolves them: tiny-sd's default is plain esd-x
+    assert "default: method esd-x, iterations 2" in text and "robust False" in text
+    assert "esd-x robust: method esd-x, iterations 2" in text and "robust True" in text
+    assert "| **worst inference-time attack** |" in text  # every attack ran
