@@ -263,6 +263,24 @@ def header(smoke: bool) -> list[str]:
     ]
 
 
+def kept_sections(path: Path) -> list[str]:
+    """The sections of ``path`` that other commands wrote (a heading naming
+    ``python -m bench.<command>``, e.g. bench.storage, bench.attacks): the suite does not
+    measure them, so rewriting the file keeps them, after its own."""
+    if not path.exists():
+        return []
+    kept: list[str] = []
+    keep = False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keep = "`python -m bench." in line
+        elif line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on tiny-sd")
@@ -271,11 +289,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args()
     model = args.model or ("tiny-sd" if args.smoke else "shapes-sd")
-    lines = header(args.smoke)
+    lines, others = header(args.smoke), kept_sections(args.out)
     for name in args.only:
         print(f"bench: {name} …", file=sys.stderr, flush=True)
         lines += SECTIONS[name](args.smoke, model)
-        args.out.write_text("\n".join(lines))  # what is measured so far survives a crash
+        # What is measured so far survives a crash.
+        args.out.write_text("\n".join(lines + ([""] if others else []) + others) + "\n")
     print(f"bench: wrote {args.out}", file=sys.stderr)
 
 

@@ -15,6 +15,11 @@ pytestmark = pytest.mark.slow
 
 def test_bench_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "RESULTS.md"
+    # A file as an earlier run left it: a suite section (replaced) and one that another
+    # command wrote (kept, since the suite does not measure it).
+    out.write_text("# Benchmark results\n\n## Load (old figures)\n\nstale row\n\n"
+                   "## The registry on object storage (`python -m bench.storage`)\n\n"
+                   "| storage row |\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -25,6 +30,8 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
         assert heading in text, text
     assert "smoke run" in text
     assert "(0 lost)" in text  # no job of the load section went missing
+    assert "stale row" not in text and "old figures" not in text
+    assert text.index("clients waiting on a running job") < text.index("| storage row |")
 
 
 def test_the_attack_table_runs_each_method_as_a_job_would(tmp_path):
