@@ -28,10 +28,13 @@ def _batch(height: int, width: int) -> int:
 
 
 def evaluate(pipe: Any, params: EvaluateJob, *, clf: Any = None, settings: Any = None,
+             clip: ClipScorer | None = None,
              on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Draw ``images_per_prompt`` images per prompt (image j with seed + j) and measure them.
 
-    ``on_progress(done, total, stage)`` may raise to stop.
+    ``clip`` scores ``clip_score`` (a worker passes the one it keeps loaded; None: loaded
+    from ``settings.clip_model_path`` for this call). ``on_progress(done, total, stage)``
+    may raise to stop.
     """
     if not params.metrics:  # the attacks alone (worker.jobs.evaluation)
         return {"model": params.model, "images": 0, "metrics": {}}
@@ -91,5 +94,6 @@ def evaluate(pipe: Any, params: EvaluateJob, *, clf: Any = None, settings: Any =
         if "precision_recall" in metrics:
             out["precision"], out["recall"] = precision_recall(real_f, fake_f)
     if "clip_score" in metrics:
-        out["clip_score"] = ClipScorer(settings.clip_model_path, pipe.device).score(images, drawn)
+        scorer = clip or ClipScorer(settings.clip_model_path, pipe.device)
+        out["clip_score"] = scorer.score(images, drawn)
     return report

@@ -30,10 +30,11 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
         reporter.progress(done, total, stage, force=stage != "drawing")
 
     t0 = time.perf_counter()
-    report = run_evaluation(pipe, spec, clf=clf, settings=ctx.settings,
+    clip = ctx.clip() if "clip_score" in spec.metrics else None
+    report = run_evaluation(pipe, spec, clf=clf, settings=ctx.settings, clip=clip,
                             on_progress=on_progress)
     if spec.attack is not None:
-        report["attacks"] = _attacks(spec, pipe, clf, reporter)
+        report["attacks"] = _attacks(spec, pipe, reporter)
     report |= {"job": this, "seconds": round(time.perf_counter() - t0, 1),
                "created_at": utcnow()}
     out = jobfiles.output_dir(ctx.settings, this)
@@ -45,7 +46,7 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
     return {"report": report, "links": {"model": f"/models/{spec.model}"}}
 
 
-def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list[dict]:
+def _attacks(spec: EvaluateJob, pipe: Any, reporter: Reporter) -> list[dict]:
     """Each erased concept attacked on the model and on its base (``worker.attacks``)."""
     from worker.attacks import Drawing, attack_concepts
     from worker.esd import full_delta
@@ -57,6 +58,6 @@ def _attacks(spec: EvaluateJob, pipe: Any, clf: Any, reporter: Reporter) -> list
     manifest = ctx.registry.get(spec.model)
     trained = (sorted(full_delta(base.unet, load_delta(ctx.registry.path(spec.model))))
                if manifest.get("format") == "delta" else [])
-    return attack_concepts(base, pipe, spec.attack, spec.domain, clf or ctx.clip(),
+    return attack_concepts(base, pipe, spec.attack, spec.domain, ctx.judge_model(spec.evaluator),
                            Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width),
                            trained, (manifest.get("edit") or {}).get("concept_kind"), reporter)
