@@ -37,13 +37,12 @@ def drift_points(iterations: int, checks: int) -> list[int]:
 
 
 def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob, base_manifest: dict,
-                      delta: dict[str, torch.Tensor], reporter: Reporter) -> dict:
+                      edited: Any, reporter: Reporter) -> dict:
     """Every concept's accuracy, and FID / precision / recall on the prompts the edit should
     leave alone, for the base (cached on its manifest), the edit, and the base with the
     concepts as a negative prompt: the inference-time way to avoid them, which the paper
     compares fine-tuning with."""
     from worker.domains import get_domain
-    from worker.variants import build_variant
 
     domain = get_domain(spec.domain)
     assert spec.evaluator is not None  # the API sets evaluate only with an evaluator
@@ -75,8 +74,7 @@ def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob, base_manifest: dict,
     negative_baseline = cached("negative_prompt", negative)
     reporter.check()
     reporter.progress(2, 3, "evaluating", force=True)
-    variant = build_variant(base, delta, spec.base_model).pipe
-    after = domain.erasure_report(variant, clf, concepts, EVAL_PER_PROMPT, spec.draw_guidance)
+    after = domain.erasure_report(edited, clf, concepts, EVAL_PER_PROMPT, spec.draw_guidance)
     return {"before": before, "after": after, "negative_prompt": negative_baseline,
             "erased": concepts}
 
@@ -208,6 +206,8 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     reporter.progress(total, total, "saving", force=True)
     losses = trainer.state.losses
     delta = trainer.delta()
+    # The edit as it will be served, built once for the report, the evidence and the attacks.
+    edited = build_variant(pipe, delta, spec.base_model).pipe
     manifest: dict[str, Any] = {
         "kind": "text-to-image", "format": "delta",
         "base": {"id": spec.base_model, "digest": base_manifest["digest"]},
@@ -222,15 +222,15 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     }
     if spec.evaluate and spec.evaluator:
         manifest["metrics"] = {
-            "erasure": _evaluate_erasure(ctx, spec, base_manifest, delta, reporter)}
-    grid_entry, manifest["evidence"] = _erase_evidence(ctx, spec, pipe, delta, drawing, this,
+            "erasure": _evaluate_erasure(ctx, spec, base_manifest, edited, reporter)}
+    grid_entry, manifest["evidence"] = _erase_evidence(ctx, spec, pipe, edited, drawing, this,
                                                        reporter)
     final = manifest["evidence"]["drift"]
     if final is not None:
         drift.append({"iteration": total, "psnr": final["psnr"], "ssim": final["ssim"]})
     manifest["training"]["drift"] = drift
     if spec.attack is not None:
-        manifest["attacks"] = _attack(ctx, spec, pipe, delta, reporter)
+        manifest["attacks"] = _attack(ctx, spec, pipe, edited, delta, reporter)
     name = _publish(registry, spec.name, spec.name_given, manifest, delta)
     jobfiles.drop_checkpoint(ctx.settings, this)
     reporter.progress(total, total, "done", force=True)
@@ -241,30 +241,26 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
             **({"attacks": manifest["attacks"]} if spec.attack is not None else {})}
 
 
-def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torch.Tensor],
-            reporter: Reporter) -> list[dict]:
+def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,
+            delta: dict[str, torch.Tensor], reporter: Reporter) -> list[dict]:
     """The attacks asked for on the new edit, the base as the control (worker.attacks)."""
     from worker.attacks import Drawing, attack_concepts
     from worker.esd import full_delta
-    from worker.variants import build_variant
 
     assert spec.attack is not None
-    edited = build_variant(pipe, delta, spec.base_model).pipe
     return attack_concepts(pipe, edited, spec.attack, spec.domain,
                            ctx.judge_model(spec.evaluator),
                            Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
                            sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter)
 
 
-def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, delta: dict[str, torch.Tensor],
+def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,
                     drawing: Any, this: str, reporter: Reporter) -> tuple[dict, dict]:
     """The comparison grid (stored as the job's image 0) and its report, for every erase."""
     from worker.domains import get_domain
     from worker.evidence import evidence
-    from worker.variants import build_variant
 
     reporter.progress(0, 1, "evidence", force=True)
-    edited = build_variant(pipe, delta, spec.base_model).pipe
     clip = ctx.clip()
     grid, report = evidence(
         pipe, edited, get_domain(spec.domain), list(spec.concepts),
