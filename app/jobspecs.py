@@ -153,6 +153,8 @@ class EraseJob(JobSpec):
     parameterization: Literal["full", "lora"] = "full"
     lora_rank: int = LORA_RANK
     robust: bool = False
+    anchor: Literal["without", "neighbour"] = "without"
+    anchor_concept: str | None = None
 
 
 class EvaluateJob(JobSpec):

@@ -119,6 +119,32 @@ def _resolve_preserve(body: EraseCreate, domain: str | None, info: dict, base_id
     return known if body.preserve is None else body.preserve
 
 
+def _resolve_anchor(body: EraseCreate, defaults: dict, info: dict) -> str:
+    """The request's anchor (``anchor_concept`` implies neighbour), else the model's where
+    a neighbour is known, else "without"."""
+    asked = body.anchor or ("neighbour" if body.anchor_concept else None)
+    if body.anchor_concept is not None:
+        if asked != "neighbour":
+            raise InvalidParams(f"`anchor_concept` {body.anchor_concept!r} is the neighbour "
+                                f"anchor's concept: it needs anchor 'neighbour', got "
+                                f"{body.anchor!r}")
+        if body.anchor_concept.strip().lower() in {c.strip().lower() for c in body.concepts}:
+            raise InvalidParams(f"`anchor_concept` {body.anchor_concept!r} is one of the "
+                                f"concepts erased, {body.concepts}")
+    # A neighbour: the request's concept or preserve prompts, or the domain's neighbours.
+    known = bool(body.anchor_concept or body.preserve_prompts or info["preserve"])
+    possible = known and body.train_prompts == "varied"
+    if asked == "neighbour" and not possible:
+        raise InvalidParams("`anchor` 'neighbour' steers each prompt to a neighbour's: it "
+                            "needs train_prompts 'varied' and a neighbour (anchor_concept, "
+                            "preserve_prompts, or a domain that knows neighbours), got "
+                            f"train_prompts {body.train_prompts!r}, anchor_concept "
+                            f"{body.anchor_concept!r}")
+    if asked is not None:
+        return asked
+    return str(defaults.get("anchor", "without")) if possible else "without"
+
+
 def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> EraseJob:
     base_id = body.base_model or settings.default_model
     manifest = registry.get(base_id)
@@ -153,9 +179,6 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         defaults.get("iterations", d.ERASE_ITERATIONS) * len(body.concepts))
     params["learning_rate"] = params["learning_rate"] or defaults.get("learning_rate",
                                                                       d.ERASE_LEARNING_RATE)
-    if body.negative_guidance is None:
-        params["negative_guidance"] = defaults.get("negative_guidance",
-                                                   d.ERASE_NEGATIVE_GUIDANCE)
     params["ddim_steps"] = defaults.get("ddim_steps", d.ERASE_DDIM_STEPS)
     params["start_guidance"] = defaults.get("start_guidance", d.ERASE_START_GUIDANCE)
     params["preserve_weight"] = defaults.get("preserve_weight", d.PRESERVE_WEIGHT)
@@ -163,6 +186,12 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         params["robust"] = bool(defaults.get("robust", False))
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
+    params["anchor"] = _resolve_anchor(body, defaults, info)
+    if body.negative_guidance is None:
+        # A neighbour anchor is the drawing wanted in the concept's place: nothing to steer
+        # away from beyond it.
+        params["negative_guidance"] = 0.0 if params["anchor"] == "neighbour" else (
+            defaults.get("negative_guidance", d.ERASE_NEGATIVE_GUIDANCE))
     kinds = info.get("concept_kinds") or []
     if body.concept_kind is not None and body.concept_kind not in kinds:
         raise InvalidParams(f"`concept_kind` {body.concept_kind!r} means nothing to model "

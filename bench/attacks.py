@@ -36,6 +36,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "esd-u": {"method": "esd-u"},
     # The strongest against the attacks found for a shape (model card): twice esd-u's steps.
     "esd-u robust": {"method": "esd-u", "robust": True, "iterations": 400},
+    # Every weight, steered to a neighbour's drawing (concept ablation) under the adversary:
+    # the cleanest drawings that hold a shape against the attacks (model card).
+    "esd-all robust, neighbour anchor": {"method": "esd-all", "robust": True,
+                                         "iterations": 400, "anchor": "neighbour"},
 }
 # The attacks' settings: the service's defaults but the smallest budget and half the
 # searched words (the table's run time); the budget the acceptance bar names (1.0) stays.
@@ -95,7 +99,7 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
                        trained=sorted(full_delta(base.unet, delta))).run()
     settings = {k: getattr(spec, k) for k in (
         "method", "iterations", "learning_rate", "negative_guidance", "preserve_weight",
-        "robust")}
+        "robust", "anchor")}
     return {"concept": concept, "method": name, "settings": settings,
             "train_s": round(seconds, 1), "report": report,
             "neighbours": domain.neighbours(concept, [concept], spec.concept_kind),

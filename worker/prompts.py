@@ -13,6 +13,16 @@ With several concepts, every anchor leaves all of them out: "a red triangle" era
 ``preserve`` pairs each varied prompt with a neighbour's: the same prompt with another
 concept of the erased one's kind in its place ("a orange circle" for "a red circle"), which
 the trainer holds unchanged. Only the model's domain knows what a neighbour is.
+
+The ``neighbour`` anchor steers each prompt to the same prompt with one neighbour in the
+concept's place instead of to the prompt without the concept: "a red triangle" is trained
+toward the model's own "a red circle" (with η = 0, concept ablation, Kumari et al., ICCV
+2023). The anchor without the concept may itself draw the concept ("a red" draws a circle 44
+times in 48 on shapes-sd), and then ESD's target keeps it; a neighbour's drawing does not.
+One neighbour for every prompt, the domain's first unless the request names it: with the
+neighbours in turn, robust training damaged the neighbours the concept was not steered to
+(erasing red with esd-x-strict: orange 66 % against 97 % with orange the anchor, and the
+conditioning attack recovered 75 % against 48 %; model card).
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ def _kept(prompt: str | None, erased: list[str]) -> str | None:
 
 def training_prompts(concepts: list[str], style: str, domain: str | None = None,
                      preserve: bool = False, kind: str | None = None,
-                     preserve_prompts: list[str] | None = None) -> tuple[ESDPrompt, ...]:
+                     preserve_prompts: list[str] | None = None,
+                     anchor: str = "without", anchor_concept: str | None = None
+                     ) -> tuple[ESDPrompt, ...]:
     """The prompts to train ``concepts`` in, interleaved so each concept is seen as often
     (a concept with fewer prompts repeats them).
 
@@ -58,6 +70,8 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
     with ``preserve`` each also names a neighbour's prompt to hold, where the ``domain``
     (the model's, ``worker.domains``) knows the concept's neighbours, or one of the
     request's ``preserve_prompts`` in turn. ``kind`` is the request's ``concept_kind``.
+    ``anchor`` "neighbour" anchors each prompt on ``anchor_concept`` in the concept's place,
+    else on the domain's first neighbour, else on the request's preserve prompts in turn.
     """
     if style == "plain":
         return tuple(ESDPrompt(c, c) for c in concepts)
@@ -72,8 +86,20 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
                 return preserve_prompts[i % len(preserve_prompts)]
             return _kept(replace(p, c, near[i % len(near)]), concepts) if near else None
 
-        per_concept.append([ESDPrompt(p, p, without(p, concepts), held(i, p))
-                            for i, p in enumerate(texts)])
+        # The concept that takes this one's place in a neighbour anchor (None: the request's
+        # preserve prompts are the anchors).
+        instead = anchor_concept or (None if preserve_prompts else next(
+            iter(known.neighbours(c, concepts, kind)), None))
+
+        def prompt(i: int, p: str, c: str = c, instead: str | None = instead) -> ESDPrompt:
+            keep, to = held(i, p), without(p, concepts)
+            if anchor == "neighbour" and instead is not None:
+                to = without(replace(p, c, instead) or p, [o for o in concepts if o != c])
+            elif anchor == "neighbour" and keep is not None:
+                to = keep
+            return ESDPrompt(p, p, to, keep)
+
+        per_concept.append([prompt(i, p) for i, p in enumerate(texts)])
     longest = max(len(p) for p in per_concept)
     interleaved = [p[i % len(p)] for i in range(longest) for p in per_concept]
     return tuple(interleaved)

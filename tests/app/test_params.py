@@ -15,7 +15,8 @@ ERASE_DEFAULTS = {"method": "esd-x-strict", "negative_guidance": 2.0, "iteration
                   "learning_rate": 5e-4, "robust": True, "preserve_weight": 2.0,
                   "by_method": {"esd-u": {"learning_rate": 1e-4, "iterations": 200,
                                           "negative_guidance": 1.0, "robust": False,
-                                          "preserve_weight": 1.0}},
+                                          "preserve_weight": 1.0},
+                                "esd-all": {"anchor": "neighbour", "learning_rate": 1e-4}},
                   "by_parameterization": {"lora": {"learning_rate": 2e-3}}}
 
 
@@ -64,3 +65,34 @@ def test_a_model_without_erase_defaults_gets_the_papers(registry, tmp_path):
         (ERASE_METHOD, ERASE_NEGATIVE_GUIDANCE, 1000, 1e-5)
     assert not spec.robust
     assert (spec.height, spec.draw_guidance) == (512, DRAW_GUIDANCE)
+
+
+def test_a_neighbour_anchor_needs_a_neighbour_and_steers_no_further(registry, tmp_path):
+    spec = erase(registry, tmp_path, base_model="tuned-sd")
+    assert (spec.anchor, spec.negative_guidance) == ("without", 2.0)
+    # Asked for: η 0 unless asked too (the neighbour's drawing is the target itself).
+    spec = erase(registry, tmp_path, base_model="tuned-sd", anchor="neighbour")
+    assert (spec.anchor, spec.negative_guidance) == ("neighbour", 0.0)
+    spec = erase(registry, tmp_path, base_model="tuned-sd", anchor="neighbour",
+                 negative_guidance=0.5)
+    assert spec.negative_guidance == 0.5
+    with pytest.raises(InvalidParams, match="`anchor` 'neighbour' .* got train_prompts "
+                                            "'plain', anchor_concept None"):
+        erase(registry, tmp_path, base_model="tuned-sd", anchor="neighbour",
+              train_prompts="plain")
+    # A named neighbour implies the anchor, and is no erased concept.
+    spec = erase(registry, tmp_path, base_model="tuned-sd", anchor_concept="orange")
+    assert (spec.anchor, spec.anchor_concept, spec.negative_guidance) == (
+        "neighbour", "orange", 0.0)
+    with pytest.raises(InvalidParams, match="`anchor_concept` 'Red' is one of the concepts"):
+        erase(registry, tmp_path, base_model="tuned-sd", anchor_concept="Red")
+    with pytest.raises(InvalidParams, match="`anchor_concept` 'orange' .* needs anchor "
+                                            "'neighbour', got 'without'"):
+        erase(registry, tmp_path, base_model="tuned-sd", anchor_concept="orange",
+              anchor="without")
+    # A method's default anchor holds where a neighbour is known, and gives way where none.
+    spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-all")
+    assert (spec.anchor, spec.negative_guidance, spec.learning_rate) == ("neighbour", 0.0, 1e-4)
+    spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-all",
+                 train_prompts="plain")
+    assert (spec.anchor, spec.negative_guidance) == ("without", 2.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support import wait_job
+from worker.domains import get_domain
+from worker.prompts import replace
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +54,7 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     # Opted in on the erase: the attacks' report comes with the new model.
     r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
                                   "iterations": 2, "name": "tiny-attacked", "robust": True,
+                                  "anchor": "neighbour",
                                   "attack": {**small, "attacks": ["conditioning"]}})
     erased = wait_job(http, r.json()["id"], timeout_s=300)
     assert erased["status"] == "succeeded", erased
@@ -60,6 +63,12 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     assert [c["budget"] for c in on_erase["conditioning"]] == [1.0]
     model = http.get("/models/tiny-attacked").json()
     assert model["attacks"] == [on_erase] and model["edit"]["robust"] is True
+    # Steered to the domain's first neighbour, with no negative guidance (as recorded).
+    edit = model["edit"]
+    assert (edit["anchor"], edit["negative_guidance"]) == ("neighbour", 0.0)
+    near = get_domain(None).neighbours("red", ["red"])[0]
+    assert edit["prompts"] and all(p["anchor"] == replace(p["prompt"], "red", near)
+                                   for p in edit["prompts"])
     job = evaluate(http, model="tiny-attacked", metrics=[], attack=small, steps=2)
     [attacked] = job["result"]["report"]["attacks"]
     assert attacked["concept"] == "red" and attacked["judge"] is None

@@ -97,3 +97,29 @@ def test_the_requests_preserve_prompts_are_held_in_turn():
     prompts = training_prompts(["dog"], "varied", None, preserve=True,
                                preserve_prompts=held)
     assert [p.preserve for p in prompts[:4]] == held * 2
+
+
+def test_a_neighbour_anchor_puts_one_neighbour_in_the_concepts_place():
+    prompts = training_prompts(["red", "triangle"], "varied", "shapes", preserve=True,
+                               anchor="neighbour")
+    anchors = {p.prompt: p.anchor for p in prompts}
+    # The domain's first neighbour for every prompt, while the held ones still rotate.
+    assert anchors["a red circle"] == "a orange circle"
+    assert anchors["a blue triangle on a white background"] == (
+        "a blue circle on a white background")
+    assert len({p.preserve for p in prompts if p.prompt.startswith("a red ")}) > 1
+    # Never another erased concept: "a red triangle" names both.
+    assert {p.anchor for p in prompts if p.prompt == "a red triangle"} == {"a orange", "a circle"}
+    # The request's concept wins; without preserve the anchor still moves.
+    named = training_prompts(["red"], "varied", "shapes", anchor="neighbour",
+                             anchor_concept="blue")
+    assert {p.prompt: p.anchor for p in named}["a red square"] == "a blue square"
+    assert all(p.preserve is None for p in named)
+    # The request's own preserve prompts are the anchors, in turn, when no concept is named.
+    held = ["a photo of a cat", "a city street"]
+    dog = training_prompts(["dog"], "varied", None, preserve=True, preserve_prompts=held,
+                           anchor="neighbour")
+    assert [p.anchor for p in dog[:4]] == held * 2
+    # ESD's anchor otherwise.
+    assert {p.prompt: p.anchor for p in training_prompts(["red"], "varied", "shapes")}[
+        "a red circle"] == "a circle"

@@ -59,7 +59,8 @@ class Domain(Protocol):
 
     def neighbours(self, concept: str, erased: list[str], kind: str | None = None
                    ) -> list[str]:
-        """Concepts of ``concept``'s kind the edit should keep ([]: none known)."""
+        """Concepts of ``concept``'s kind the edit should keep ([]: none known); the first
+        is the one a neighbour anchor draws in the concept's place (``worker.prompts``)."""
         ...
 
     def judge(self, classifier: Any, kind: str | None = None) -> Judge | None:

@@ -111,7 +111,8 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
     edit = spec.model_dump(include={
         "method", "concepts", "iterations", "learning_rate", "negative_guidance",
         "erase_from", "seed", "ddim_steps", "start_guidance", "train_prompts", "preserve",
-        "preserve_weight", "concept_kind", "preserve_prompts", "parameterization", "robust"})
+        "preserve_weight", "concept_kind", "preserve_prompts", "parameterization", "robust",
+        "anchor", "anchor_concept"})
     if spec.parameterization == "lora":
         edit["lora_rank"] = spec.lora_rank
     edit["prompts"] = [{"prompt": p.prompt, "anchor": p.anchor}
@@ -128,7 +129,8 @@ def esd_config(spec: EraseJob) -> Any:
 
     prompts = training_prompts(spec.concepts, spec.train_prompts, spec.domain,
                                preserve=spec.preserve, kind=spec.concept_kind,
-                               preserve_prompts=spec.preserve_prompts)
+                               preserve_prompts=spec.preserve_prompts, anchor=spec.anchor,
+                               anchor_concept=spec.anchor_concept)
     return ESDConfig(
         concepts=tuple(spec.concepts), prompts=prompts, method=spec.method,
         iterations=spec.iterations, learning_rate=spec.learning_rate,
