@@ -37,7 +37,9 @@ DEMO_MANIFESTS: dict[str, dict] = {
         # neighbours' drawings closest to the base's. Not robust by default: robust
         # training holds the attacks on triangle but damages every other drawing (circles
         # come out as lumpy diamonds: kept-prompt FID 209 against the base's 87), and does
-        # not hold red; `"robust": true` asks for it (model card, bench.attacks).
+        # not hold red; `"robust": true` asks for it (model card, bench.attacks). ESD's
+        # anchor by default: robust esd-all steered to a neighbour ("anchor": "neighbour")
+        # holds triangle with far cleaner drawings but breaks circle, square and red.
         "erase_defaults": {"method": "esd-x-strict", "negative_guidance": 2.0,
                            "iterations": 600, "learning_rate": 5e-4, "ddim_steps": 30,
                            "start_guidance": 3.0, "preserve_weight": 2.0,
