@@ -27,6 +27,7 @@ conditioning attack recovered 75 % against 48 %; model card).
 
 from __future__ import annotations
 
+from app.errors import InvalidParams
 from worker.domains import get_domain
 from worker.esd import ESDPrompt
 
@@ -90,6 +91,9 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
         # preserve prompts are the anchors).
         instead = anchor_concept or (None if preserve_prompts else next(
             iter(known.neighbours(c, concepts, kind)), None))
+        if anchor == "neighbour" and instead is None and not preserve_prompts:
+            raise InvalidParams(f"`anchor` 'neighbour': the model's domain knows no neighbour "
+                                f"of {c!r}; name one with anchor_concept")
 
         def prompt(i: int, p: str, c: str = c, instead: str | None = instead) -> ESDPrompt:
             keep, to = held(i, p), without(p, concepts)

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
+from app.errors import InvalidParams
 from worker.esd import ESDPrompt
 from worker.prompts import training_prompts, without
 
@@ -120,6 +123,9 @@ def test_a_neighbour_anchor_puts_one_neighbour_in_the_concepts_place():
     dog = training_prompts(["dog"], "varied", None, preserve=True, preserve_prompts=held,
                            anchor="neighbour")
     assert [p.anchor for p in dog[:4]] == held * 2
+    # A concept the domain knows no neighbour of has nothing to be steered to.
+    with pytest.raises(InvalidParams, match="knows no neighbour of 'hexagon'; name one"):
+        training_prompts(["hexagon"], "varied", "shapes", anchor="neighbour")
     # ESD's anchor otherwise.
     assert {p.prompt: p.anchor for p in training_prompts(["red"], "varied", "shapes")}[
         "a red circle"] == "a circle"
