@@ -188,6 +188,7 @@ def cmd_erase(args: argparse.Namespace) -> None:
         "iterations": args.iterations, "learning_rate": args.learning_rate,
         "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
         "train_prompts": args.train_prompts, "preserve": args.preserve,
+        "robust": args.robust, "anchor": args.anchor, "anchor_concept": args.anchor_concept,
         "name": args.name, "seed": args.seed,
     }
     with _client(args.url) as client:
@@ -281,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", action=argparse.BooleanOptionalAction,
                    help="hold the erased concept's neighbours (other colours for a colour); "
                    "default: on for models of a known domain")
+    p.add_argument("--robust", action=argparse.BooleanOptionalAction,
+                   help="adversarial training against offsets on the text encoding; "
+                   "default: the model's")
+    p.add_argument("--anchor", choices=["without", "neighbour"],
+                   help="steer the concept's prompts away from it (without, ESD) or to a "
+                   "neighbour's drawing (neighbour); default: the model's")
+    p.add_argument("--anchor-concept", help="the neighbour drawn in the concept's place; "
+                   "implies --anchor neighbour")
     p.add_argument("--name", help="registry id of the result")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_erase)

@@ -169,12 +169,17 @@ def test_with_a_clip_model_clip_judges_the_evidence_and_the_attacks(http, home, 
     assert all(curve[k] in {0.0, 0.25, 0.5, 0.75, 1.0} for k in ("edit", "base"))
 
 
-def test_lethe_erase_command_runs_through_the_api(live_url, worker, capsys):
+def test_lethe_erase_command_runs_through_the_api(live_url, worker, http, capsys):
     from app.cli import main
 
     main(["erase", "blue", "--url", live_url, "--base-model", "tiny-sd", "--iterations", "3",
-          "--name", "tiny-no-blue-cli"])
+          "--name", "tiny-no-blue-cli", "--robust", "--anchor-concept", "green"])
     assert capsys.readouterr().out.strip() == "tiny-no-blue-cli"
+    edit = http.get("/models/tiny-no-blue-cli").json()["edit"]
+    assert (edit["robust"], edit["anchor"], edit["anchor_concept"]) == (True, "neighbour",
+                                                                         "green")
+    assert {p["prompt"]: p["anchor"] for p in edit["prompts"]}["a photo of a blue"] == (
+        "a photo of a green")
 
 
 def test_two_erases_deriving_the_same_name_both_publish(http):
