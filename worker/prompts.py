@@ -97,9 +97,10 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
 
         def prompt(i: int, p: str, c: str = c, instead: str | None = instead) -> ESDPrompt:
             keep, to = held(i, p), without(p, concepts)
-            if anchor == "neighbour" and instead is not None:
-                to = without(replace(p, c, instead) or p, [o for o in concepts if o != c])
-            elif anchor == "neighbour" and keep is not None:
+            swapped = replace(p, c, instead) if instead is not None else None
+            if anchor == "neighbour" and swapped is not None:
+                to = without(swapped, [o for o in concepts if o != c])
+            elif anchor == "neighbour" and instead is None and keep is not None:
                 to = keep
             return ESDPrompt(p, p, to, keep)
 
