@@ -80,7 +80,8 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
     per_concept = []
     for c in concepts:
         texts = known.training_texts(c, kind)
-        near = known.neighbours(c, concepts, kind) if preserve else []
+        neighbours = known.neighbours(c, concepts, kind)
+        near = neighbours if preserve else []
 
         def held(i: int, p: str, c: str = c, near: list[str] = near) -> str | None:
             if preserve_prompts:
@@ -89,8 +90,7 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
 
         # The concept that takes this one's place in a neighbour anchor (None: the request's
         # preserve prompts are the anchors).
-        instead = anchor_concept or (None if preserve_prompts else next(
-            iter(known.neighbours(c, concepts, kind)), None))
+        instead = anchor_concept or (None if preserve_prompts else next(iter(neighbours), None))
         if anchor == "neighbour" and instead is None and not preserve_prompts:
             raise InvalidParams(f"`anchor` 'neighbour': the model's domain knows no neighbour "
                                 f"of {c!r}; name one with anchor_concept")
