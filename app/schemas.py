@@ -242,8 +242,8 @@ class EraseCreate(_Hooked):
     anchor_concept: Concept | None = Field(
         None, description="The neighbour drawn in the erased concept's place in every "
         "prompt (\"orange\" for \"red\"); implies anchor neighbour. Default: the "
-        "domain's first neighbour of each concept (shapes-sd: the next shape or hue in its "
-        "list), else the preserve_prompts in turn.")
+        "preserve_prompts in turn if given, else the domain's first neighbour of each "
+        "concept (shapes-sd: the next shape or hue in its list).")
     robust: bool | None = Field(
         None, description="Adversarial training: every 8 iterations, an offset on the text "
         "encoder's output that brings the concept back in the model being trained is "

@@ -72,7 +72,7 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
     (the model's, ``worker.domains``) knows the concept's neighbours, or one of the
     request's ``preserve_prompts`` in turn. ``kind`` is the request's ``concept_kind``.
     ``anchor`` "neighbour" anchors each prompt on ``anchor_concept`` in the concept's place,
-    else on the domain's first neighbour, else on the request's preserve prompts in turn.
+    else on the request's preserve prompts in turn, else on the domain's first neighbour.
     """
     if style == "plain":
         return tuple(ESDPrompt(c, c) for c in concepts)
@@ -90,18 +90,22 @@ def training_prompts(concepts: list[str], style: str, domain: str | None = None,
 
         # The concept that takes this one's place in a neighbour anchor (None: the request's
         # preserve prompts are the anchors).
-        instead = anchor_concept or (None if preserve_prompts else next(iter(neighbours), None))
-        if anchor == "neighbour" and instead is None and not preserve_prompts:
-            raise InvalidParams(f"`anchor` 'neighbour': the model's domain knows no neighbour "
-                                f"of {c!r}; name one with anchor_concept")
+        instead = None
+        if anchor == "neighbour":
+            instead = anchor_concept or (None if preserve_prompts else next(iter(neighbours),
+                                                                             None))
+            if instead is None and not preserve_prompts:
+                raise InvalidParams(f"`anchor` 'neighbour': the model's domain knows no "
+                                    f"neighbour of {c!r}; name one with anchor_concept")
 
         def prompt(i: int, p: str, c: str = c, instead: str | None = instead) -> ESDPrompt:
             keep, to = held(i, p), without(p, concepts)
-            swapped = replace(p, c, instead) if instead is not None else None
-            if anchor == "neighbour" and swapped is not None:
-                to = without(swapped, [o for o in concepts if o != c])
-            elif anchor == "neighbour" and instead is None and keep is not None:
-                to = keep
+            if anchor == "neighbour":
+                swapped = replace(p, c, instead) if instead is not None else None
+                if swapped is not None:
+                    to = without(swapped, [o for o in concepts if o != c])
+                elif instead is None and keep is not None:
+                    to = keep
             return ESDPrompt(p, p, to, keep)
 
         per_concept.append([prompt(i, p) for i, p in enumerate(texts)])
