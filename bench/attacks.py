@@ -2,6 +2,7 @@
 
     python -m bench.attacks [--model shapes-sd] [--concepts triangle red] [--out F]
                             [--methods default esd-x ...] [--attack-options JSON] [--smoke]
+    python -m bench.attacks --reach [--model shapes-sd] [--concepts triangle red]
 
 Each method is resolved as ``POST /erase`` resolves it (the model's ``erase_defaults`` and
 their ``by_method`` settings; "esd-x robust" is esd-x with ``"robust": true``) and trained
@@ -12,6 +13,11 @@ the neighbours' same-seed drift against the base, and every attack of ``worker.a
 judged by the domain's judge, the base attacked once per concept as the control. The
 markdown table goes to ``--out`` (default: stdout), one JSON line per edit to stdout.
 ``--smoke`` proves the path on tiny settings (numbers that mean nothing).
+
+``--reach`` trains nothing: it says how far the conditioning attack's budgets reach in the
+text encoder's output — each neighbour's and the empty prompt's encodings, and the domain's
+prompts, as distances from the concept's own prompts in units of the attack's radius (a
+budget of 1.0 is 1.0 here).
 """
 
 from __future__ import annotations
@@ -230,6 +236,55 @@ def run(model: str, concepts: list[str], methods: list[str], attack_options: dic
     return lines
 
 
+def reach(model: str, concepts: list[str], budgets: list[float]) -> list[str]:
+    """The ``--reach`` table: what lies within each budget of the concept's prompts."""
+    import torch
+
+    from worker.context import get_context
+    from worker.defaults import ensure_default_models
+    from worker.domains import get_domain
+    from worker.esd import encode_prompts
+    from worker.prompts import replace
+
+    ctx = get_context()
+    ensure_default_models(ctx.registry)
+    pipe, _ = ctx.cache.get(model)
+    domain = get_domain(ctx.registry.get(model).get("domain"))
+    sets = list(dict.fromkeys(p for name in domain.info()["prompt_sets"]
+                              for p in domain.prompt_set(name)))
+    lines = [f"| {model}: distance / the attack's radius | " + " | ".join(
+        ["radius", "each neighbour's prompts (mean)", "the empty prompt"]
+        + [f"domain prompts within {b}" for b in budgets]) + " |",
+        "| --- |" + " --- |" * (3 + len(budgets))]
+    for concept in concepts:
+        texts = domain.training_texts(concept)
+        own = encode_prompts(pipe, texts).float().flatten(1)
+        radius = float(own.norm(dim=1).mean())  # as the attack measures its budget
+
+        # The domain's prompts: its prompt sets', else every neighbour's own prompts.
+        known = sets or [p for n in domain.neighbours(concept, [concept])
+                         for p in domain.training_texts(n)]
+
+        def away(prompts: list[str], own: torch.Tensor = own, radius: float = radius
+                 ) -> torch.Tensor:
+            return torch.cdist(own, encode_prompts(pipe, prompts).float().flatten(1)) / radius
+
+        near = []
+        for n in domain.neighbours(concept, [concept]):
+            pairs = [(i, m) for i, t in enumerate(texts)
+                     if (m := replace(t, concept, n)) is not None]
+            moved = encode_prompts(pipe, [m for _, m in pairs]).float().flatten(1)
+            d = (own[[i for i, _ in pairs]] - moved).norm(dim=1) / radius
+            near.append(f"{n} {float(d.mean()):.2f}")
+        empty = float(away([""]).mean())
+        within = [f"{float((away(known) <= b).float().mean()):.0%}" for b in budgets]
+        lines.append(f"| {concept} | {radius:.1f} | {', '.join(near)} | {empty:.2f} | "
+                     + " | ".join(within) + " |")
+    return lines + ["", "Domain prompts: " + (
+        f"the {len(sets)} prompts of the domain's prompt sets" if sets
+        else "each neighbour's own prompts") + ", in pairs with the concept's own prompts."]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.attacks")
     parser.add_argument("--model", default="shapes-sd")
@@ -240,9 +295,16 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny settings: the path only")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reach", action="store_true",
+                        help="train nothing: how far the conditioning budgets reach")
     args = parser.parse_args()
     if "LETHE_HOME" not in os.environ:  # a registry of its own, the demo models in it
         os.environ["LETHE_HOME"] = tempfile.mkdtemp(prefix="lethe-bench-attacks-")
+    if args.reach:
+        from app.jobspecs import AttackSpec
+
+        print("\n".join(reach(args.model, args.concepts, AttackSpec().budgets)))
+        return
     options = args.attack_options if args.attack_options is not None else (
         SMOKE_ATTACKS if args.smoke else ATTACK_OPTIONS)
     lines = run(args.model, args.concepts, args.methods, options,

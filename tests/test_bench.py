@@ -48,3 +48,20 @@ def test_the_attack_table_runs_each_method_as_a_job_would(tmp_path):
     assert "default: method esd-x, iterations 2" in text and "robust False" in text
     assert "esd-x robust: method esd-x, iterations 2" in text and "robust True" in text
     assert "| **worst inference-time attack** |" in text  # every attack ran
+
+
+def test_reach_says_how_far_the_conditioning_budgets_go(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
+    proc = subprocess.run([sys.executable, "-m", "bench.attacks", "--reach", "--model", "tiny-sd",
+                           "--concepts", "red"], cwd=ROOT, env=env | {"LETHE_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| red |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # radius, the neighbours named with their distances, the empty prompt, three budgets
+    assert float(cells[1]) > 0
+    neighbours = dict(n.rsplit(" ", 1) for n in cells[2].split(", "))
+    assert neighbours and all(float(d) > 0 for d in neighbours.values())
+    assert 0 < float(cells[3])
+    within = [int(c.rstrip("%")) for c in cells[4:]]
+    assert len(within) == 3 and within == sorted(within)  # a larger budget reaches more
