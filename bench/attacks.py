@@ -277,7 +277,8 @@ def reach(model: str, concepts: list[str], budgets: list[float]) -> list[str]:
             d = (own[[i for i, _ in pairs]] - moved).norm(dim=1) / radius
             near.append(f"{n} {float(d.mean()):.2f}")
         empty = float(away([""]).mean())
-        within = [f"{float((away(known) <= b).float().mean()):.0%}" for b in budgets]
+        apart = away(known)
+        within = [f"{float((apart <= b).float().mean()):.0%}" for b in budgets]
         lines.append(f"| {concept} | {radius:.1f} | {', '.join(near)} | {empty:.2f} | "
                      + " | ".join(within) + " |")
     return lines + ["", "Domain prompts: " + (

@@ -16,6 +16,7 @@ without training).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -50,7 +51,7 @@ def retrain(shipped: Any, concept: str, cfg: train.DemoConfig, log: Any = print)
 
     data = without(train.make_data(cfg, shipped.tokenizer, log), concept)
     log(f"[data] {len(data.images)} scenes without {concept!r}")
-    vae = shipped.vae.float()
+    vae = copy.deepcopy(shipped.vae).float()  # the shipped pipeline stays as it is
     text_encoder, unet = train.train_sd(cfg, data, vae, shipped.tokenizer, log)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=shipped.tokenizer, unet=unet,
