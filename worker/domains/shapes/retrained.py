@@ -64,13 +64,14 @@ def evaluate(shipped: Any, model: Any, clf: Any, concept: str, spec: AttackSpec,
     """The erasure report and the attacks on ``model``, drawn as ``shapes-sd`` draws."""
     from worker.attacks import Attacker, Drawing, judged
     from worker.domains import get_domain
+    from worker.domains.shapes.domain import DEMO_MANIFESTS
 
     domain = get_domain("shapes")
-    defaults = drawing_defaults()
-    report = domain.erasure_report(model, clf, [concept], per_prompt, defaults["guidance"])
+    d = DEMO_MANIFESTS[MODEL]["defaults"]  # how shapes-sd draws
+    drawing = Drawing(d["guidance_scale"], d["steps"], d["height"], d["width"])
+    report = domain.erasure_report(model, clf, [concept], per_prompt, drawing.guidance)
     attacks = Attacker(shipped, model, concept, domain.training_texts(concept),
-                       judged(domain.judge(clf), concept), spec,
-                       Drawing(defaults["guidance"], defaults["steps"], 32, 32)).run()
+                       judged(domain.judge(clf), concept), spec, drawing).run()
     neighbours = domain.neighbours(concept, [concept])
     search = (attacks.get("prompt_search") or {}).get("edit")
     return {
@@ -83,14 +84,6 @@ def evaluate(shipped: Any, model: Any, clf: Any, concept: str, spec: AttackSpec,
         "conditioning": {r["budget"]: r["edit"] for r in attacks.get("conditioning", [])},
         "prompt_search": search["rate"] if isinstance(search, dict) else search,
         "attack_settings": attacks["settings"]}
-
-
-def drawing_defaults() -> dict[str, Any]:
-    """How ``shapes-sd`` draws (its manifest's defaults)."""
-    from worker.domains.shapes.domain import DEMO_MANIFESTS
-
-    d = DEMO_MANIFESTS[MODEL]["defaults"]
-    return {"guidance": d["guidance_scale"], "steps": d["steps"]}
 
 
 def main() -> None:
