@@ -90,6 +90,16 @@ def read_header(path: Path, field: str = "path", name: str | None = None) -> Hea
     return Header(shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
 
 
+# Tensor names only a LoRA file has (kohya's, PEFT's, diffusers' older layouts).
+LORA_MARKS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight",
+              "_lora.down.weight", "_lora.up.weight", ".lora_linear_layer.down.weight")
+
+
+def is_lora(header: Header) -> bool:
+    """Whether a safetensors file holds LoRA factors rather than a model's weights."""
+    return any(name.endswith(LORA_MARKS) for name in header.shapes)
+
+
 def _prefixes(names: list[str], depth: int = 2, most: int = 6) -> str:
     counts = Counter(".".join(n.split(".")[:depth]) for n in names)
     return ", ".join(f"{p}.* ({n})" for p, n in counts.most_common(most))

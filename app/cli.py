@@ -55,7 +55,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         from worker.importer import import_model
 
         _print(import_model(registry, Path(args.path), args.id, allow_pickle=args.allow_pickle,
-                            prediction_type=args.prediction_type))
+                            prediction_type=args.prediction_type, base=args.base))
     elif args.action == "pull":
         from worker.importer import pull_model
 
@@ -63,7 +63,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     elif args.action == "export" and args.format == "lora":
         from worker.exporter import export_lora
 
-        print(export_lora(registry, args.id, Path(args.to), rank=args.rank))
+        print(export_lora(registry, args.id, Path(args.to), rank=args.rank,
+                          layout=args.lora_layout or "kohya", dtype=args.dtype or "float16"))
     elif args.action == "export" and args.format == "single-file":
         from worker.exporter import export_single_file
 
@@ -234,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("id")
     rm.add_argument("--force", action="store_true", help="also remove a base model")
     imp = msub.add_parser("import", help="copy in a diffusers folder or a single-file "
-                          "checkpoint (SD 1.x, 2.x, SDXL base; checked by loading it)")
-    imp.add_argument("path", help="a diffusers folder or a .safetensors file")
+                          "checkpoint (SD 1.x, 2.x, SDXL base; checked by loading it), or a "
+                          "LoRA file as an edit of --base")
+    imp.add_argument("path", help="a diffusers folder or a .safetensors file (a checkpoint "
+                     "or a LoRA)")
     imp.add_argument("--id", required=True)
+    imp.add_argument("--base", help="a LoRA file: the registered model it applies to (it "
+                     "imports as an edit of that model)")
     imp.add_argument("--allow-pickle", action="store_true",
                      help="also read pickled .ckpt/.pt files (loading a pickle runs its code)")
     imp.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
@@ -253,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["diffusers", "single-file", "lora"],
                      default="diffusers")
     exp.add_argument("--dtype", choices=["float32", "float16"],
-                     help="default: float32 for diffusers, float16 for single-file")
+                     help="default: float32 for diffusers, float16 for single-file and lora")
     exp.add_argument("--rank", type=int, help="lora: factors per changed matrix (default: "
                      "the least keeping 99%% of each difference's energy)")
+    exp.add_argument("--lora-layout", choices=["kohya", "peft"],
+                     help="lora: kohya (the default: AUTOMATIC1111, ComfyUI, Forge, InvokeAI "
+                     "and diffusers read it) or peft (diffusers' own layout)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a domain's own models from scratch")

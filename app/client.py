@@ -317,9 +317,12 @@ class LetheClient:
         self._call("DELETE", f"/models/{model_id}")
 
     def upload_model(self, path: str | Path, model_id: str,
-                     prediction_type: str | None = None) -> JobCreated:
-        """Upload a single-file checkpoint as ``model_id``; wait for the job it returns."""
-        fields = _drop_none({"id": model_id, "prediction_type": prediction_type})
+                     prediction_type: str | None = None, base: str | None = None
+                     ) -> JobCreated:
+        """Upload a single-file checkpoint as ``model_id`` (or a LoRA file as an edit of
+        model ``base``); poll the job it returns."""
+        fields = _drop_none({"id": model_id, "prediction_type": prediction_type,
+                             "base": base})
         with open(path, "rb") as f:
             return JobCreated.model_validate(self._call(
                 "POST", "/models", data=fields,
@@ -328,7 +331,8 @@ class LetheClient:
     def download_model(self, model_id: str, dest: str | Path, format: str = "single-file",
                        timeout_s: float | None = None, **query: Any) -> Path:
         """The model as ``format`` (diffusers zip, single-file, lora) written to ``dest``;
-        the first request makes the export (a job, waited for here)."""
+        the first request makes the export (a job, waited for here). ``query``: the
+        route's other parameters (``dtype``, ``rank``, ``lora_layout``)."""
         params = _drop_none({"format": format, **query})
         while True:
             with self.http.stream("GET", f"/models/{model_id}/download", params=params,

@@ -11,16 +11,17 @@ from typing import Any
 from urllib.parse import urlencode
 
 from app.errors import InvalidParams, shown
-from app.jobspecs import EXPORT_FORMATS
+from app.jobspecs import EXPORT_FORMATS, LORA_LAYOUTS
 
 DEFAULT_DTYPES = {"diffusers": "float32", "single-file": "float16", "lora": "float16"}
 SUFFIXES = {"diffusers": ".zip", "single-file": ".safetensors", "lora": ".safetensors"}
 MAX_RANK = 1024
 
 
-def resolve(manifest: dict[str, Any], format: str, dtype: str | None, rank: int | None
-            ) -> tuple[str, int | None]:
-    """The export's dtype and rank, defaults filled; what a model cannot export refused."""
+def resolve(manifest: dict[str, Any], format: str, dtype: str | None, rank: int | None,
+            lora_layout: str | None = None) -> tuple[str, int | None, str | None]:
+    """The export's dtype, rank and LoRA layout, defaults filled (the layout is None but
+    for a LoRA); what a model cannot export refused."""
     if format not in EXPORT_FORMATS:
         raise InvalidParams(f"`format` {shown(format)} is not one of {list(EXPORT_FORMATS)}")
     if format == "lora" and manifest.get("format") != "delta":
@@ -35,25 +36,38 @@ def resolve(manifest: dict[str, Any], format: str, dtype: str | None, rank: int 
     if rank is not None and (format != "lora" or not 1 <= rank <= MAX_RANK):
         raise InvalidParams(f"`rank` {shown(rank)} applies to format 'lora' only, "
                             f"from 1 to {MAX_RANK}")
+    if lora_layout is not None and (format != "lora" or lora_layout not in LORA_LAYOUTS):
+        raise InvalidParams(f"`lora_layout` {shown(lora_layout)} applies to format 'lora' "
+                            f"only, one of {list(LORA_LAYOUTS)}")
     if format == "lora":
-        dtype = "float16"  # LoRA factors are always written in half precision
+        lora_layout = lora_layout or LORA_LAYOUTS[0]
     dtype = dtype or DEFAULT_DTYPES[format]
     if dtype not in ("float32", "float16"):
         raise InvalidParams(f"`dtype` {shown(dtype)} is not one of ['float32', 'float16']")
-    return dtype, rank
+    return dtype, rank, lora_layout
 
 
-def file_name(manifest: dict[str, Any], format: str, dtype: str, rank: int | None) -> str:
+def file_name(manifest: dict[str, Any], format: str, dtype: str, rank: int | None,
+              lora_layout: str | None = None) -> str:
     rank_part = f"-r{rank}" if rank else ""
-    return f"{manifest['digest'][:16]}-{format}-{dtype}{rank_part}{SUFFIXES[format]}"
+    # The layout is in every LoRA's name: a file kept before it could be chosen (PEFT) is
+    # never served for a kohya request.
+    layout_part = f"-{lora_layout}" if lora_layout else ""
+    return (f"{manifest['digest'][:16]}-{format}{layout_part}-{dtype}{rank_part}"
+            f"{SUFFIXES[format]}")
 
 
-def download_name(model_id: str, format: str, rank: int | None) -> str:
+def download_name(model_id: str, format: str, rank: int | None,
+                  lora_layout: str | None = None) -> str:
     """What the client's file is called: the model's id and what it holds."""
     what = {"diffusers": "", "single-file": "", "lora": "-lora"}[format]
+    if lora_layout and lora_layout != LORA_LAYOUTS[0]:
+        what += f"-{lora_layout}"
     return f"{model_id}{what}{f'-r{rank}' if rank else ''}{SUFFIXES[format]}"
 
 
-def download_url(model_id: str, format: str, dtype: str, rank: int | None) -> str:
-    query = {"format": format, "dtype": dtype, **({"rank": rank} if rank else {})}
+def download_url(model_id: str, format: str, dtype: str, rank: int | None,
+                 lora_layout: str | None = None) -> str:
+    query = {"format": format, "dtype": dtype, **({"rank": rank} if rank else {}),
+             **({"lora_layout": lora_layout} if lora_layout else {})}
     return f"/models/{model_id}/download?{urlencode(query)}"

@@ -183,9 +183,13 @@ class ImportJob(JobSpec):
     file: str
     filename: str
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    base: str | None = None  # a LoRA file: the model it is an edit of
 
 
 EXPORT_FORMATS = ("diffusers", "single-file", "lora")
+# How a LoRA file names its factors: kohya's (the WebUI tools', and diffusers reads it) or
+# diffusers' PEFT layout (worker.lorafiles).
+LORA_LAYOUTS = ("kohya", "peft")
 
 
 class ExportJob(JobSpec):
@@ -196,4 +200,5 @@ class ExportJob(JobSpec):
     format: Literal["diffusers", "single-file", "lora"]
     dtype: Literal["float32", "float16"]
     rank: int | None = None
+    lora_layout: Literal["kohya", "peft"] = "kohya"
     name: str

@@ -148,12 +148,13 @@ def _resolve_anchor(body: EraseCreate, defaults: dict, info: dict) -> str:
 def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> EraseJob:
     base_id = body.base_model or settings.default_model
     manifest = registry.get(base_id)
-    if manifest["kind"] != "text-to-image" or manifest["format"] != "diffusers":
+    if manifest["kind"] != "text-to-image" or manifest["format"] not in ("diffusers", "delta"):
         raise InvalidParams(
-            f"`base_model` must be a base text-to-image model, got {base_id!r} "
+            f"`base_model` must be a text-to-image model or an edit of one, got {base_id!r} "
             f"({manifest['kind']}, {manifest['format']})"
         )
-    defaults = dict(manifest.get("erase_defaults") or {})
+    # An edit (an erase's, an imported LoRA) erases as its base does.
+    defaults = dict(_lineage_value(manifest, registry, "erase_defaults") or {})
     method = body.method or defaults.get("method") or d.ERASE_METHOD
     # A method may need its own step size (esd-u trains far more weights than esd-x), and
     # so may a LoRA (its factors start from zero).

@@ -544,8 +544,8 @@ def _add_lora(unet: Any, chosen: dict[str, nn.Parameter], cfg: ESDConfig
 
 
 def full_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An edit's new parameter values: a LoRA-trained edit's factor pairs become the
-    matrices W₀ + B·A on ``unet``'s own W₀; anything else is already a value."""
+    """An edit's new parameter values: a LoRA-trained (or imported) edit's factor pairs
+    become the weights W₀ + B·A on ``unet``'s own W₀; anything else is already a value."""
     if not any(k.endswith(LORA_A) for k in delta):
         return delta
     params = dict(unet.named_parameters())
@@ -556,8 +556,14 @@ def full_delta(unet: nn.Module, delta: dict[str, torch.Tensor]) -> dict[str, tor
         if weight is None or module + LORA_B not in delta:
             raise InvalidParams(f"the delta's LoRA factors for {module!r} fit no matrix of "
                                 "this UNet")
-        a, b = delta[key].float(), delta[module + LORA_B].float()
-        out[module + ".weight"] = (weight.detach().float() + b @ a).to(weight.dtype)
+        a, b = delta[key].float().flatten(1), delta[module + LORA_B].float().flatten(1)
+        if b.shape[0] * a.shape[1] != weight.numel():
+            raise InvalidParams(f"the delta's LoRA factors for {module!r} make a "
+                                f"{b.shape[0]}x{a.shape[1]} change; its weight is "
+                                f"{list(weight.shape)}")
+        # A kernel's factors multiply out to its flattened shape (out, in·kh·kw).
+        change = (b @ a).reshape(weight.shape)
+        out[module + ".weight"] = (weight.detach().float() + change).to(weight.dtype)
     return out
 
 

@@ -4,7 +4,8 @@ checkpoint, an edit merged in; or an edit alone, as a LoRA file.
 Inside Lethe an edited model is only its ``unet_delta.safetensors`` on top of its base;
 a user who takes it elsewhere needs an ordinary folder that
 ``StableDiffusionPipeline.from_pretrained`` loads with no Lethe code, or a LoRA that
-``load_lora_weights`` puts on the base they already have (``worker.lora``).
+the WebUI tools and ``load_lora_weights`` put on the base they already have
+(``worker.lora``, ``worker.lorafiles``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from app.errors import InvalidParams, ModelExists
 from app.registry import Registry
 from worker.esd import apply_delta
 from worker.lora import lora_of_edit
+from worker.lorafiles import kohya_metadata, write_layout
 from worker.pipelines import Runtime, load_pipeline
 from worker.singlefile import config_metadata, original_state_dict
 from worker.variants import load_delta
@@ -64,8 +66,8 @@ def export_single_file(registry: Registry, model_id: str, dest: Path,
     if manifest["kind"] != "text-to-image":
         raise InvalidParams(f"`id` {model_id!r} is a {manifest['kind']}; only text-to-image "
                             "models export as a single file")
-    if manifest.get("base"):  # how the edit draws and erases is its base's
-        base = registry.get(manifest["base"]["id"])
+    if manifest.get("base"):  # how the edit draws and erases is its root base's
+        base = registry.get(_lineage(registry, model_id)[0])
         manifest = {**{k: base[k] for k in USAGE if k in base}, **manifest}
     metadata = {"lethe": json.dumps(manifest), **config_metadata(source)}
     _write_safetensors(original_state_dict(pipe), dest, metadata)
@@ -79,25 +81,40 @@ def _new_path(dest: Path) -> Path:
     return dest
 
 
-def _merged(registry: Registry, model_id: str, dtype: str) -> tuple[dict, Path, Any]:
-    """The manifest, the folder of configs, and the pipeline of ``model_id``, an edit's
-    delta applied to its base."""
+def merged_pipeline(registry: Registry, model_id: str, dtype: str = "float32") -> Any:
+    """``model_id`` as one pipeline: its root base with every delta of its lineage applied."""
+    return _merged(registry, model_id, dtype)[2]
+
+
+def _lineage(registry: Registry, model_id: str) -> tuple[str, list[str]]:
+    """The diffusers model at the root of ``model_id``'s lineage, and the edits from it
+    down to ``model_id`` in the order they apply (an edit may be the base of another)."""
+    edits: list[str] = []
+    while True:
+        manifest = registry.get(model_id)
+        if manifest["format"] == "diffusers":
+            return model_id, edits[::-1]
+        if manifest["format"] != "delta":
+            raise InvalidParams(
+                f"`id` {model_id!r} is a {manifest['kind']} ({manifest['format']}); "
+                "only diffusers pipelines and their edits export")
+        _check_base(registry, model_id, manifest)
+        edits.append(model_id)
+        model_id = manifest["base"]["id"]
+
+
+def _merged(registry: Registry, model_id: str, dtype: str, skip_last: bool = False
+            ) -> tuple[dict, Path, Any]:
+    """The manifest, the folder of configs, and the pipeline of ``model_id``, the deltas
+    of its lineage applied to the root base (``skip_last``: all but its own)."""
     if dtype not in EXPORT_DTYPES:
         raise InvalidParams(f"`dtype` {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     manifest = registry.get(model_id)
-    if manifest["format"] == "delta":
-        _check_base(registry, model_id, manifest)
-        source = registry.path(manifest["base"]["id"])
-    elif manifest["format"] == "diffusers":
-        source = registry.path(model_id)
-    else:
-        raise InvalidParams(
-            f"`id` {model_id!r} is a {manifest['kind']} ({manifest['format']}); "
-            "only diffusers pipelines and their edits export"
-        )
+    root, edits = _lineage(registry, model_id)
+    source = registry.path(root)
     pipe = load_pipeline(source, Runtime.resolve("cpu", dtype))
-    if manifest["format"] == "delta":
-        apply_delta(pipe.unet, load_delta(registry.path(model_id)))
+    for edit in edits[:-1] if skip_last else edits:
+        apply_delta(pipe.unet, load_delta(registry.path(edit)))
     return manifest, source, pipe
 
 
@@ -124,26 +141,31 @@ def _check_base(registry: Registry, model_id: str, manifest: dict) -> None:
 
 
 def export_lora(registry: Registry, model_id: str, dest: Path, rank: int | None = None,
-                energy: float = 0.99) -> Path:
-    """Write edit ``model_id`` as a LoRA ``.safetensors`` file (fp16 factors) for its base.
+                energy: float = 0.99, layout: str = "kohya", dtype: str = "float16") -> Path:
+    """Write edit ``model_id`` as a LoRA ``.safetensors`` file for its base.
 
-    ``rank``: factors per changed matrix; None: the least keeping ``energy`` of each
-    difference. The file's metadata carries the ranks, the energy kept, what no LoRA can
-    hold (changed biases) and the manifest, so a user sees what the export left out.
-    """
+    ``layout``: ``kohya`` (what the WebUI tools and diffusers read) or ``peft`` (diffusers'
+    own; ``worker.lorafiles``). ``rank``: factors per changed matrix; None: the least
+    keeping ``energy`` of each difference. The file's metadata carries the layout, the
+    ranks, the energy kept, what no LoRA can hold (changed biases and norms), the manifest,
+    and the fields the WebUI tools display (``ss_network_dim``, the base's name)."""
     dest = _new_path(dest)
+    if dtype not in EXPORT_DTYPES:
+        raise InvalidParams(f"`dtype` {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     manifest = registry.get(model_id)
     if manifest["format"] != "delta":
         raise InvalidParams(f"`id` {model_id!r} is not an edit ({manifest['format']}); only "
                             "an edit exports as a LoRA of its base")
-    _check_base(registry, model_id, manifest)
-    base = load_pipeline(registry.path(manifest["base"]["id"]), Runtime.resolve("cpu",
-                                                                                "float32"))
-    export = lora_of_edit(base.unet, load_delta(registry.path(model_id)), rank=rank,
+    base_id = manifest["base"]["id"]
+    unet = _merged(registry, model_id, "float32", skip_last=True)[2].unet  # its base's
+    export = lora_of_edit(unet, load_delta(registry.path(model_id)), rank=rank,
                           energy=energy)
-    metadata = {"lethe": json.dumps(manifest), "ranks": json.dumps(export.ranks),
+    tensors = write_layout(export.factors, layout, unet)
+    metadata = {"lethe": json.dumps(manifest), "lora_layout": layout,
+                "ranks": json.dumps(export.ranks),
                 "kept_energy": json.dumps(export.kept_energy),
-                "left_out": json.dumps(export.left_out)}
-    _write_safetensors({k: v.to(torch.float16) for k, v in export.state_dict.items()}, dest,
-                       metadata)
+                "left_out": json.dumps(export.left_out),
+                **kohya_metadata(export.ranks, unet, base_id, model_id)}
+    _write_safetensors({k: v.to(getattr(torch, dtype)).contiguous()
+                        for k, v in tensors.items()}, dest, metadata)
     return dest

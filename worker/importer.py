@@ -1,5 +1,6 @@
 """Bringing outside models into the registry: a diffusers folder, a single-file checkpoint
-(``.safetensors``; a pickle only when the operator allows it), or a hub download."""
+(``.safetensors``; a pickle only when the operator allows it), a LoRA file onto a base
+already registered (an edit of it, served as its variant), or a hub download."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from app.checkpoint import (
     ARCHITECTURE_NAMES,
     PICKLE_SUFFIXES,
     PREDICTION_TYPES,
+    is_lora,
     pickle_refusal,
     read_header,
 )
 from app.errors import InvalidParams, ModelExists
 from app.registry import Registry, validate_model_id
-from worker.exporter import USAGE
+from worker.exporter import USAGE, merged_pipeline
+from worker.lorafiles import read_lora
 from worker.pipelines import Runtime, load_pipeline
 from worker.singlefile import check_layout, config_folder, load_single_file
 
@@ -46,8 +49,10 @@ def inspect_folder(path: Path) -> dict:
 
 def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bool = False,
                  prediction_type: str | None = None, source: str | None = None,
-                 extra: dict | None = None) -> dict:
-    """Import a diffusers folder or a single-file checkpoint as ``model_id``.
+                 extra: dict | None = None, base: str | None = None,
+                 field: str = "path") -> dict:
+    """Import a diffusers folder or a single-file checkpoint as ``model_id``; with
+    ``base``, a LoRA file as an edit of that registered model.
 
     ``prediction_type`` overrides what the checkpoint's scheduler predicts (SD 2.x files do
     not say: the shipped config assumes the 768 v-prediction model; the 512 base models
@@ -58,6 +63,11 @@ def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bo
         raise ModelExists(f"`id` {model_id!r} exists already; pick another or delete it")
     path = Path(path)
     source = source or f"imported from {path.resolve()}"
+    if base is not None or (path.is_file() and path.suffix.lower() == ".safetensors"
+                            and is_lora(read_header(path, field))):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise pickle_refusal(field, path.name)  # a LoRA is never unpickled
+        return import_lora(registry, path, model_id, base, source, extra or {}, field)
     if path.is_dir():
         manifest = inspect_folder(path) | {"source": source} | (extra or {})
         return registry.import_folder(path, model_id, manifest)
@@ -100,6 +110,47 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
     manifest |= extra
     # Written on the registry's disk already: moved into place, not copied a second time.
     return registry.import_folder(staging, model_id, manifest, move=True)
+
+
+def import_lora(registry: Registry, path: Path, model_id: str, base: str | None,
+                source: str, extra: dict, field: str = "path") -> dict:
+    """Register LoRA file ``path`` as an edit of model ``base``: its factors, read in any
+    layout ``worker.lorafiles`` knows, stored as the delta a variant of the cached base is
+    built from (kilobytes). Every key must fit a module of the base's UNet."""
+    from safetensors import safe_open
+
+    if base is None:
+        raise InvalidParams(f"`{field}` {path.name!r} is a LoRA: name the model it applies to "
+                            "with `base`")
+    if not path.is_file():
+        raise InvalidParams(f"`{field}` {str(path)!r} is not a file; a LoRA is one "
+                            ".safetensors file")
+    header = read_header(path, field)
+    if not is_lora(header):
+        raise InvalidParams(f"`base` applies to LoRA files; `{field}` {path.name!r} holds no "
+                            "LoRA factors (a full checkpoint imports without `base`)")
+    base_manifest = registry.get(base)
+    if base_manifest["kind"] != "text-to-image":
+        raise InvalidParams(f"`base` {base!r} is a {base_manifest['kind']}; a LoRA applies "
+                            "to a text-to-image model")
+    unet = merged_pipeline(registry, base, "float32").unet  # an edit's own delta applied
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    delta, read = read_lora(tensors, header.metadata, unet, field)
+    manifest = {
+        "kind": "text-to-image", "format": "delta",
+        "base": {"id": base, "digest": base_manifest["digest"]},
+        "source": source,
+        "edit": {"method": "lora", "imported": True, **read},
+        # An edit draws as its base does, and is measured the same way.
+        **{k: base_manifest.get(k) for k in ("defaults", "limits", "domain", "evaluator")},
+        **extra,
+    }
+    from worker.variants import save_delta
+
+    with registry.create(model_id, manifest) as staging:
+        save_delta(delta, staging)
+    return registry.get(model_id)
 
 
 def _pickle_to_safetensors(path: Path, dest: Path) -> Path:

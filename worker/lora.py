@@ -6,9 +6,11 @@ for each changed matrix, the truncated SVD of ``ΔW = W' − W`` gives the best 
 (Eckart–Young), ``B = U_r·diag(S_r)`` and ``A = V_rᵀ``. The rank is given, or picked per
 matrix as the least that keeps ``energy`` of ΔW's squared singular values.
 
-Keys follow diffusers' PEFT layout (``unet.<module>.lora_A.weight`` /
-``unet.<module>.lora_B.weight``), so ``pipe.load_lora_weights(state_dict)`` reads them.
-A LoRA holds matrices only: a changed bias cannot be written as one, and is reported.
+A convolution's kernel is factored as the matrix it multiplies by (``out × in·kh·kw``), the
+way the WebUI tools' LoRA (LoCon) files hold one. A LoRA holds weights only: a changed bias
+or norm cannot be written as one, and is reported. How the factors are named in a file is
+``worker.lorafiles``' business; ``LoraExport.state_dict`` is diffusers' PEFT layout, which
+``pipe.load_lora_weights(state_dict)`` reads in memory.
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ from worker.esd import delta_targets, full_delta
 
 @dataclass
 class LoraExport:
-    state_dict: dict[str, torch.Tensor]
+    # module -> (down, up): W' = W + up·down, down (r, in[, kh, kw]), up (out, r[, 1, 1])
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ranks: dict[str, int]  # module -> rank used
     # Per module, the share of ΔW's squared singular values the factors keep.
     kept_energy: dict[str, float]
     left_out: list[str] = field(default_factory=list)  # changed parameters no LoRA can hold
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The factors in diffusers' PEFT layout (``unet.<module>.lora_A.weight`` = down)."""
+        out = {}
+        for module, (down, up) in self.factors.items():
+            out[f"unet.{module}.lora_A.weight"] = down
+            out[f"unet.{module}.lora_B.weight"] = up
+        return out
 
 
 def lora_of_edit(unet: torch.nn.Module, delta: dict[str, torch.Tensor],
@@ -41,11 +53,11 @@ def lora_of_edit(unet: torch.nn.Module, delta: dict[str, torch.Tensor],
 
 
 def lora_from_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-                    rank: int | None = None, energy: float = 0.99,
-                    prefix: str = "unet") -> LoraExport:
-    """Factors for every 2-D weight of ``delta`` (trained values, by parameter name) that
-    differs from ``base`` (the same names' original values). ``rank``: at most this many
-    factors a matrix; None: the least rank keeping ``energy`` of each difference."""
+                    rank: int | None = None, energy: float = 0.99) -> LoraExport:
+    """Factors for every linear or convolution weight of ``delta`` (trained values, by
+    parameter name) that differs from ``base`` (the same names' original values). ``rank``:
+    at most this many factors a matrix; None: the least rank keeping ``energy`` of each
+    difference."""
     if rank is not None and rank < 1:
         raise InvalidParams(f"`rank` must be at least 1, got {rank}")
     if not 0 < energy <= 1:
@@ -57,10 +69,10 @@ def lora_from_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor
         diff = value.float() - base[name].float()
         if not torch.any(diff):
             continue
-        if not name.endswith(".weight") or diff.dim() != 2:
+        if not name.endswith(".weight") or diff.dim() not in (2, 4):
             out.left_out.append(name)
             continue
-        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
         power = s.square()
         if rank is None:
             share = power.cumsum(0) / power.sum()
@@ -69,8 +81,10 @@ def lora_from_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor
             r = rank
         r = min(r, len(s))
         module = name.removesuffix(".weight")
-        out.state_dict[f"{prefix}.{module}.lora_A.weight"] = vh[:r].contiguous()
-        out.state_dict[f"{prefix}.{module}.lora_B.weight"] = (u[:, :r] * s[:r]).contiguous()
+        down, up = vh[:r], u[:, :r] * s[:r]
+        if diff.dim() == 4:  # a kernel: down convolves in to r channels, up mixes them 1x1
+            down, up = down.reshape(r, *diff.shape[1:]), up[:, :, None, None]
+        out.factors[module] = (down.contiguous(), up.contiguous())
         out.ranks[module] = r
         out.kept_energy[module] = float(power[:r].sum() / power.sum())
     return out

@@ -29,7 +29,8 @@ def import_model(spec: ImportJob, reporter: Reporter) -> dict:
     try:
         manifest = run_import(ctx.registry, upload, spec.id,
                               prediction_type=spec.prediction_type,
-                              source=f"uploaded as {spec.filename!r}", extra=owned())
+                              source=f"uploaded as {spec.filename!r}", extra=owned(),
+                              base=spec.base, field="file")
     finally:
         jobfiles.remove(ctx.settings, upload)  # registered or refused, the upload has served
     reporter.progress(1, 1, "done", force=True)
@@ -51,7 +52,8 @@ def export_model(spec: ExportJob, reporter: Reporter) -> dict:
         with tempfile.TemporaryDirectory(prefix=".export-", dir=scratch) as tmp:
             written = Path(tmp) / "out"
             if spec.format == "lora":
-                export_lora(registry, spec.model, written, rank=spec.rank)
+                export_lora(registry, spec.model, written, rank=spec.rank,
+                            layout=spec.lora_layout, dtype=spec.dtype)
             elif spec.format == "single-file":
                 export_single_file(registry, spec.model, written, spec.dtype)
             else:
@@ -60,8 +62,9 @@ def export_model(spec: ExportJob, reporter: Reporter) -> dict:
             target = registry.keep_export(spec.model, spec.name, written)
     reporter.progress(1, 1, "done", force=True)
     return {"model": spec.model, "format": spec.format, "bytes": target.stat().st_size,
-            "links": {"download": download_url(spec.model, spec.format, spec.dtype,
-                                               spec.rank)}}
+            "links": {"download": download_url(
+                spec.model, spec.format, spec.dtype, spec.rank,
+                spec.lora_layout if spec.format == "lora" else None)}}
 
 
 def _zip(folder: Path, dest: Path, top: str) -> Path:

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app import exports, jobfiles, jobs
 from app.api.deps import CallerDep, RedisDep, RegistryDep, SettingsDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
-from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
+from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, is_lora, read_header
 from app.checkpoint import detect as detect_architecture
 from app.errors import Forbidden, InvalidParams, JobNotFound, ModelExists, shown
 from app.jobspecs import ExportJob, ImportJob
@@ -45,7 +45,11 @@ _UPLOAD_SCHEMA = {
         "id": {"type": "string", "pattern": MODEL_ID_PATTERN,
                "description": "The new model's id; send it before `file` to be refused early."},
         "file": {"type": "string", "format": "binary",
-                 "description": "A single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL base)."},
+                 "description": "A single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL "
+                 "base), or a LoRA file (kohya, PEFT or diffusers' older layout) with `base`."},
+        "base": {"type": "string", "pattern": MODEL_ID_PATTERN,
+                 "description": "A LoRA file: the registered model it applies to; the "
+                 "import is an edit of it, served at once as its variant."},
         "prediction_type": {"type": "string", "enum": list(PREDICTION_TYPES),
                             "description": "SD 2.x only: the 768 models predict v (default), "
                             "the 512 base models epsilon."}},
@@ -57,9 +61,11 @@ _UPLOAD_SCHEMA = {
              openapi_extra={"requestBody": {"required": True, "content": {
                  "multipart/form-data": {"schema": _UPLOAD_SCHEMA}}}})
 async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDep) -> Any:
-    """Upload a single-file checkpoint, streamed to disk under `LETHE_MAX_UPLOAD_BYTES`.
-    Its header is checked at once (a truncated file, unknown tensor names, a pickle: 4xx);
-    a worker then assembles and registers it: poll `Location` (`result.model`)."""
+    """Upload a single-file checkpoint, or a LoRA file onto `base`, streamed to disk under
+    `LETHE_MAX_UPLOAD_BYTES`. Its header is checked at once (a truncated file, unknown
+    tensor names, a pickle, a LoRA without `base`: 4xx); a worker then assembles and
+    registers it, a LoRA's keys matched to the base's modules (any that match none fail
+    the job, naming them): poll `Location` (`result.model`)."""
     settings = sub.settings
     job_id = str(uuid.uuid4())
     folder = jobfiles.output_dir(settings, job_id)
@@ -68,6 +74,8 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
     def early(name: str, value: str) -> None:
         if name == "id":
             _check_new_id(registry, value)
+        elif name == "base":
+            _check_base(registry, value)
 
     try:
         got = await receive_file(request, "file", path, settings.max_upload_bytes,
@@ -83,11 +91,20 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
         # A pickle is refused by its name (never over HTTP: an operator's choice).
         filename = got.filename or UPLOAD_FILE
         header = await run_in_threadpool(read_header, path, "file", filename)
-        if CONFIG_FOLDER_KEY not in header.metadata:
+        base = got.fields.get("base") or None
+        if base is not None:
+            _check_base(registry, base)
+            if not is_lora(header):
+                raise InvalidParams(f"`base` applies to LoRA files; `file` {filename!r} holds "
+                                    "no LoRA factors (a full checkpoint uploads without it)")
+        elif is_lora(header):
+            raise InvalidParams(f"`file` {filename!r} is a LoRA: send `base`, the id of the "
+                                "model it applies to")
+        elif CONFIG_FOLDER_KEY not in header.metadata:
             detect_architecture(header, "file")
         await run_in_threadpool(jobfiles.share, settings, path)  # for a worker elsewhere
         spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
-                         filename=filename, prediction_type=prediction_type)
+                         filename=filename, prediction_type=prediction_type, base=base)
         # What makes a retried upload the same (read only when it carries the key).
         same = {"fields": got.fields, "filename": filename,
                 "sha256": sub.idempotency_key and await run_in_threadpool(file_digest, path)}
@@ -100,6 +117,14 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
     if job.replayed:  # the first upload is the one being imported
         shutil.rmtree(folder, ignore_errors=True)
     return created(job)
+
+
+def _check_base(registry: Registry, base: str) -> None:
+    validate_model_id(base, "base")
+    kind = registry.get(base).get("kind")  # ModelNotFound naming it
+    if kind != "text-to-image":
+        raise InvalidParams(f"`base` {base!r} is a {kind}; a LoRA applies to a text-to-image "
+                            "model")
 
 
 def _check_new_id(registry: Registry, model_id: str) -> None:
@@ -123,19 +148,22 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
                    settings: SettingsDep, caller: CallerDep,
                    format: Literal["diffusers", "single-file", "lora"] = "diffusers",
                    dtype: Literal["float32", "float16"] | None = None,
-                   rank: Annotated[int | None, Query(ge=1, le=exports.MAX_RANK)] = None
-                   ) -> Any:
+                   rank: Annotated[int | None, Query(ge=1, le=exports.MAX_RANK)] = None,
+                   lora_layout: Literal["kohya", "peft"] | None = None) -> Any:
     """Download the model, an edit merged into its base: `diffusers` (a zip of the
     folder), `single-file` (the original Stable Diffusion layout, for the WebUI tools and
     `from_single_file`), or `lora` (an edit as low-rank factors for its base; `rank` fixed,
-    or picked per matrix to keep 99 % of the change). The first request makes the file
-    (202 and the export job to poll); once it is made, the same URL streams it."""
+    or picked per matrix to keep 99 % of the change; `lora_layout` `kohya`, the default,
+    which AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers read, or `peft`, diffusers'
+    own). The first request makes the file (202 and the export job to poll); once it is
+    made, the same URL streams it."""
     manifest = registry.get(model_id)
-    dtype_used, rank = exports.resolve(manifest, format, dtype, rank)
-    name = exports.file_name(manifest, format, dtype_used, rank)
+    dtype_used, rank, layout = exports.resolve(manifest, format, dtype, rank, lora_layout)
+    name = exports.file_name(manifest, format, dtype_used, rank, layout)
     target = registry.export_file(model_id, name)
     if target is not None:
-        return FileResponse(target, filename=exports.download_name(model_id, format, rank),
+        return FileResponse(target,
+                            filename=exports.download_name(model_id, format, rank, layout),
                             media_type="application/zip" if format == "diffusers"
                             else "application/octet-stream")
     job_id = str(uuid.uuid5(_EXPORTS, f"{model_id}/{name}"))
@@ -146,7 +174,8 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
             return created(Submitted(job.id, "export"))
     except JobNotFound:
         pass
-    spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank, name=name)
+    spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank,
+                     lora_layout=layout or "kohya", name=name)
     job = enqueue(redis, "export", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
                   result_ttl_s=settings.result_ttl_s, owner=caller.name, shared=True)
     return created(Submitted(job.id, "export"))
