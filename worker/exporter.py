@@ -25,7 +25,7 @@ from app.registry import Registry
 from worker.esd import apply_delta
 from worker.lora import lora_of_edit
 from worker.lorafiles import kohya_metadata, write_layout
-from worker.pipelines import Runtime, load_pipeline
+from worker.pipelines import Runtime, load_pipeline, save_pipeline
 from worker.singlefile import config_metadata, original_state_dict
 from worker.variants import load_delta
 
@@ -46,7 +46,7 @@ def export_model(registry: Registry, model_id: str, dest: Path,
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        save_pipeline(pipe, staging)
         (staging / "lethe.json").write_text(json.dumps(manifest, indent=2))
         staging.rename(dest)
     except BaseException:

@@ -22,7 +22,7 @@ from app.errors import InvalidParams, ModelExists
 from app.registry import Registry, validate_model_id
 from worker.exporter import USAGE, merged_pipeline
 from worker.lorafiles import read_lora
-from worker.pipelines import Runtime, load_pipeline
+from worker.pipelines import Runtime, load_pipeline, save_pipeline
 from worker.singlefile import check_layout, config_folder, load_single_file
 
 # diffusers pipeline class -> registry kind
@@ -97,7 +97,7 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
                         torch.float32)
     pipe = load_single_file(path, folder, dtype)
     staging = tmp / "pipeline"
-    pipe.save_pretrained(staging, safe_serialization=True)
+    save_pipeline(pipe, staging)
     manifest = inspect_folder(staging) | {
         "source": source, "format": "diffusers",
         "architecture": ARCHITECTURE_NAMES.get(architecture, "as exported by Lethe"),

@@ -93,6 +93,24 @@ def rebuild(pipe: DiffusionPipeline, **replace: Any) -> DiffusionPipeline:
     return view
 
 
+def save_pipeline(pipe: DiffusionPipeline, folder: Path) -> Path:
+    """``pipe.save_pretrained`` (safetensors), its folder loading in one dtype everywhere.
+
+    transformers 5 loads a text encoder in the dtype its config names (float16 for half
+    weights) where diffusers loads its own models in float32 unless asked, so a plain
+    ``from_pretrained(folder)`` of half weights mixes the two and fails at the first call
+    ("mat1 and mat2 must have the same dtype"). Each transformers config is told float32,
+    as diffusers' defaults are; a ``torch_dtype`` given at load still wins."""
+    import json
+
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for config in Path(folder).glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if "transformers_version" in values and values.get("dtype") not in (None, "float32"):
+            config.write_text(json.dumps({**values, "dtype": "float32"}, indent=2) + "\n")
+    return Path(folder)
+
+
 def load_pipeline(path: Path, runtime: Runtime) -> DiffusionPipeline:
     pipe = DiffusionPipeline.from_pretrained(
         path, torch_dtype=runtime.dtype, local_files_only=True

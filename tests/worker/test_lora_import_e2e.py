@@ -79,11 +79,20 @@ def fused_model(other_tools, tiny_model):
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
 def test_a_lora_another_tool_wrote_imports_as_an_edit_drawing_as_diffusers_fuses_it(
-        http, other_tools, fused_model, layout):
+        http, live_url, other_tools, fused_model, layout, tmp_path):
+    from app.client import LetheClient
+
     model_id = f"tiny-lora-{layout}"
-    r = upload(http, model_id, other_tools[layout], base="tiny-sd")
-    assert r.status_code == 202, r.text
-    job = wait_job(http, r.json()["id"], timeout_s=120)
+    if layout == "peft":
+        r = upload(http, model_id, other_tools[layout], base="tiny-sd")
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+    else:  # through the SDK
+        (tmp_path / "lora.safetensors").write_bytes(other_tools[layout])
+        with LetheClient(live_url) as lethe:
+            job_id = lethe.upload_model(tmp_path / "lora.safetensors", model_id,
+                                        base="tiny-sd").id
+    job = wait_job(http, job_id, timeout_s=120)
     assert job["status"] == "succeeded", job
     model = http.get(f"/models/{model_id}").json()
     assert model["format"] == "delta" and model["base"]["id"] == "tiny-sd"
@@ -104,23 +113,27 @@ def test_a_lora_another_tool_wrote_imports_as_an_edit_drawing_as_diffusers_fuses
     assert http.delete(f"/models/{model_id}").status_code == 204
 
 
-def test_an_edit_exports_in_both_layouts_and_reads_back(http, tmp_path):
+def test_an_edit_exports_in_both_layouts_and_reads_back(http, live_url, tmp_path):
     job = wait_job(http, erase(http, name="tiny-no-red-export", method="esd-x-strict",
                                iterations=3, learning_rate=0.05, drift_checks=0),
                    timeout_s=300)
     assert job["status"] == "succeeded", job
     files = {}
-    for layout in (None, "peft"):
-        params = {"format": "lora", **({"lora_layout": layout} if layout else {})}
-        r = http.get("/models/tiny-no-red-export/download", params=params)
-        assert r.status_code == 202, r.text
-        made = wait_job(http, r.json()["id"], timeout_s=120)
-        assert made["status"] == "succeeded", made
-        r = http.get("/models/tiny-no-red-export/download", params=params)
-        assert r.status_code == 200
-        files[layout or "kohya"] = r.content
-        assert r.headers["content-disposition"].endswith(
-            '-lora.safetensors"' if layout is None else '-lora-peft.safetensors"')
+    params = {"format": "lora"}  # the default layout: kohya's
+    r = http.get("/models/tiny-no-red-export/download", params=params)
+    assert r.status_code == 202, r.text
+    made = wait_job(http, r.json()["id"], timeout_s=120)
+    assert made["status"] == "succeeded", made
+    r = http.get("/models/tiny-no-red-export/download", params=params)
+    assert r.status_code == 200
+    assert r.headers["content-disposition"].endswith('-lora.safetensors"')
+    files["kohya"] = r.content
+    from app.client import LetheClient
+
+    with LetheClient(live_url) as lethe:  # the SDK waits for the export job
+        peft_file = lethe.download_model("tiny-no-red-export", tmp_path / "p.safetensors",
+                                         format="lora", lora_layout="peft")
+    files["peft"] = peft_file.read_bytes()
     kohya, peft = (load_file(_tmp(tmp_path, k, files[k])) for k in ("kohya", "peft"))
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert sum(k.endswith(".alpha") for k in kohya) == sum(k.endswith("lora_down.weight")

@@ -50,6 +50,7 @@ from worker.domains.shapes.render import (
     render,
     sample_scene,
 )
+from worker.pipelines import save_pipeline
 from worker.tokenizer import write_clip_tokenizer
 
 Log = Callable[[str], None]
@@ -442,17 +443,17 @@ def train_demo(out: Path, cfg: DemoConfig | None = None, log: Log = print) -> di
              "shapes-x4": out / "shapes-x4"}
     _half(clf, vae, text_encoder, unet, x4_unet)
     clf.save_pretrained(paths["shapes-clf"], safe_serialization=True)
-    StableDiffusionPipeline(
+    save_pipeline(StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
-    ).save_pretrained(paths["shapes-sd"], safe_serialization=True)
+    ), paths["shapes-sd"])
     x4_vae = rescale_latents(vae, UPSCALER_SCALING_FACTOR)
-    StableDiffusionUpscalePipeline(
+    save_pipeline(StableDiffusionUpscalePipeline(
         vae=x4_vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=x4_unet,
         low_res_scheduler=DDPMScheduler(**LOW_RES_SCHEDULE),
         scheduler=DDIMScheduler(**X4_SCHEDULE), max_noise_level=MAX_NOISE_LEVEL,
-    ).save_pretrained(paths["shapes-x4"], safe_serialization=True)
+    ), paths["shapes-x4"])
     (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     shutil.rmtree(tok_dir, ignore_errors=True)
     return paths
