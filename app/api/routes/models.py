@@ -57,7 +57,7 @@ _UPLOAD_SCHEMA = {
 
 
 @router.post("", status_code=202, response_model=JobCreated,
-             responses={**CREATED, **errors(409, 413, 415)},
+             responses={**CREATED, **errors(404, 409, 413, 415)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "multipart/form-data": {"schema": _UPLOAD_SCHEMA}}}})
 async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDep) -> Any:
