@@ -10,9 +10,9 @@ written:
   / ``.lora_up.weight`` / ``.alpha``, the change being ``alpha / rank · up · down``, so
   strength 1.0 is the edit itself. One alpha for every module (the largest rank; a smaller
   rank's ``up`` carries its ``rank / alpha``): diffusers' reader mis-scales a file whose
-  alphas differ by module (0.42: the edit's rank-64 matrices off by their whole change). SD 1.x and 2.x modules go by their
-  diffusers names, SDXL's by the original (SGM) UNet's (``input_blocks_4_1_…``), as
-  sd-scripts names them.
+  alphas differ by module (0.42: the edit's rank-64 matrices off by their whole change).
+  SD 1.x and 2.x modules go by their diffusers names, SDXL's by the original (SGM) UNet's
+  (``input_blocks_4_1_…``), as sd-scripts names them.
 * ``peft``: diffusers' own (``unet.<module>.lora_A.weight`` / ``.lora_B.weight``), what
   ``save_lora_weights`` writes.
 

@@ -99,6 +99,9 @@ def test_a_lora_another_tool_wrote_imports_as_an_edit_drawing_as_diffusers_fuses
     assert model["edit"]["imported"] and model["edit"]["layout"] == layout
     assert model["edit"]["ranks"] == [4]
     served, fused, base = image(http, model_id), image(http, fused_model), image(http, "tiny-sd")
+    print(f"\n{layout}: served vs diffusers-fused pixels: max {np.abs(served - fused).max()}, "
+          f"mean {np.abs(served - fused).mean():.4f}; the base vs fused: mean "
+          f"{np.abs(base - fused).mean():.2f}")
     assert np.abs(served - fused).max() <= 1  # float rounding of W + s·B·A at most
     assert np.abs(base - fused).mean() > 1  # and the LoRA does change the drawing
     # an edit like any other: exported, and the base of a further erase
