@@ -9,6 +9,7 @@ upload is refused at once, before a worker spends a minute loading it.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -90,14 +91,53 @@ def read_header(path: Path, field: str = "path", name: str | None = None) -> Hea
     return Header(shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
 
 
-# Tensor names only a LoRA file has (kohya's, PEFT's, diffusers' older layouts).
-LORA_MARKS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight",
-              "_lora.down.weight", "_lora.up.weight", ".lora_linear_layer.down.weight")
+# -- the original UNet's parameter names (a checkpoint's, and kohya's SDXL LoRA modules) --
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
+           ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+def rename_prefix(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for new, old in pairs:
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
 
 
-def is_lora(header: Header) -> bool:
-    """Whether a safetensors file holds LoRA factors rather than a model's weights."""
-    return any(name.endswith(LORA_MARKS) for name in header.shapes)
+def unet_key(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
+    """The original name of diffusers UNet parameter ``key``.
+
+    The original UNet numbers its blocks flat: ``input_blocks`` holds, per resolution,
+    ``layers_per_block`` (resnet, attention) pairs and then the downsampler; the decoder side
+    one layer more; ``up_attentions``: the up blocks that have attentions (their upsampler
+    sits at index 2 of the last layer, after the attention, else at 1).
+    """
+    per = layers_per_block + 1
+    for new, old in _UNET_TOP.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        side, block, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        # input_blocks.0 is conv_in: the encoder's layers count from 1
+        index = block * per + layer + (side == "down")
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        if kind == "resnets":
+            return f"{blocks}.{index}.0.{rename_prefix(rest, _RESNET)}"
+        return f"{blocks}.{index}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{rename_prefix(m[2], _RESNET)}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m[1])
+        slot = 2 if block in up_attentions else 1
+        return f"output_blocks.{block * per + layers_per_block}.{slot}.conv.{m[2]}"
+    raise ValueError(f"no original name for UNet parameter {key!r}")
 
 
 def _prefixes(names: list[str], depth: int = 2, most: int = 6) -> str:

@@ -83,6 +83,9 @@ class ObjectRegistry(Registry):
         return out
 
     # The local copy diffusers loads.
+    def local_folder(self, model_id: str) -> Path | None:
+        return None  # the API reads no model's weights out of the bucket for a check
+
     def path(self, model_id: str) -> Path:
         """The model as a local folder, its files fetched into the cache as needed."""
         manifest = self.get(model_id)

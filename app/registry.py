@@ -78,6 +78,11 @@ class Registry:
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
 
+    def local_folder(self, model_id: str) -> Path | None:
+        """The model's folder where its files are on this host's disk already; None where
+        reading them would fetch them (``ObjectRegistry``)."""
+        return self.path(model_id)
+
     def exists(self, model_id: str) -> bool:
         return MODEL_ID_RE.fullmatch(model_id or "") is not None and (
             self.root / model_id / MANIFEST

@@ -14,11 +14,11 @@ from app.checkpoint import (
     ARCHITECTURE_NAMES,
     PICKLE_SUFFIXES,
     PREDICTION_TYPES,
-    is_lora,
     pickle_refusal,
     read_header,
 )
 from app.errors import InvalidParams, ModelExists
+from app.lorakeys import is_lora
 from app.registry import Registry, validate_model_id
 from worker.exporter import USAGE, merged_pipeline
 from worker.lorafiles import read_lora

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.checkpoint import CONFIG_FOLDER_KEY, Header, detect
+from app.checkpoint import CONFIG_FOLDER_KEY, Header, detect, rename_prefix, unet_key
 from app.errors import InvalidParams
 from app.registry import MANIFEST
 from worker.tokenizer import write_clip_vocabulary
@@ -41,54 +41,8 @@ TEXT_ENCODERS = {
                                   "text_encoder_2": "conditioner.embedders.1."},
 }
 
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
-           ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
-           ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_ATTENTION = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
                   ("to_out.0", "proj_out"))
-
-
-def _rename(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
-    for new, old in pairs:
-        if rest == new or rest.startswith(new + "."):
-            return old + rest[len(new):]
-    return rest
-
-
-def unet_key(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
-    """The original name of diffusers UNet parameter ``key``.
-
-    The original UNet numbers its blocks flat: ``input_blocks`` holds, per resolution,
-    ``layers_per_block`` (resnet, attention) pairs and then the downsampler; the decoder side
-    one layer more; ``up_attentions``: the up blocks that have attentions (their upsampler
-    sits at index 2 of the last layer, after the attention, else at 1).
-    """
-    per = layers_per_block + 1
-    for new, old in _UNET_TOP.items():
-        if key.startswith(new + "."):
-            return old + key[len(new):]
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        side, block, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        # input_blocks.0 is conv_in: the encoder's layers count from 1
-        index = block * per + layer + (side == "down")
-        blocks = "input_blocks" if side == "down" else "output_blocks"
-        if kind == "resnets":
-            return f"{blocks}.{index}.0.{_rename(rest, _RESNET)}"
-        return f"{blocks}.{index}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_rename(m[2], _RESNET)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(m[1])
-        slot = 2 if block in up_attentions else 1
-        return f"output_blocks.{block * per + layers_per_block}.{slot}.conv.{m[2]}"
-    raise ValueError(f"no original name for UNet parameter {key!r}")
 
 
 # (diffusers VAE name pattern, its original name given the match and the up-block count):
@@ -106,7 +60,7 @@ _VAE_RULES: tuple[tuple[str, Callable[[re.Match, int], str]], ...] = (
     (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
      lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"),
     (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
-     lambda m, n: f"{m[1]}.mid.attn_1.{_rename(m[2], _VAE_ATTENTION)}"),
+     lambda m, n: f"{m[1]}.mid.attn_1.{rename_prefix(m[2], _VAE_ATTENTION)}"),
 )
 
 

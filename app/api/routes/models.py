@@ -14,10 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from app import exports, jobfiles, jobs
 from app.api.deps import CallerDep, RedisDep, RegistryDep, SettingsDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
-from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, is_lora, read_header
+from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
 from app.errors import Forbidden, InvalidParams, JobNotFound, ModelExists, shown
 from app.jobspecs import ExportJob, ImportJob
+from app.lorakeys import UnetLayout, is_lora, match
 from app.openapi import errors
 from app.queue import enqueue
 from app.registry import Registry, file_digest, validate_model_id
@@ -63,9 +64,9 @@ _UPLOAD_SCHEMA = {
 async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDep) -> Any:
     """Upload a single-file checkpoint, or a LoRA file onto `base`, streamed to disk under
     `LETHE_MAX_UPLOAD_BYTES`. Its header is checked at once (a truncated file, unknown
-    tensor names, a pickle, a LoRA without `base`: 4xx); a worker then assembles and
-    registers it, a LoRA's keys matched to the base's modules (any that match none fail
-    the job, naming them): poll `Location` (`result.model`)."""
+    tensor names, a pickle, a LoRA without `base`, a LoRA key that fits no module of the
+    base: 4xx); a worker then assembles and registers it: poll `Location`
+    (`result.model`)."""
     settings = sub.settings
     job_id = str(uuid.uuid4())
     folder = jobfiles.output_dir(settings, job_id)
@@ -97,6 +98,9 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
             if not is_lora(header):
                 raise InvalidParams(f"`base` applies to LoRA files; `file` {filename!r} holds "
                                     "no LoRA factors (a full checkpoint uploads without it)")
+            layout = await run_in_threadpool(_unet_layout, registry, base)
+            if layout is not None:  # else the worker, which loads the base, checks it
+                match(header.shapes, layout, "file")
         elif is_lora(header):
             raise InvalidParams(f"`file` {filename!r} is a LoRA: send `base`, the id of the "
                                 "model it applies to")
@@ -125,6 +129,18 @@ def _check_base(registry: Registry, base: str) -> None:
     if kind != "text-to-image":
         raise InvalidParams(f"`base` {base!r} is a {kind}; a LoRA applies to a text-to-image "
                             "model")
+
+
+def _unet_layout(registry: Registry, model_id: str) -> UnetLayout | None:
+    """The UNet a LoRA for ``model_id`` applies to, read from its root base's headers on
+    this host; None where the files are not here (shared storage: the worker checks)."""
+    manifest = registry.get(model_id)
+    while manifest.get("format") == "delta":  # an edit has its root base's modules
+        manifest = registry.get(manifest["base"]["id"])
+    folder = registry.local_folder(manifest["id"])
+    if folder is None or not (folder / "unet" / "config.json").is_file():
+        return None
+    return UnetLayout.of_folder(folder / "unet")
 
 
 def _check_new_id(registry: Registry, model_id: str) -> None:
