@@ -74,6 +74,8 @@ def read_header(path: Path, field: str = "path", name: str | None = None) -> Hea
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise bad(f"its header is not JSON ({e})") from None
+        except RecursionError:  # nesting deeper than any safetensors header has
+            raise bad("its header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -19,6 +19,9 @@ from starlette.requests import Request
 from app.errors import InvalidParams, TooLarge, UnsupportedMedia, shown
 
 MAX_FIELD_BYTES = 4096  # a text field (an id, an option): anything longer is not one
+# A form is the file and a few options, each kept in memory: their number is bounded too
+# (a part's headers are, by python-multipart itself).
+MAX_PARTS = 16
 
 
 @dataclass
@@ -58,6 +61,10 @@ async def receive_file(request: Request, file_field: str, dest: Path, max_bytes:
 
     def on_headers_finished() -> None:
         nonlocal out
+        state["parts"] = state.get("parts", 0) + 1
+        if state["parts"] > MAX_PARTS:
+            raise TooLarge(f"the form must have at most {MAX_PARTS} parts (the `{file_field}` "
+                           "and its options)")
         _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         state["name"], state["text"] = name, bytearray()
