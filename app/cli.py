@@ -29,7 +29,10 @@ def _print(obj: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from app.serve import serve
 
-    serve(args.host, args.port, workers=not args.no_workers)
+    settings = get_settings()
+    if args.allow_open:
+        settings = settings.model_copy(update={"allow_open": True})
+    serve(args.host, args.port, workers=not args.no_workers, settings=settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-workers", action="store_true",
                    help="run only the API (workers run elsewhere, e.g. docker compose)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="listen beyond loopback with no LETHE_API_KEYS (every caller an "
+                   "admin): only for a service meant to be open")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one RQ worker (jobs run in-process)")

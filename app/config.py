@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated bearer keys, each `key`, "
                           "`name:key` or `name:key:role` (role `user` or `admin`); empty: "
                           "an open service whose one caller is an admin.")
+    allow_open: bool = Field(False, description="Let `lethe serve` listen on a non-loopback "
+                             "address with no `LETHE_API_KEYS`: every caller an admin. Only "
+                             "for a service meant to be open to whoever reaches it.")
     # The shipped demo models (worker/domains/shapes/models): meaningful pictures with no download.
     default_model: str = Field("shapes-sd", description="Model used when a request names none.")
     default_upscaler: str = Field("shapes-x4", description="Upscaler used when a request "

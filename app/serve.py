@@ -10,6 +10,7 @@ the API, then the workers, then Redis.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -52,11 +53,32 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse to listen beyond loopback with no keys: with none, every caller is an admin
+    (uploads, deletes, jobs). ``LETHE_ALLOW_OPEN`` (``--allow-open``) says it is meant."""
+    if _loopback(host) or settings.keys or settings.allow_open:
+        return
+    raise SystemExit(
+        f"lethe: refusing to serve on {host} with no LETHE_API_KEYS (every caller would be an "
+        "admin): set LETHE_API_KEYS, e.g. LETHE_API_KEYS=ops:$(openssl rand -hex 16):admin, "
+        "or pass --allow-open (LETHE_ALLOW_OPEN=1) if it is meant to be open")
+
+
 def serve(host: str, port: int, workers: bool = True, settings: Settings | None = None
           ) -> None:
     import uvicorn
 
     settings = settings or get_settings()
+    check_exposure(host, settings)
     settings.home.mkdir(parents=True, exist_ok=True)
     embedded = None
     if not settings.redis_url:

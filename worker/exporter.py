@@ -81,9 +81,18 @@ def _new_path(dest: Path) -> Path:
     return dest
 
 
-def merged_pipeline(registry: Registry, model_id: str, dtype: str = "float32") -> Any:
-    """``model_id`` as one pipeline: its root base with every delta of its lineage applied."""
-    return _merged(registry, model_id, dtype)[2]
+def merged_unet(registry: Registry, model_id: str, skip_last: bool = False) -> Any:
+    """``model_id``'s UNet alone in float32 (what a LoRA is made or read against): its
+    root base's with every delta of its lineage applied (``skip_last``: all but its own).
+    Alone, as a whole pipeline would hold SDXL's text encoders beside it for nothing."""
+    from diffusers import UNet2DConditionModel
+
+    root, edits = _lineage(registry, model_id)
+    unet = UNet2DConditionModel.from_pretrained(registry.path(root) / "unet",
+                                                torch_dtype=torch.float32)
+    for edit in edits[:-1] if skip_last else edits:
+        apply_delta(unet, load_delta(registry.path(edit)))
+    return unet.eval()
 
 
 def _lineage(registry: Registry, model_id: str) -> tuple[str, list[str]]:
@@ -157,7 +166,7 @@ def export_lora(registry: Registry, model_id: str, dest: Path, rank: int | None 
         raise InvalidParams(f"`id` {model_id!r} is not an edit ({manifest['format']}); only "
                             "an edit exports as a LoRA of its base")
     base_id = manifest["base"]["id"]
-    unet = _merged(registry, model_id, "float32", skip_last=True)[2].unet  # its base's
+    unet = merged_unet(registry, model_id, skip_last=True)  # its base's
     export = lora_of_edit(unet, load_delta(registry.path(model_id)), rank=rank,
                           energy=energy)
     tensors = write_layout(export.factors, layout, unet)

@@ -20,7 +20,7 @@ from app.checkpoint import (
 from app.errors import InvalidParams, ModelExists
 from app.lorakeys import is_lora
 from app.registry import Registry, validate_model_id
-from worker.exporter import USAGE, merged_pipeline
+from worker.exporter import USAGE, merged_unet
 from worker.lorafiles import read_lora
 from worker.pipelines import Runtime, load_pipeline, save_pipeline
 from worker.singlefile import check_layout, config_folder, load_single_file
@@ -133,7 +133,7 @@ def import_lora(registry: Registry, path: Path, model_id: str, base: str | None,
     if base_manifest["kind"] != "text-to-image":
         raise InvalidParams(f"`base` {base!r} is a {base_manifest['kind']}; a LoRA applies "
                             "to a text-to-image model")
-    unet = merged_pipeline(registry, base, "float32").unet  # an edit's own delta applied
+    unet = merged_unet(registry, base)  # an edit's own delta applied
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     delta, read = read_lora(tensors, header.metadata, unet, field)

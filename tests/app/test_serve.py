@@ -233,3 +233,30 @@ def test_serve_gives_up_with_status_1_when_redis_keeps_dying(served):
     assert "embedded redis exited 6 times" in served.log_text()
     time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists()]  # stopped on the way out
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "lethe.example"])
+def test_serve_beyond_loopback_without_keys_refuses_to_start_saying_how(host, tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LETHE_REDIS_URL", "LETHE_API_KEYS", "LETHE_ALLOW_OPEN")}
+    env["LETHE_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--host", host,
+                           "--port", str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"lethe: refusing to serve on {host} with no LETHE_API_KEYS")
+    assert "--allow-open" in done.stderr
+    assert not (tmp_path / "redis").exists()  # refused before anything started
+
+
+def test_keys_or_a_plain_allow_open_or_loopback_let_serve_start():
+    from app.config import Settings
+    from app.serve import check_exposure
+
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        check_exposure(host, Settings(api_keys=""))
+    check_exposure("0.0.0.0", Settings(api_keys="ops:k-secret:admin"))
+    check_exposure("0.0.0.0", Settings(api_keys="", allow_open=True))
+    with pytest.raises(SystemExit, match="refusing to serve on 0.0.0.0"):
+        check_exposure("0.0.0.0", Settings(api_keys=""))

@@ -220,6 +220,7 @@ def built(request, tmp_path_factory, comfy):
     del model, clip, vae
     yield made, loaded
     loaded.clear()
+    comfy.model_management.unload_all_models()  # what encoding and decoding loaded
     gc.collect()
 
 
@@ -289,6 +290,7 @@ def test_a_checkpoint_comfyui_saved_imports_back_tensor_for_tensor(built, comfy)
     with torch.inference_mode():
         comfy.sd.save_checkpoint(str(saved), loaded["model"], loaded["clip"], loaded["vae"])
     loaded.clear()  # ComfyUI's copy goes before the import loads another
+    comfy.model_management.unload_all_models()
     gc.collect()
     back_id = f"{made.arch}-from-comfy"
     import_model(made.registry, saved, back_id)
