@@ -112,17 +112,16 @@ def _lineage(registry: Registry, model_id: str) -> tuple[str, list[str]]:
         model_id = manifest["base"]["id"]
 
 
-def _merged(registry: Registry, model_id: str, dtype: str, skip_last: bool = False
-            ) -> tuple[dict, Path, Any]:
+def _merged(registry: Registry, model_id: str, dtype: str) -> tuple[dict, Path, Any]:
     """The manifest, the folder of configs, and the pipeline of ``model_id``, the deltas
-    of its lineage applied to the root base (``skip_last``: all but its own)."""
+    of its lineage applied to the root base."""
     if dtype not in EXPORT_DTYPES:
         raise InvalidParams(f"`dtype` {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     manifest = registry.get(model_id)
     root, edits = _lineage(registry, model_id)
     source = registry.path(root)
     pipe = load_pipeline(source, Runtime.resolve("cpu", dtype))
-    for edit in edits[:-1] if skip_last else edits:
+    for edit in edits:
         apply_delta(pipe.unet, load_delta(registry.path(edit)))
     return manifest, source, pipe
 
