@@ -109,6 +109,11 @@ def rename_prefix(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
     return rest
 
 
+def attention_up_blocks(up_block_types: list[str] | tuple[str, ...]) -> set[int]:
+    """The up blocks with attentions, by index: ``unet_key``'s ``up_attentions``."""
+    return {i for i, t in enumerate(up_block_types) if "CrossAttn" in t}
+
+
 def unet_key(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
     """The original name of diffusers UNet parameter ``key``.
 

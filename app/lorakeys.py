@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.checkpoint import Header, read_header, unet_key
+from app.checkpoint import Header, attention_up_blocks, read_header, unet_key
 from app.errors import InvalidParams
 
 KOHYA_UNET = "lora_unet_"
@@ -86,7 +86,7 @@ class UnetLayout:
         """Module -> the original UNet's name for it, where it has one."""
         if self.layers_per_block is None:
             return {}
-        up_attentions = {i for i, t in enumerate(self.up_block_types) if "CrossAttn" in t}
+        up_attentions = attention_up_blocks(self.up_block_types)
         out = {}
         for module in self.weights:
             try:

@@ -34,12 +34,17 @@ class LoraExport:
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The factors in diffusers' PEFT layout (``unet.<module>.lora_A.weight`` = down)."""
-        out = {}
-        for module, (down, up) in self.factors.items():
-            out[f"unet.{module}.lora_A.weight"] = down
-            out[f"unet.{module}.lora_B.weight"] = up
-        return out
+        return peft_state_dict(self.factors)
+
+
+def peft_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                    ) -> dict[str, torch.Tensor]:
+    """Factors in diffusers' PEFT layout (``unet.<module>.lora_A.weight`` = down)."""
+    out = {}
+    for module, (down, up) in factors.items():
+        out[f"unet.{module}.lora_A.weight"] = down
+        out[f"unet.{module}.lora_B.weight"] = up
+    return out
 
 
 def lora_of_edit(unet: torch.nn.Module, delta: dict[str, torch.Tensor],

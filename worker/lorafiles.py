@@ -34,8 +34,8 @@ from app.errors import InvalidParams
 from app.jobspecs import LORA_LAYOUTS
 from app.lorakeys import UnetLayout, match
 from worker.esd import LORA_A, LORA_B
+from worker.lora import peft_state_dict
 
-LAYOUTS = LORA_LAYOUTS
 # What the WebUI tools call each base (kohya's ss_base_model_version).
 BASE_VERSIONS = {768: "sd_v1", 1024: "sd_v2"}
 SDXL_VERSION = "sdxl_base_v1-0"
@@ -63,14 +63,11 @@ def write_layout(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: 
                  unet: Any) -> dict[str, torch.Tensor]:
     """``factors`` (module -> (down, up), the change being up·down) as a LoRA file's
     tensors in ``layout``, for ``unet``'s architecture."""
-    if layout not in LAYOUTS:
-        raise InvalidParams(f"`lora_layout` {layout!r} is not one of {list(LAYOUTS)}")
-    out: dict[str, torch.Tensor] = {}
+    if layout not in LORA_LAYOUTS:
+        raise InvalidParams(f"`lora_layout` {layout!r} is not one of {list(LORA_LAYOUTS)}")
     if layout == "peft":
-        for module, (down, up) in factors.items():
-            out[f"unet.{module}.lora_A.weight"] = down
-            out[f"unet.{module}.lora_B.weight"] = up
-        return out
+        return peft_state_dict(factors)
+    out: dict[str, torch.Tensor] = {}
     names = kohya_names(unet)
     alpha = max((down.shape[0] for down, _ in factors.values()), default=1)
     for module, (down, up) in factors.items():

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.checkpoint import CONFIG_FOLDER_KEY, Header, detect, rename_prefix, unet_key
+from app.checkpoint import (
+    CONFIG_FOLDER_KEY,
+    Header,
+    attention_up_blocks,
+    detect,
+    rename_prefix,
+    unet_key,
+)
 from app.errors import InvalidParams
 from app.registry import MANIFEST
 from worker.tokenizer import write_clip_vocabulary
@@ -134,7 +141,7 @@ def _original(kind: str, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     config = unet.config
     if not isinstance(config.layers_per_block, int):
         raise InvalidParams("a UNet with per-block layer counts has no single-file layout")
-    up_attentions = {i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
+    up_attentions = attention_up_blocks(config.up_block_types)
     out = {UNET + unet_key(k, config.layers_per_block, up_attentions): v
            for k, v in unet.state_dict().items()}
     up_blocks = len(vae.config.up_block_types)
