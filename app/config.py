@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # Request bounds the API enforces before anything is queued.
     max_side: int = Field(2048, description="Largest width or height any model may be asked for.")
     max_body_bytes: int = 20 * 1024**2
+    max_exports_per_model: int = Field(4, ge=1, description="Export files (a format, "
+                                       "dtype, rank) a model keeps for download; the least "
+                                       "recently used go first.")
     max_upload_bytes: int = Field(16 * 1024**3, description="Largest checkpoint `POST /models` "
                                   "takes (SDXL in float32 is about 14 GB).")
     # Upscaling: the output's longest side, and the input tile above which the worker

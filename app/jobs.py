@@ -57,12 +57,11 @@ def fetch(connection: Redis, job_id: str) -> Job:
         raise JobNotFound(f"no job with id {shown(job_id)}") from None
 
 
-def fetch_for(connection: Redis, job_id: str, caller: Caller, *, owned: bool = False) -> Job:
-    """Job ``job_id`` if ``caller`` may see it: its own, any job for an admin, a shared
-    one (an export) unless ``owned`` (to cancel it). Another's job is a 404, as if it did
-    not exist: a 403 would tell that the id is someone's."""
+def fetch_for(connection: Redis, job_id: str, caller: Caller) -> Job:
+    """Job ``job_id`` if ``caller`` may see it: its own, any job for an admin. Another's
+    job is a 404, as if it did not exist: a 403 would tell that the id is someone's."""
     job = fetch(connection, job_id)
-    if caller.may_see(job.meta.get("owner")) or (job.meta.get("shared") and not owned):
+    if caller.may_see(job.meta.get("owner")):
         return job
     raise JobNotFound(f"no job with id {shown(job_id)}")
 

@@ -252,9 +252,18 @@ class ObjectRegistry(Registry):
             return None
         return path
 
-    def keep_export(self, model_id: str, name: str, made: Path) -> Path:
+    def keep_export(self, model_id: str, name: str, made: Path, keep: int = 0) -> Path:
         self.store.upload(self._export_key(model_id, name), made)
-        return super().keep_export(model_id, name, made)
+        return super().keep_export(model_id, name, made, keep)
+
+    def _export_ages(self, model_id: str) -> dict[str, float]:
+        # The store keeps no read times: on shared storage the oldest made go first.
+        prefix = self._export_key(model_id, "")
+        return {key[len(prefix):]: mtime for key, mtime in self.store.listing(prefix)}
+
+    def _drop_export(self, model_id: str, name: str) -> None:
+        self.store.delete(self._export_key(model_id, name))
+        super()._drop_export(model_id, name)
 
     def unlisted(self) -> list[str]:
         """Folders of the store that hold files but no manifest: uploads cut short (or a

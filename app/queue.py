@@ -98,11 +98,11 @@ def enqueue(
     job_id: str | None = None,
     webhook: dict[str, Any] | None = None,
     owner: str | None = None,
-    shared: bool = False,
 ) -> Job:
     """Queue a job (its spec, as JSON), or raise ``Unavailable`` with nothing queued.
-    ``owner``: the caller it belongs to (indexed for ``GET /jobs``); ``shared``: any
-    caller may read it (an export, which any caller asking for the same file shares).
+    ``owner``: the caller it belongs to (indexed for ``GET /jobs``). A cancel flag left
+    by an earlier job of the same id (an export asked for again) goes: a cancel never
+    outlives its job.
 
     Redis applies commands that reach it while it is stalled once it resumes, so a client
     that got a 503 could still find its job running later (and run it twice by retrying).
@@ -125,13 +125,14 @@ def enqueue(
         meta={"type": job_type, "progress": {"step": 0, "total": 0, "fraction": 0.0,
                                              "stage": "queued"},
               **({"webhook": webhook} if webhook else {}),
-              **({"owner": owner} if owner else {}), **({"shared": True} if shared else {})},
+              **({"owner": owner} if owner else {})},
     )
     number = jobindex.next_number(connection) if owner else 0
     guard = _submit_key(job.id)
     connection.set(guard, 1, px=SUBMIT_WINDOW_MS)
     with connection.pipeline(transaction=True) as pipe:
-        queue.enqueue_job(job, pipeline=pipe)
+        queue.enqueue_job(job, pipeline=pipe)  # first: it opens the transaction
+        pipe.delete(cancel_key(job.id))
         if owner:
             jobindex.add(pipe, owner, job.id, number)
         metrics.inc(pipe, "lethe_jobs_submitted", type=job_type)

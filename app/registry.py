@@ -219,13 +219,37 @@ class Registry:
         path = self.exports_dir(model_id) / name
         return path if path.is_file() else None
 
-    def keep_export(self, model_id: str, name: str, made: Path) -> Path:
+    def keep_export(self, model_id: str, name: str, made: Path, keep: int = 0) -> Path:
         """File the export just written at ``made`` (moved: it appears whole or not at
-        all) where ``export_file`` finds it."""
+        all) where ``export_file`` finds it; past ``keep`` files of the model (0: no
+        bound), the least recently used others go."""
         target = self.exports_dir(model_id) / name
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(made, target)
+        if keep > 0:
+            ages = self._export_ages(model_id)
+            ages.pop(name, None)
+            for old in sorted(ages, key=ages.__getitem__)[:max(0, len(ages) - keep + 1)]:
+                self._drop_export(model_id, old)
         return target
+
+    def used_export(self, path: Path) -> None:
+        """Mark an export as served now (``keep_export`` drops the least recently used)."""
+        try:
+            os.utime(path)
+        except OSError:  # removed meanwhile: it is being served from an open file
+            pass
+
+    def _export_ages(self, model_id: str) -> dict[str, float]:
+        """The model's kept exports by name, with when each was last made or served."""
+        folder = self.exports_dir(model_id)
+        if not folder.is_dir():
+            return {}
+        return {p.name: p.stat().st_mtime for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".")}
+
+    def _drop_export(self, model_id: str, name: str) -> None:
+        (self.exports_dir(model_id) / name).unlink(missing_ok=True)
 
     def publish_domains(self, info: dict[str, dict[str, Any]]) -> None:
         """Merge a worker's domain facts into ``DOMAINS_FILE``: each worker adds what it

@@ -79,3 +79,23 @@ def test_update_manifest_merges(registry):
     registry.update_manifest("m4", metrics={"fid": 1.5})
     assert registry.get("m4")["metrics"] == {"fid": 1.5}
     assert registry.get("m4")["kind"] == "text-to-image"
+
+
+def test_a_model_keeps_its_most_recently_used_exports(registry, tmp_path):
+    """Issue 33, finding 2: every rank × format × dtype asked for was a file kept forever."""
+    import os
+
+    with registry.create("m1", BASE) as staging:
+        (staging / "weights.bin").write_bytes(b"w")
+    for n, name in enumerate(["a.zip", "b.zip", "c.zip"]):
+        made = tmp_path / f"made-{name}"
+        made.write_bytes(b"x")
+        kept = registry.keep_export("m1", name, made, keep=3)
+        os.utime(kept, (1000 + n, 1000 + n))  # made one after another
+    registry.used_export(registry.export_file("m1", "a.zip"))  # a was served just now
+    made = tmp_path / "made-d"
+    made.write_bytes(b"x")
+    registry.keep_export("m1", "d.zip", made, keep=3)
+    assert registry.export_file("m1", "b.zip") is None  # the least recently used went
+    assert all(registry.export_file("m1", n) for n in ("a.zip", "c.zip", "d.zip"))
+    assert not made.exists()

@@ -59,7 +59,8 @@ def export_model(spec: ExportJob, reporter: Reporter) -> dict:
             else:
                 export_model(registry, spec.model, written, spec.dtype)
                 written = _zip(written, Path(tmp) / "out.zip", spec.model)
-            target = registry.keep_export(spec.model, spec.name, written)
+            target = registry.keep_export(spec.model, spec.name, written,
+                                             ctx.settings.max_exports_per_model)
     reporter.progress(1, 1, "done", force=True)
     return {"model": spec.model, "format": spec.format, "bytes": target.stat().st_size,
             "links": {"download": download_url(

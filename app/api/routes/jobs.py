@@ -279,7 +279,7 @@ def cancel_job(job_id: str, redis: RedisDep, settings: SettingsDep, caller: Call
                ) -> Response:
     """Cancel: a queued job never runs; a running one stops at its next step (poll for it).
     With `purge`, a finished job's files and record are removed at once (204)."""
-    job = jobs.fetch_for(redis, job_id, caller, owned=True)
+    job = jobs.fetch_for(redis, job_id, caller)
     state = jobs.state_of(job)
     if purge:
         if state.value not in FINISHED:

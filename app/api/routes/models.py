@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import exports, jobfiles, jobs
-from app.api.deps import CallerDep, RedisDep, RegistryDep, SettingsDep, SubmitterDep
+from app.api.deps import CallerDep, RegistryDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
@@ -20,7 +20,6 @@ from app.errors import Forbidden, InvalidParams, JobNotFound, ModelExists, shown
 from app.jobspecs import ExportJob, ImportJob
 from app.lorakeys import UnetLayout, is_lora, match
 from app.openapi import errors
-from app.queue import enqueue
 from app.registry import Registry, file_digest, validate_model_id
 from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelPublic, ModelsPublic
 from app.submissions import Submitted, submit
@@ -160,8 +159,7 @@ def get_model(model_id: PathModelId, registry: RegistryDep) -> ModelPublic:
     **CREATED, 202: {**CREATED[202], "model": JobCreated,
                      "description": "The export is being made: poll the job, then ask again."},
     **errors(404, 422)})
-def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep,
-                   settings: SettingsDep, caller: CallerDep,
+def download_model(model_id: PathModelId, registry: RegistryDep, sub: SubmitterDep,
                    format: Literal["diffusers", "single-file", "lora"] = "diffusers",
                    dtype: Literal["float32", "float16"] | None = None,
                    rank: Annotated[int | None, Query(ge=1, le=exports.MAX_RANK)] = None,
@@ -171,30 +169,33 @@ def download_model(model_id: PathModelId, registry: RegistryDep, redis: RedisDep
     `from_single_file`), or `lora` (an edit as low-rank factors for its base; `rank` fixed,
     or picked per matrix to keep 99 % of the change; `lora_layout` `kohya`, the default,
     which AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers read, or `peft`, diffusers'
-    own). The first request makes the file (202 and the export job to poll); once it is
-    made, the same URL streams it."""
+    own). The first request makes the file (202 and the export job to poll, counted
+    against the caller's jobs as any job is); once it is made, the same URL streams it.
+    A model keeps its `LETHE_MAX_EXPORTS_PER_MODEL` most recently used files."""
     manifest = registry.get(model_id)
     dtype_used, rank, layout = exports.resolve(manifest, format, dtype, rank, lora_layout)
     name = exports.file_name(manifest, format, dtype_used, rank, layout)
     target = registry.export_file(model_id, name)
     if target is not None:
+        registry.used_export(target)
         return FileResponse(target,
                             filename=exports.download_name(model_id, format, rank, layout),
                             media_type="application/zip" if format == "diffusers"
                             else "application/octet-stream")
-    job_id = str(uuid.uuid5(_EXPORTS, f"{model_id}/{name}"))
+    # One export job per caller and file: asking again finds it; another caller's cancel
+    # never reaches it (each makes its own, and whoever finishes first files it for all).
+    job_id = str(uuid.uuid5(_EXPORTS, f"{sub.caller.name}/{model_id}/{name}"))
     try:
-        job = jobs.fetch(redis, job_id)
-        if jobs.state_of(job).value in ("queued", "running"):
-            # already being made: the same job to poll (an export is shared)
+        job = jobs.fetch(sub.redis, job_id)
+        if jobs.state_of(job) in (jobs.JobState.queued, jobs.JobState.running):
             return created(Submitted(job.id, "export"))
+        jobs.purge(sub.redis, job)  # an ended try (failed, canceled) gives way to a new one
     except JobNotFound:
         pass
     spec = ExportJob(model=model_id, format=format, dtype=dtype_used, rank=rank,
                      lora_layout=layout or "kohya", name=name)
-    job = enqueue(redis, "export", spec, job_id=job_id, timeout_s=settings.train_timeout_s,
-                  result_ttl_s=settings.result_ttl_s, owner=caller.name, shared=True)
-    return created(Submitted(job.id, "export"))
+    return created(submit(sub, "export", spec, request=spec.queued(), job_id=job_id,
+                          timeout_s=sub.settings.train_timeout_s))
 
 
 @router.delete("/{model_id}", status_code=204, responses=errors(403, 404, 409, 422))
