@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # Request bounds the API enforces before anything is queued.
     max_side: int = Field(2048, description="Largest width or height any model may be asked for.")
     max_body_bytes: int = 20 * 1024**2
+    max_storage_bytes: int = Field(0, ge=0, description="Bytes of models (uploads, edits) "
+                                   "a key may keep in the registry; an upload past it is "
+                                   "refused before its first byte is stored (0: no limit).")
     max_exports_per_model: int = Field(4, ge=1, description="Export files (a format, "
                                        "dtype, rank) a model keeps for download; the least "
                                        "recently used go first.")

@@ -35,10 +35,8 @@ from app.registry import (
     KINDS,
     MANIFEST,
     Registry,
-    combined_digest,
     file_digest,
-    folder_digests,
-    utcnow,
+    full_manifest,
     validate_model_id,
 )
 from app.storage import Storage
@@ -195,9 +193,7 @@ class ObjectRegistry(Registry):
         staging.mkdir(parents=True)
         try:
             yield staging
-            files = folder_digests(staging)
-            full = {"id": model_id, "created_at": utcnow(), **manifest, "files": files,
-                    "digest": combined_digest(files)}
+            full, files = full_manifest(model_id, manifest, staging)
             for rel in files:
                 self.store.upload(f"{PREFIX}/{model_id}/{rel}", staging / rel)
             if self.exists(model_id):  # published meanwhile by another writer

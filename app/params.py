@@ -17,7 +17,7 @@ from app import jobfiles, jobs
 from app import jobspecs as d
 from app.accounts import Caller
 from app.config import Settings
-from app.errors import ImageNotFound, InvalidParams, JobNotFinished, ModelExists, Unavailable
+from app.errors import ImageNotFound, InvalidParams, JobNotFinished, Unavailable
 from app.jobspecs import (
     RELEARN_LEARNING_RATE,
     AttackSpec,
@@ -26,7 +26,7 @@ from app.jobspecs import (
     GenerateJob,
     UpscaleJob,
 )
-from app.registry import Registry, validate_model_id
+from app.registry import Registry, reserved_ids, validate_model_id
 from app.schemas import (
     HOOK_FIELDS,
     EraseCreate,
@@ -203,10 +203,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     # How the job's comparison grid is drawn (worker.evidence): as the model draws.
     params["draw_steps"], params["draw_guidance"] = gen["steps"], gen["guidance_scale"]
     if body.name:
-        validate_model_id(body.name, "name")
-        if registry.exists(body.name):
-            raise ModelExists(f"`name` {body.name!r} is taken: a model with that id exists")
-        params["name"] = body.name
+        params["name"] = registry.check_new_id(body.name, "name", reserved_ids(settings))
     else:
         slug = re.sub(r"[^a-z0-9]+", "-", "-".join(body.concepts).lower()).strip("-")[:30]
         params["name"] = registry.free_id(f"{base_id[:24]}-no-{slug or 'concept'}")

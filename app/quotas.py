@@ -34,7 +34,8 @@ return -1
 
 # The caller's jobs that hold a place: queued, deferred, scheduled or started in RQ's own
 # record, or reserved in the last ``grace`` ms by a submission still being queued. Places of
-# jobs that ended (or expired) are given back here, when someone next asks.
+# jobs that ended (or expired) are given back here, when someone next asks. Reserving again
+# for the same job (an upload holds its place before its bytes, then submits) holds one.
 _ACTIVE = """
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
@@ -49,6 +50,7 @@ for i = 1, #held, 2 do
   else
     alive = now_ms - tonumber(held[i + 1]) < tonumber(ARGV[4])
   end
+  if held[i] == ARGV[2] then alive = false end
   if alive then count = count + 1 else redis.call('ZREM', KEYS[1], held[i]) end
 end
 if count >= tonumber(ARGV[1]) then return -1 end

@@ -34,6 +34,11 @@ EXPORTS_DIR = ".exports"
 _TRASH = ".trash"
 
 
+# Ids the workers register at first start (worker.defaults and the shipped demo domain):
+# no key may take one before a worker does (tests/worker/test_defaults.py keeps them equal).
+SHIPPED_IDS = frozenset({"tiny-sd", "tiny-x4", "shapes-sd", "shapes-x4", "shapes-clf"})
+
+
 def validate_model_id(model_id: str, field: str = "model") -> str:
     if not isinstance(model_id, str) or not MODEL_ID_RE.fullmatch(model_id):
         raise InvalidParams(
@@ -41,6 +46,11 @@ def validate_model_id(model_id: str, field: str = "model") -> str:
             f"'-'; at most 64 characters), got {shown(model_id)}"
         )
     return model_id
+
+
+def reserved_ids(settings: Any) -> frozenset[str]:
+    """Ids no request may give a new model: the shipped ones and the configured defaults."""
+    return SHIPPED_IDS | {settings.default_model, settings.default_upscaler}
 
 
 def file_digest(path: Path) -> str:
@@ -65,6 +75,16 @@ def combined_digest(files: dict[str, str]) -> str:
     for name in sorted(files):
         h.update(f"{name}\0{files[name]}\n".encode())
     return h.hexdigest()
+
+
+def full_manifest(model_id: str, manifest: dict[str, Any], staging: Path
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest a model is published with (id, time, its files' digests and bytes), and
+    those digests by file."""
+    files = folder_digests(staging)
+    size = sum((staging / rel).stat().st_size for rel in files)
+    return {"id": model_id, "created_at": utcnow(), **manifest, "files": files,
+            "digest": combined_digest(files), "bytes": size}, files
 
 
 def utcnow() -> str:
@@ -106,6 +126,21 @@ class Registry:
             out.append(json.loads((child / MANIFEST).read_text()))
         return out
 
+    def check_new_id(self, model_id: str, field: str, reserved: frozenset[str]) -> str:
+        """``model_id`` if a request may name a new model so (``field`` in the message)."""
+        validate_model_id(model_id, field)
+        if model_id in reserved:
+            raise ModelExists(f"`{field}` {model_id!r} is reserved for a model this service "
+                              "ships or defaults to; pick another")
+        if self.exists(model_id):
+            raise ModelExists(f"`{field}` {model_id!r} exists already; pick another or "
+                              "delete it")
+        return model_id
+
+    def bytes_of(self, owner: str) -> int:
+        """Bytes of the models ``owner``'s jobs made (uploads, edits)."""
+        return sum(int(m.get("bytes") or 0) for m in self.models() if m.get("owner") == owner)
+
     def free_id(self, stem: str) -> str:
         """``stem``, or ``stem-2``, ``stem-3``... whichever no model has yet."""
         name, n = stem, 2
@@ -132,14 +167,7 @@ class Registry:
         staging.mkdir(parents=True)
         try:
             yield staging
-            files = folder_digests(staging)
-            full = {
-                "id": model_id,
-                "created_at": utcnow(),
-                **manifest,
-                "files": files,
-                "digest": combined_digest(files),
-            }
+            full, files = full_manifest(model_id, manifest, staging)
             (staging / MANIFEST).write_text(json.dumps(full, indent=2))
             _fsync_tree(staging)
             target = self.root / model_id
@@ -180,12 +208,14 @@ class Registry:
                                                                      report]))
 
     def remove(self, model_id: str) -> None:
-        """Remove a derived model. Base models and models others derive from stay."""
+        """Remove a model a key made (an edit, an upload). The operator's base models (no
+        owner) and models others derive from stay."""
         manifest = self.get(model_id)
-        if not manifest.get("base"):
+        if not manifest.get("base") and not manifest.get("owner"):
             raise ModelProtected(
-                f"`model` {model_id!r} is a base model; only derived (edited) models can be "
-                "deleted over the API (use `lethe models rm --force` on the host)"
+                f"`model` {model_id!r} is a base model of the service; only models a key "
+                "made (edits, uploads) can be deleted over the API (use `lethe models rm "
+                "--force` on the host)"
             )
         self._remove_checked(model_id)
 

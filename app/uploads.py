@@ -22,6 +22,9 @@ MAX_FIELD_BYTES = 4096  # a text field (an id, an option): anything longer is no
 # A form is the file and a few options, each kept in memory: their number is bounded too
 # (a part's headers are, by python-multipart itself).
 MAX_PARTS = 16
+# What a form may hold besides its file (fields, part headers, boundaries), for a check of
+# the declared length before anything is read.
+MAX_FORM_BYTES = MAX_PARTS * (MAX_FIELD_BYTES + 1024)
 
 
 @dataclass
@@ -32,9 +35,10 @@ class Received:
 
 
 async def receive_file(request: Request, file_field: str, dest: Path, max_bytes: int,
-                       on_field=None) -> Received:
+                       on_field=None, limit_name: str = "LETHE_MAX_UPLOAD_BYTES") -> Received:
     """Parse ``request``'s multipart body: part ``file_field`` is written to ``dest`` (at
-    most ``max_bytes``, else TooLarge), the other parts are returned as text fields.
+    most ``max_bytes``, else TooLarge naming ``limit_name``), the other parts are returned
+    as text fields.
 
     ``on_field(name, value)`` runs as each text field completes, so a bad field sent before
     the file (an id that exists) is refused before gigabytes are read.
@@ -81,7 +85,7 @@ async def receive_file(request: Request, file_field: str, dest: Path, max_bytes:
             got.size += len(chunk)
             if got.size > max_bytes:
                 raise TooLarge(f"`{file_field}` must be at most {max_bytes} bytes "
-                               f"(LETHE_MAX_UPLOAD_BYTES); got {got.size} or more")
+                               f"({limit_name}); got {got.size} or more")
             assert out is not None
             out.write(chunk)
         else:

@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from app.checkpoint import read_header
 from app.config import get_settings
-from tests.support import wait_job
+from tests.support import SHARED_KEYS, bearer, served, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,9 @@ def test_single_file_download_upload_round_trip(http_module, single_file, tmp_pa
 
     a, b = image(http, "tiny-sd"), image(http, "tiny-uploaded")
     assert a.tobytes() == b.tobytes()  # fp32 through and back: the very same pixels
-    # The uploaded model can be deleted; a base model it is not.
-    assert http.delete("/models/tiny-uploaded").status_code in (204, 409)
+    # Whoever uploaded it deletes it (here the open service's one caller).
+    assert http.delete("/models/tiny-uploaded").status_code == 204
+    assert http.get("/models/tiny-uploaded").status_code == 404
 
 
 def test_diffusers_download_is_a_zip_of_the_folder(http_module):
@@ -161,3 +162,33 @@ def test_upload_over_the_limit_is_413(monkeypatch, tiny_model, home):
     finally:
         get_settings.cache_clear()
     assert leftover_uploads(home) == []
+
+
+def test_a_key_deletes_its_uploads_and_stores_within_its_quota(single_file, home):
+    """Issue 33, finding 3: an upload could not be deleted by its owner, hit the disk
+    before any quota, and could take a reserved id (the configured default's)."""
+    import httpx
+
+    size = len(single_file)
+    with served(LETHE_API_KEYS=SHARED_KEYS, LETHE_DEFAULT_MODEL="house-sd",
+                LETHE_MAX_STORAGE_BYTES=str(size * 3 // 2)) as url, \
+            httpx.Client(base_url=url, timeout=60, headers=bearer("dave")) as dave, \
+            httpx.Client(base_url=url, timeout=60, headers=bearer("bob")) as bob:
+        r = upload(dave, "house-sd", single_file)
+        assert r.status_code == 409 and "reserved" in r.json()["error"]["message"], r.text
+        r = upload(dave, "dave-own", single_file)
+        assert r.status_code == 202, r.text
+        assert wait_job(dave, r.json()["id"], timeout_s=120)["status"] == "succeeded"
+        assert dave.get("/models/dave-own").json()["bytes"] >= size * 9 // 10
+        # A second one would pass what dave may store: refused on its declared length.
+        r = upload(dave, "dave-more", single_file)
+        assert r.status_code == 413, r.text
+        assert "LETHE_MAX_STORAGE_BYTES" in r.json()["error"]["message"]
+        assert leftover_uploads(home) == []
+        assert upload(bob, "bob-own", single_file[:100]).status_code == 422  # his own room
+        assert bob.delete("/models/dave-own").status_code == 403
+        assert dave.delete("/models/dave-own").status_code == 204
+        r = upload(dave, "dave-more", single_file)  # room again
+        assert r.status_code == 202, r.text
+        assert wait_job(dave, r.json()["id"], timeout_s=120)["status"] == "succeeded"
+        assert dave.delete("/models/dave-more").status_code == 204

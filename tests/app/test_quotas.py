@@ -116,3 +116,14 @@ def test_a_bad_limit_setting_is_refused_naming_it(limit):
 
     with pytest.raises(ValidationError, match="max_active_jobs"):
         Settings(max_active_jobs=limit)
+
+
+def test_a_job_reserved_twice_holds_one_place(scratch_redis: Redis):
+    """An upload holds its place before its bytes arrive, then submits the same job."""
+    from app import quotas
+    from app.errors import RateLimited
+
+    assert quotas.reserve_job(scratch_redis, "erin", "job-1", 1)
+    assert quotas.reserve_job(scratch_redis, "erin", "job-1", 1)
+    with pytest.raises(RateLimited, match="LETHE_MAX_ACTIVE_JOBS"):
+        quotas.reserve_job(scratch_redis, "erin", "job-2", 1)

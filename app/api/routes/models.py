@@ -11,19 +11,19 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import exports, jobfiles, jobs
+from app import exports, jobfiles, jobs, quotas
 from app.api.deps import CallerDep, RegistryDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
-from app.errors import Forbidden, InvalidParams, JobNotFound, ModelExists, shown
+from app.errors import Forbidden, InvalidParams, JobNotFound, TooLarge, shown
 from app.jobspecs import ExportJob, ImportJob
 from app.lorakeys import UnetLayout, is_lora, match
 from app.openapi import errors
-from app.registry import Registry, file_digest, validate_model_id
+from app.registry import Registry, file_digest, reserved_ids, validate_model_id
 from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelPublic, ModelsPublic
-from app.submissions import Submitted, submit
-from app.uploads import receive_file
+from app.submissions import Submitted, Submitter, submit
+from app.uploads import MAX_FORM_BYTES, receive_file
 
 PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
 
@@ -70,20 +70,29 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
     job_id = str(uuid.uuid4())
     folder = jobfiles.output_dir(settings, job_id)
     path = folder / UPLOAD_FILE
+    reserved = reserved_ids(settings)
+    room, limit_name = await run_in_threadpool(_room, registry, sub)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > room + MAX_FORM_BYTES:
+        raise TooLarge(f"the upload ({declared} bytes) is past what this key may still "
+                       f"store: {room} bytes ({limit_name})")
+    # A place among the caller's jobs before the first byte is written (``submit`` holds
+    # it again for the same job).
+    quotas.reserve_job(sub.redis, sub.caller.name, job_id, settings.max_active_jobs)
 
     def early(name: str, value: str) -> None:
         if name == "id":
-            _check_new_id(registry, value)
+            registry.check_new_id(value, "id", reserved)
         elif name == "base":
             _check_base(registry, value)
 
     try:
-        got = await receive_file(request, "file", path, settings.max_upload_bytes,
-                                 on_field=early)
+        got = await receive_file(request, "file", path, room, on_field=early,
+                                 limit_name=limit_name)
         model_id = got.fields.get("id")
         if model_id is None:
             raise InvalidParams("`id` is required: the new model's id")
-        _check_new_id(registry, model_id)
+        registry.check_new_id(model_id, "id", reserved)
         prediction_type = got.fields.get("prediction_type") or None
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise InvalidParams(f"`prediction_type` {shown(prediction_type)} is not one of "
@@ -116,6 +125,7 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
             timeout_s=settings.train_timeout_s))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing of a refused upload stays
+        quotas.release_job(sub.redis, sub.caller.name, job_id)
         raise
     if job.replayed:  # the first upload is the one being imported
         shutil.rmtree(folder, ignore_errors=True)
@@ -142,10 +152,18 @@ def _unet_layout(registry: Registry, model_id: str) -> UnetLayout | None:
     return UnetLayout.of_folder(folder / "unet")
 
 
-def _check_new_id(registry: Registry, model_id: str) -> None:
-    validate_model_id(model_id, "id")
-    if registry.exists(model_id):
-        raise ModelExists(f"`id` {model_id!r} exists already; pick another or delete it")
+def _room(registry: Registry, sub: Submitter) -> tuple[int, str]:
+    """The bytes an upload of ``sub.caller`` may take, and the setting that bounds them:
+    ``LETHE_MAX_UPLOAD_BYTES``, or what is left of the key's ``LETHE_MAX_STORAGE_BYTES``
+    (the models it made) where that is less."""
+    settings = sub.settings
+    if settings.max_storage_bytes <= 0:
+        return settings.max_upload_bytes, "LETHE_MAX_UPLOAD_BYTES"
+    used = registry.bytes_of(sub.caller.name)
+    left = max(0, settings.max_storage_bytes - used)
+    if left < settings.max_upload_bytes:
+        return left, f"LETHE_MAX_STORAGE_BYTES, {used} used"
+    return settings.max_upload_bytes, "LETHE_MAX_UPLOAD_BYTES"
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=errors(404, 422))
