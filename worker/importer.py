@@ -18,9 +18,10 @@ from app.checkpoint import (
     read_header,
 )
 from app.errors import InvalidParams, ModelExists
+from app.exportmeta import LETHE_KEY, usage
 from app.lorakeys import is_lora
 from app.registry import Registry, validate_model_id
-from worker.exporter import USAGE, merged_unet
+from worker.exporter import merged_unet
 from worker.lorafiles import read_lora
 from worker.pipelines import Runtime, load_pipeline, save_pipeline
 from worker.singlefile import check_layout, config_folder, load_single_file
@@ -84,14 +85,14 @@ def import_model(registry: Registry, path: Path, model_id: str, allow_pickle: bo
                 raise pickle_refusal("path", path.name)
             path = _pickle_to_safetensors(path, Path(tmp) / "converted.safetensors")
         return _import_single_file(registry, path, model_id, prediction_type, source,
-                                   Path(tmp), extra or {})
+                                   Path(tmp), extra or {}, field)
 
 
 def _import_single_file(registry: Registry, path: Path, model_id: str,
                         prediction_type: str | None, source: str, tmp: Path,
-                        extra: dict) -> dict:
+                        extra: dict, field: str) -> dict:
     header = read_header(path)
-    architecture, folder = config_folder(header, tmp / "config", prediction_type)
+    architecture, folder = config_folder(header, tmp / "config", prediction_type, field)
     check_layout(header, folder)
     dtype = _DTYPES.get(header.dtypes.get("model.diffusion_model.input_blocks.0.0.weight", ""),
                         torch.float32)
@@ -102,11 +103,13 @@ def _import_single_file(registry: Registry, path: Path, model_id: str,
         "source": source, "format": "diffusers",
         "architecture": ARCHITECTURE_NAMES.get(architecture, "as exported by Lethe"),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon")}
-    if "lethe" in header.metadata:
-        # A Lethe export: the model draws and erases as it did where it came from.
-        exported = json.loads(header.metadata["lethe"])
-        manifest |= {k: exported[k] for k in USAGE if k in exported}
-        manifest["exported_from"] = {k: exported.get(k) for k in ("id", "digest")}
+    if LETHE_KEY in header.metadata:
+        # A Lethe export: the model draws and erases as it did where it came from, within
+        # the bounds of a request (its metadata is anyone's to write).
+        manifest |= usage(header.metadata, registry.domains(), field)
+        exported = json.loads(header.metadata[LETHE_KEY])
+        manifest["exported_from"] = {k: str(exported.get(k))[:128]
+                                     for k in ("id", "digest")}
     manifest |= extra
     # Written on the registry's disk already: moved into place, not copied a second time.
     return registry.import_folder(staging, model_id, manifest, move=True)

@@ -34,6 +34,7 @@ from app.checkpoint import (
     unet_key,
 )
 from app.errors import InvalidParams
+from app.exportmeta import check_config_folder
 from app.registry import MANIFEST
 from worker.tokenizer import write_clip_vocabulary
 
@@ -202,14 +203,14 @@ def check_layout(header: Header, folder: Path, field: str = "path") -> None:
                             + "; ".join(parts))
 
 
-def config_folder(header: Header, dest: Path, prediction_type: str | None = None
-                  ) -> tuple[str, Path]:
+def config_folder(header: Header, dest: Path, prediction_type: str | None = None,
+                  field: str = "path") -> tuple[str, Path]:
     """Write the diffusers config folder a checkpoint loads with into ``dest``: the one a
     Lethe export carries, else the shipped configs of the architecture its tensors show.
     Returns the architecture (``lethe`` for a carried folder) and the folder."""
     if CONFIG_FOLDER_KEY in header.metadata:
         architecture = "lethe"
-        write_config_folder(json.loads(header.metadata[CONFIG_FOLDER_KEY]), dest)
+        write_config_folder(check_config_folder(header.metadata, field), dest)
     else:
         architecture = detect(header)
         shutil.copytree(ARCHITECTURES / architecture, dest)

@@ -192,3 +192,39 @@ def test_a_key_deletes_its_uploads_and_stores_within_its_quota(single_file, home
         assert r.status_code == 202, r.text
         assert wait_job(dave, r.json()["id"], timeout_s=120)["status"] == "succeeded"
         assert dave.delete("/models/dave-more").status_code == 204
+
+
+def test_an_uploads_own_metadata_sets_nothing_past_a_requests_bounds(http_module, single_file,
+                                                                      home):
+    """Issue 33, finding 8: a file's `lethe` metadata set any default (steps without bound)
+    for every caller of the model, and its config folder named the classes diffusers
+    imports."""
+    from safetensors.torch import load
+
+    tensors = load(single_file)
+    meta = read_header_bytes(single_file).metadata
+    lethe = json.loads(meta["lethe"])
+    greedy = {**lethe, "defaults": {**lethe.get("defaults", {}), "steps": 10**9}}
+    r = upload(http_module, "greedy", save(tensors, {**meta, "lethe": json.dumps(greedy)}))
+    assert r.status_code == 422, r.text
+    assert "`lethe` metadata `defaults.steps` 1000000000" in r.json()["error"]["message"]
+
+    files = json.loads(meta["lethe.config_folder"])
+    index = json.loads(files["model_index.json"])
+    files["model_index.json"] = json.dumps({**index, "unet": ["os", "system"]})
+    r = upload(http_module, "sly", save(tensors, {**meta, "lethe.config_folder":
+                                                   json.dumps(files)}))
+    assert r.status_code == 422, r.text
+    assert "component 'unet' of class ['os', 'system']" in r.json()["error"]["message"]
+    assert leftover_uploads(home) == []
+    assert http_module.get("/models/greedy").status_code == 404
+
+
+def read_header_bytes(data: bytes):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "file.safetensors"
+        path.write_bytes(data)
+        return read_header(path)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import exports, jobfiles, jobs, quotas
+from app import exportmeta, exports, jobfiles, jobs, quotas
 from app.api.deps import CallerDep, RegistryDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
@@ -112,8 +112,11 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
         elif is_lora(header):
             raise InvalidParams(f"`file` {filename!r} is a LoRA: send `base`, the id of the "
                                 "model it applies to")
-        elif CONFIG_FOLDER_KEY not in header.metadata:
+        elif CONFIG_FOLDER_KEY in header.metadata:
+            exportmeta.check_config_folder(header.metadata, "file")
+        else:
             detect_architecture(header, "file")
+        exportmeta.usage(header.metadata, registry.domains(), "file")
         await run_in_threadpool(jobfiles.share, settings, path)  # for a worker elsewhere
         spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
                          filename=filename, prediction_type=prediction_type, base=base)
