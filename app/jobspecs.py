@@ -174,6 +174,9 @@ class EvaluateJob(JobSpec):
     evaluator: str | None = None
     attack: AttackSpec | None = None
     attack_base: str | None = None  # the control the attacks also run on
+    # Whether the report joins the model's own ``reports``: the owner's and an admin's do;
+    # another key's evaluation is its own to read, in its job.
+    record: bool = True
 
 
 class ImportJob(JobSpec):

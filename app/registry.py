@@ -29,6 +29,7 @@ MANIFEST = "manifest.json"
 KINDS = ("text-to-image", "upscaler", "classifier")
 # What the workers' domains offer (worker.domains.published), for the API to read.
 DOMAINS_FILE = ".domains.json"
+MAX_REPORTS = 20
 _STAGING = ".staging"
 EXPORTS_DIR = ".exports"
 _TRASH = ".trash"
@@ -203,9 +204,10 @@ class Registry:
         return self._modify(model_id, lambda m: m.update(fields))
 
     def add_report(self, model_id: str, report: dict[str, Any]) -> dict[str, Any]:
-        """Append an evaluation report to the manifest's ``reports``."""
-        return self._modify(model_id, lambda m: m.update(reports=[*m.get("reports", []),
-                                                                     report]))
+        """Append an evaluation report to the manifest's ``reports`` (its newest
+        ``MAX_REPORTS`` kept: a manifest is read whole on every request that names it)."""
+        return self._modify(model_id, lambda m: m.update(
+            reports=[*m.get("reports", []), report][-MAX_REPORTS:]))
 
     def remove(self, model_id: str) -> None:
         """Remove a model a key made (an edit, an upload). The operator's base models (no

@@ -70,3 +70,23 @@ def test_exports_count_against_the_callers_jobs(worker):
         assert r2.status_code == 429, r2.text
         assert "LETHE_MAX_ACTIVE_JOBS" in r2.json()["error"]["message"]
         wait_job(http, r.json()["id"], timeout_s=120)
+
+
+def test_only_a_models_owner_or_an_admin_adds_to_its_reports(worker):
+    """Finding 8: any key's evaluation was appended to any model's manifest."""
+    body = {"model": "shapes-sd", "prompts": ["a red circle"], "images_per_prompt": 1,
+            "steps": 2, "metrics": ["accuracy"]}
+    with served(LETHE_API_KEYS=SHARED_KEYS) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        def reports() -> list:
+            return http.get("/models/shapes-sd", headers=bearer("bob")).json().get(
+                "reports", [])
+
+        before = reports()
+        http.headers.update(bearer("bob"))
+        job = wait_job(http, http.post("/evaluate", json=body).json()["id"], timeout_s=300)
+        assert job["status"] == "succeeded" and job["result"]["report"]["metrics"]
+        assert reports() == before  # bob reads his report in his job only
+        http.headers.update(bearer("root"))
+        job = wait_job(http, http.post("/evaluate", json=body).json()["id"], timeout_s=300)
+        assert [r["job"] for r in reports()][-1] == job["id"]

@@ -41,7 +41,8 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     jobfiles.share(ctx.settings, out / "report.json")
-    ctx.registry.add_report(spec.model, report)
+    if spec.record:
+        ctx.registry.add_report(spec.model, report)
     reporter.progress(1, 1, "done", force=True)
     return {"report": report, "links": {"model": f"/models/{spec.model}"}}
 

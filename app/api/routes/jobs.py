@@ -79,9 +79,12 @@ def create_erase(body: EraseCreate, sub: SubmitterDep, registry: RegistryDep) ->
 def create_evaluate(body: EvaluateCreate, sub: SubmitterDep, registry: RegistryDep
                     ) -> JSONResponse:
     """Queue an evaluation (FID, precision/recall, classifier or CLIP scores) of a model; the
-    report lands in `result.report` and in the model's `reports` (`GET /models/{id}`)."""
+    report lands in `result.report` and, for the model's owner or an admin, in the model's
+    `reports` (`GET /models/{id}`; the newest 20 are kept)."""
     settings = sub.settings
     spec = resolve_evaluate(body, registry, settings)
+    spec = spec.model_copy(update={
+        "record": sub.caller.may_see(registry.get(spec.model).get("owner"))})
     return created(submit(sub, "evaluate", spec, request=body.model_dump(mode="json"),
                           timeout_s=settings.train_timeout_s,
                           webhook=webhooks.of_request(body, settings)))
