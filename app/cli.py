@@ -48,7 +48,9 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.action == "list":
         for m in registry.models():
             base = (m.get("base") or {}).get("id", "-")
-            print(f"{m['id']:<24} {m['kind']:<14} {m['format']:<10} base={base}")
+            print(f"{m['id']:<24} {m['kind']:<14} {m['format']:<10} "
+                  f"{m.get('visibility', 'public'):<8} base={base} "
+                  f"owner={m.get('owner') or '-'}")
     elif args.action == "show":
         _print(registry.get(args.id))
     elif args.action == "rm":
@@ -193,7 +195,7 @@ def cmd_erase(args: argparse.Namespace) -> None:
         "negative_guidance": args.negative_guidance, "erase_from": args.erase_from,
         "train_prompts": args.train_prompts, "preserve": args.preserve,
         "robust": args.robust, "anchor": args.anchor, "anchor_concept": args.anchor_concept,
-        "name": args.name, "seed": args.seed,
+        "name": args.name, "seed": args.seed, "visibility": args.visibility,
     }
     with _client(args.url) as client:
         job = _submit_and_wait(client, lambda: client.erase(**body))
@@ -306,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "implies --anchor neighbour")
     p.add_argument("--name", help="registry id of the result")
     p.add_argument("--seed", type=int)
+    p.add_argument("--visibility", choices=["private", "public"],
+                   help="who sees the edit: its owner and admins (private) or every key; "
+                   "default: private on a service with keys")
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("evaluate", help="client: measure a model through a running service")

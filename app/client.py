@@ -316,13 +316,20 @@ class LetheClient:
     def delete_model(self, model_id: str) -> None:
         self._call("DELETE", f"/models/{model_id}")
 
+    def set_visibility(self, model_id: str, visibility: str) -> ModelPublic:
+        """Make a model this key made ``private`` (its owner and admins see it) or
+        ``public`` (every key)."""
+        return ModelPublic.model_validate(self._call(
+            "PATCH", f"/models/{model_id}", json={"visibility": visibility}).json())
+
     def upload_model(self, path: str | Path, model_id: str,
-                     prediction_type: str | None = None, base: str | None = None
-                     ) -> JobCreated:
+                     prediction_type: str | None = None, base: str | None = None,
+                     visibility: str | None = None) -> JobCreated:
         """Upload a single-file checkpoint as ``model_id`` (or a LoRA file as an edit of
-        model ``base``); poll the job it returns."""
+        model ``base``); poll the job it returns. ``visibility``: ``private`` or
+        ``public`` (default: private on a service with keys)."""
         fields = _drop_none({"id": model_id, "prediction_type": prediction_type,
-                             "base": base})
+                             "base": base, "visibility": visibility})
         with open(path, "rb") as f:
             return JobCreated.model_validate(self._call(
                 "POST", "/models", data=fields,

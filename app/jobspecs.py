@@ -44,6 +44,10 @@ RELEARN_LEARNING_RATE = 1e-4  # relearning a model that records no learning rate
 Budget = Annotated[float, Field(gt=0, le=10)]
 
 
+# Who sees and uses a model a key made: its owner and admins only, or every key
+# (``Registry.seen_by``).
+Visibility = Literal["private", "public"]
+
 class AttackSpec(BaseModel):
     """Attacks on erased concepts (``worker.attacks``), run on the model and on its base as
     the control; every setting is recorded in the report."""
@@ -153,6 +157,7 @@ class EraseJob(JobSpec):
     parameterization: Literal["full", "lora"] = "full"
     lora_rank: int = LORA_RANK
     robust: bool = False
+    visibility: Visibility = "public"
     anchor: Literal["without", "neighbour"] = "without"
     anchor_concept: str | None = None
 
@@ -187,6 +192,7 @@ class ImportJob(JobSpec):
     filename: str
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     base: str | None = None  # a LoRA file: the model it is an edit of
+    visibility: Visibility = "public"
 
 
 EXPORT_FORMATS = ("diffusers", "single-file", "lora")

@@ -57,25 +57,25 @@ class ObjectRegistry(Registry):
 
     def exists(self, model_id: str) -> bool:
         try:
-            self.get(model_id)
+            self._manifest(model_id)
         except (ModelNotFound, InvalidParams):
             return False
         return True
 
-    def get(self, model_id: str) -> dict[str, Any]:
+    def _manifest(self, model_id: str) -> dict[str, Any]:
         validate_model_id(model_id)
         try:
             return json.loads(self.store.read(self._manifest_key(model_id)))
         except FileNotFoundError:
             raise ModelNotFound(f"`model` {model_id!r} is not in the registry") from None
 
-    def models(self) -> list[dict[str, Any]]:
+    def _manifests(self) -> list[dict[str, Any]]:
         out = []
         for name in self.store.folders(PREFIX):
             if name.startswith("."):
                 continue
             try:
-                out.append(self.get(name))
+                out.append(self._manifest(name))
             except (ModelNotFound, InvalidParams):
                 continue  # files without a manifest: an upload cut short, never a model
         return out
@@ -217,7 +217,7 @@ class ObjectRegistry(Registry):
         # One writer at a time on this host; manifests change rarely (reports, a preview
         # map) and only by appending or setting fields.
         with self._host_lock():
-            manifest = self.get(model_id)
+            manifest = self._manifest(model_id)
             change(manifest)
             self.store.write(self._manifest_key(model_id),
                              json.dumps(manifest, indent=2).encode())
@@ -264,7 +264,7 @@ class ObjectRegistry(Registry):
     def unlisted(self) -> list[str]:
         """Folders of the store that hold files but no manifest: uploads cut short (or a
         removal that stopped half way), never listed as models."""
-        listed = {m["id"] for m in self.models()}
+        listed = {m["id"] for m in self._manifests()}
         return [name for name in self.store.folders(PREFIX)
                 if not name.startswith(".") and name not in listed]
 

@@ -25,6 +25,7 @@ from app.jobspecs import (
     EvaluateJob,
     GenerateJob,
     UpscaleJob,
+    Visibility,
 )
 from app.registry import Registry, reserved_ids, validate_model_id
 from app.schemas import (
@@ -210,12 +211,26 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     # A derived name is a suggestion: if another job takes it first, this one publishes
     # under the next free one rather than fail after its training.
     params["name_given"] = bool(body.name)
+    params["visibility"] = visibility(body.visibility, settings, manifest)
     if body.attack is not None:
         _attackable(manifest, base_id, registry)
         params["attack"] = body.attack.model_copy(update={
             "concepts": body.attack.concepts or list(body.concepts),
             "relearn_lr": body.attack.relearn_lr or params["learning_rate"]})
     return EraseJob(**params)
+
+
+def visibility(asked: Visibility | None, settings: Settings,
+               base: dict[str, Any] | None = None) -> Visibility:
+    """Who sees a model a request makes: as asked, else private on a service with keys
+    (many users share it) and public on an open one (its one user sees all anyway). An
+    edit of a private ``base`` is private: a public model's lineage is public."""
+    if base is not None and base.get("visibility") == "private":
+        if asked == "public":
+            raise InvalidParams(f"`visibility` 'public' for an edit of the private model "
+                                f"{base['id']!r}: make that one public first")
+        return "private"
+    return asked or ("private" if settings.keys else "public")
 
 
 # Metrics that compare with real images, and those that need the domain's classifier.

@@ -8,6 +8,7 @@ No torch here: the API reads the registry, the worker writes and loads it.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from app.accounts import Caller
 from app.errors import InvalidParams, ModelExists, ModelNotFound, ModelProtected, shown
 
 # Checked with fullmatch: with match and "$", "tiny-sd\n" would pass (and name a folder).
@@ -95,6 +97,26 @@ def utcnow() -> str:
 class Registry:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        # Whose eyes ``get`` and ``models`` read with (``seen_by``); None: the whole
+        # registry, as the workers and the host's own commands see it.
+        self.viewer: Caller | None = None
+
+    def seen_by(self, caller: Caller) -> Registry:
+        """This registry as ``caller`` sees it: another key's private models are absent
+        (``ModelNotFound``, as another's jobs are), and another's public model does not
+        show who made it (a bare key's name is derived from the key)."""
+        view = copy.copy(self)
+        view.viewer = caller
+        return view
+
+    def _as_seen(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        viewer = self.viewer
+        if viewer is None or viewer.may_see(manifest.get("owner")):
+            return manifest
+        # A manifest without ``visibility`` (the operator's models, older edits) is public.
+        if manifest.get("visibility") == "private":
+            return None
+        return {k: v for k, v in manifest.items() if k != "owner"}
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -110,13 +132,25 @@ class Registry:
         ).is_file()
 
     def get(self, model_id: str) -> dict[str, Any]:
+        """The manifest of ``model_id`` as the viewer sees it; ``ModelNotFound`` where it
+        is absent or another key's private model."""
+        seen = self._as_seen(self._manifest(model_id))
+        if seen is None:
+            raise ModelNotFound(f"`model` {model_id!r} is not in the registry")
+        return seen
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every manifest the viewer may see, by id."""
+        return [seen for m in self._manifests() if (seen := self._as_seen(m)) is not None]
+
+    def _manifest(self, model_id: str) -> dict[str, Any]:
         validate_model_id(model_id)
         try:
             return json.loads((self.root / model_id / MANIFEST).read_text())
         except FileNotFoundError:
             raise ModelNotFound(f"`model` {model_id!r} is not in the registry") from None
 
-    def models(self) -> list[dict[str, Any]]:
+    def _manifests(self) -> list[dict[str, Any]]:
         if not self.root.is_dir():
             return []
         out = []
@@ -140,7 +174,21 @@ class Registry:
 
     def bytes_of(self, owner: str) -> int:
         """Bytes of the models ``owner``'s jobs made (uploads, edits)."""
-        return sum(int(m.get("bytes") or 0) for m in self.models() if m.get("owner") == owner)
+        return sum(int(m.get("bytes") or 0) for m in self._manifests()
+                   if m.get("owner") == owner)
+
+    def visibility_of(self, model_id: str) -> str:
+        return self._manifest(model_id).get("visibility", "public")
+
+    def public_children(self, model_id: str) -> list[str]:
+        return [c for c in self.children(model_id) if self.visibility_of(c) == "public"]
+
+    def _visible(self, model_id: str) -> bool:
+        try:
+            self.get(model_id)
+        except ModelNotFound:
+            return False
+        return True
 
     def free_id(self, stem: str) -> str:
         """``stem``, or ``stem-2``, ``stem-3``... whichever no model has yet."""
@@ -150,7 +198,9 @@ class Registry:
         return name
 
     def children(self, model_id: str) -> list[str]:
-        return [m["id"] for m in self.models() if (m.get("base") or {}).get("id") == model_id]
+        # Every key's: a base stays while anyone's edit, private or not, derives from it.
+        return [m["id"] for m in self._manifests()
+                if (m.get("base") or {}).get("id") == model_id]
 
     @contextmanager
     def create(self, model_id: str, manifest: dict[str, Any]) -> Iterator[Path]:
@@ -190,7 +240,7 @@ class Registry:
         with open(self.root / model_id / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                manifest = self.get(model_id)
+                manifest = self._manifest(model_id)  # whole, whoever changes it
                 change(manifest)
                 tmp = self.root / model_id / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
                 tmp.write_text(json.dumps(manifest, indent=2))
@@ -228,9 +278,12 @@ class Registry:
     def _remove_checked(self, model_id: str) -> None:
         children = self.children(model_id)
         if children:
+            shown_ids = [c for c in children if self._visible(c)]
+            hidden = len(children) - len(shown_ids)
             raise ModelProtected(
-                f"`model` {model_id!r} is the base of {children}; remove those first"
-            )
+                f"`model` {model_id!r} is the base of {shown_ids}"
+                + (f" and {hidden} private model(s) of other keys" if hidden else "")
+                + "; remove those first")
         self._drop(model_id)
 
     def _drop(self, model_id: str) -> None:

@@ -14,7 +14,13 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonDict
 
-from app.jobspecs import DRIFT_CHECKS, ERASE_NEGATIVE_GUIDANCE, LORA_RANK, AttackSpec
+from app.jobspecs import (
+    DRIFT_CHECKS,
+    ERASE_NEGATIVE_GUIDANCE,
+    LORA_RANK,
+    AttackSpec,
+    Visibility,
+)
 
 Scheduler = Literal["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "pndm"]
 
@@ -212,6 +218,10 @@ class EraseCreate(_Hooked):
     preserve_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
         None, min_length=1, max_length=32, description="Prompts to hold unchanged while the "
         "concepts go (instead of the domain's neighbours).")
+    visibility: Visibility | None = Field(
+        None, description="Who sees and uses the edit: `private` (its owner and admins; "
+        "404 to other keys) or `public` (every key). Default: private when the service has "
+        "API keys, public when it is open.")
     name: ModelId | None = Field(None, description="Registry id of the result; default "
                                  "derived from the base and the concepts.")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -374,6 +384,13 @@ class ModelPublic(BaseModel):
     defaults: dict[str, Any] | None = None
     created_at: str
     digest: str
+
+
+class ModelChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    visibility: Visibility = Field(..., description="`private`: its owner and admins see "
+                                   "and use it (404 to other keys); `public`: every key.")
 
 
 class ModelsPublic(BaseModel):

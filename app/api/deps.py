@@ -25,8 +25,10 @@ def _async_redis(request: Request) -> AsyncRedis:
     return request.app.state.async_redis
 
 
-def _registry(settings: Annotated[Settings, Depends(get_settings)]) -> Registry:
-    return open_registry(settings)
+def _registry(request: Request, settings: Annotated[Settings, Depends(get_settings)]
+              ) -> Registry:
+    # As the caller sees it: another key's private models are not there.
+    return open_registry(settings).seen_by(caller_of(request.scope))
 
 
 def _caller(request: Request) -> Caller:

@@ -294,7 +294,8 @@ async function models() {
     const tr = document.createElement("tr");
     const edit = m.edit ? `${m.edit.method}: ${m.edit.concepts.join(", ")}` : "";
     for (const [text, cls] of [[child ? `↳ ${m.id}` : m.id, child ? "child" : ""],
-      [m.kind, ""], [m.format, ""], [edit, ""], [m.created_at || "", ""]]) {
+      [m.kind, ""], [m.format, ""], [edit, ""],
+      [m.visibility === "private" ? "owner" : "every key", ""], [m.created_at || "", ""]]) {
       const td = document.createElement("td");
       td.textContent = text;
       if (cls) td.className = cls;

@@ -186,12 +186,55 @@ def test_a_key_deletes_its_uploads_and_stores_within_its_quota(single_file, home
         assert "LETHE_MAX_STORAGE_BYTES" in r.json()["error"]["message"]
         assert leftover_uploads(home) == []
         assert upload(bob, "bob-own", single_file[:100]).status_code == 422  # his own room
-        assert bob.delete("/models/dave-own").status_code == 403
+        assert bob.delete("/models/dave-own").status_code == 404  # private: not his to see
         assert dave.delete("/models/dave-own").status_code == 204
         r = upload(dave, "dave-more", single_file)  # room again
         assert r.status_code == 202, r.text
         assert wait_job(dave, r.json()["id"], timeout_s=120)["status"] == "succeeded"
         assert dave.delete("/models/dave-more").status_code == 204
+
+
+def test_a_keys_models_are_private_to_it_unless_made_public(single_file):
+    """Issue 33, finding 9: every key's models were listed to, and usable by, every key."""
+    import httpx
+
+    with served(LETHE_API_KEYS=SHARED_KEYS) as url, \
+            httpx.Client(base_url=url, timeout=60, headers=bearer("alice")) as alice, \
+            httpx.Client(base_url=url, timeout=60, headers=bearer("bob")) as bob, \
+            httpx.Client(base_url=url, timeout=60, headers=bearer("root")) as root:
+        r = upload(alice, "alice-own", single_file)
+        assert r.status_code == 202, r.text
+        assert wait_job(alice, r.json()["id"], timeout_s=120)["status"] == "succeeded"
+        mine = alice.get("/models/alice-own").json()
+        assert mine["visibility"] == "private" and mine["owner"] == "alice"
+        # To bob it is not there, whatever road he takes to it.
+        assert "alice-own" not in [m["id"] for m in bob.get("/models").json()["data"]]
+        assert "alice-own" not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
+        for r in (bob.get("/models/alice-own"), bob.get("/v1/models/alice-own"),
+                  bob.get("/models/alice-own/download"),
+                  bob.post("/generate", json={"prompt": "a red circle", "model": "alice-own"}),
+                  bob.post("/erase", json={"concepts": ["red"], "base_model": "alice-own"}),
+                  bob.post("/v1/images/generations", json={"prompt": "a red circle",
+                                                           "model": "alice-own"}),
+                  bob.patch("/models/alice-own", json={"visibility": "public"}),
+                  bob.delete("/models/alice-own")):
+            assert r.status_code == 404, (r.request.url, r.text)
+            assert "alice-own" in r.text
+        assert "alice-own" in [m["id"] for m in root.get("/models").json()["data"]]
+        assert image(alice, "alice-own").size == (32, 32)
+        # Made public by its owner: bob lists and uses it, without learning who made it.
+        r = alice.patch("/models/alice-own", json={"visibility": "public"})
+        assert r.status_code == 200 and r.json()["visibility"] == "public", r.text
+        seen = bob.get("/models/alice-own").json()
+        assert "owner" not in seen and seen["visibility"] == "public"
+        assert image(bob, "alice-own").size == (32, 32)
+        assert bob.patch("/models/alice-own", json={"visibility": "private"}
+                         ).status_code == 403
+        r = root.patch("/models/tiny-sd", json={"visibility": "private"})
+        assert r.status_code == 409, r.text
+        r = alice.patch("/models/alice-own", json={"visibility": "hidden"})
+        assert r.status_code == 422 and "hidden" in r.text
+        assert alice.delete("/models/alice-own").status_code == 204
 
 
 def test_an_uploads_own_metadata_sets_nothing_past_a_requests_bounds(http_module, single_file,

@@ -119,9 +119,10 @@ def job_id() -> str:
     return job.id if job else "local"
 
 
-def owned() -> dict[str, str]:
-    """``{"owner": <key name>}`` of the running job, for the manifest of a model it makes
-    (its owner may delete it); empty outside a job or for an unowned one."""
+def owned(visibility: str = "public") -> dict[str, str]:
+    """``{"owner": <key name>, "visibility": ...}`` of the running job, for the manifest of
+    a model it makes (its owner may delete it, and alone sees it if private); empty outside
+    a job or for an unowned one (the host's own commands make the operator's models)."""
     job = get_current_job()
     owner = job.meta.get("owner") if job else None
-    return {"owner": owner} if owner else {}
+    return {"owner": owner, "visibility": visibility} if owner else {}

@@ -213,7 +213,7 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     manifest: dict[str, Any] = {
         "kind": "text-to-image", "format": "delta",
         "base": {"id": spec.base_model, "digest": base_manifest["digest"]},
-        **owned(),
+        **owned(spec.visibility),
         "edit": _edit_record(spec, prompts),
         "training": {"loss_first": losses[0] if losses else None,
                      "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),

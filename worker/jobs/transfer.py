@@ -29,7 +29,8 @@ def import_model(spec: ImportJob, reporter: Reporter) -> dict:
     try:
         manifest = run_import(ctx.registry, upload, spec.id,
                               prediction_type=spec.prediction_type,
-                              source=f"uploaded as {spec.filename!r}", extra=owned(),
+                              source=f"uploaded as {spec.filename!r}",
+                              extra=owned(spec.visibility),
                               base=spec.base, field="file")
     finally:
         jobfiles.remove(ctx.settings, upload)  # registered or refused, the upload has served

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import exportmeta, exports, jobfiles, jobs, quotas
+from app.accounts import Caller
 from app.api.deps import CallerDep, RegistryDep, SubmitterDep
 from app.api.routes.jobs import CREATED, created
 from app.checkpoint import CONFIG_FOLDER_KEY, PREDICTION_TYPES, read_header
 from app.checkpoint import detect as detect_architecture
-from app.errors import Forbidden, InvalidParams, JobNotFound, TooLarge, shown
-from app.jobspecs import ExportJob, ImportJob
+from app.errors import Forbidden, InvalidParams, JobNotFound, ModelProtected, TooLarge, shown
+from app.jobspecs import ExportJob, ImportJob, Visibility
 from app.lorakeys import UnetLayout, is_lora, match
 from app.openapi import errors
+from app.params import visibility
 from app.registry import Registry, file_digest, reserved_ids, validate_model_id
-from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelPublic, ModelsPublic
+from app.schemas import MODEL_ID_PATTERN, JobCreated, ModelChange, ModelPublic, ModelsPublic
 from app.submissions import Submitted, Submitter, submit
 from app.uploads import MAX_FORM_BYTES, receive_file
 
@@ -30,6 +32,7 @@ PathModelId = Annotated[str, Path(pattern=MODEL_ID_PATTERN)]
 router = APIRouter(prefix="/models", tags=["models"], responses=errors(401))
 
 UPLOAD_FILE = "upload.safetensors"
+VISIBILITIES: tuple[str, ...] = get_args(Visibility)
 _EXPORTS = uuid.UUID("6c657468-652d-6578-706f-727473000000")  # names export jobs
 
 
@@ -52,7 +55,10 @@ _UPLOAD_SCHEMA = {
                  "import is an edit of it, served at once as its variant."},
         "prediction_type": {"type": "string", "enum": list(PREDICTION_TYPES),
                             "description": "SD 2.x only: the 768 models predict v (default), "
-                            "the 512 base models epsilon."}},
+                            "the 512 base models epsilon."},
+        "visibility": {"type": "string", "enum": list(VISIBILITIES),
+                       "description": "`private` (the uploader and admins see it) or "
+                       "`public`; default: private when the service has API keys."}},
 }
 
 
@@ -97,6 +103,10 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise InvalidParams(f"`prediction_type` {shown(prediction_type)} is not one of "
                                 f"{list(PREDICTION_TYPES)}")
+        asked = got.fields.get("visibility") or None
+        if asked is not None and asked not in VISIBILITIES:
+            raise InvalidParams(f"`visibility` {shown(asked)} is not one of "
+                                f"{list(VISIBILITIES)}")
         # A pickle is refused by its name (never over HTTP: an operator's choice).
         filename = got.filename or UPLOAD_FILE
         header = await run_in_threadpool(read_header, path, "file", filename)
@@ -119,7 +129,9 @@ async def upload_model(request: Request, sub: SubmitterDep, registry: RegistryDe
         exportmeta.usage(header.metadata, registry.domains(), "file")
         await run_in_threadpool(jobfiles.share, settings, path)  # for a worker elsewhere
         spec = ImportJob(id=model_id, file=str(path.relative_to(settings.outputs_dir)),
-                         filename=filename, prediction_type=prediction_type, base=base)
+                         filename=filename, prediction_type=prediction_type, base=base,
+                         visibility=visibility(cast(Visibility | None, asked), settings,
+                                               base and registry.get(base)))
         # What makes a retried upload the same (read only when it carries the key).
         same = {"fields": got.fields, "filename": filename,
                 "sha256": sub.idempotency_key and await run_in_threadpool(file_digest, path)}
@@ -219,13 +231,43 @@ def download_model(model_id: PathModelId, registry: RegistryDep, sub: SubmitterD
                           timeout_s=sub.settings.train_timeout_s))
 
 
+@router.patch("/{model_id}", response_model=ModelPublic,
+              responses=errors(403, 404, 409, 422))
+def change_model(model_id: PathModelId, body: ModelChange, registry: RegistryDep,
+                 caller: CallerDep) -> ModelPublic:
+    """Make a model a key made `private` or `public` (its owner or an admin). A public
+    model's lineage stays public: an edit of a private model cannot be made public, nor a
+    model private while a public edit derives from it (409)."""
+    manifest = _owned(registry, model_id, caller, "change")
+    if not manifest.get("owner"):
+        raise ModelProtected(f"`model` {model_id!r} is one of the service's own models, "
+                             "public to every key")
+    if body.visibility == "public":
+        base = (manifest.get("base") or {}).get("id")
+        if base and registry.visibility_of(base) == "private":
+            raise ModelProtected(f"`model` {model_id!r} is an edit of the private model "
+                                 f"{base!r}: make that one public first")
+    elif public := registry.public_children(model_id):
+        raise ModelProtected(f"`model` {model_id!r} is the base of public models "
+                             f"{public}: make those private first")
+    return ModelPublic(**registry.update_manifest(model_id, visibility=body.visibility))
+
+
+def _owned(registry: Registry, model_id: str, caller: Caller, verb: str) -> dict[str, Any]:
+    """The manifest of ``model_id`` if ``caller`` may ``verb`` it: 404 for another key's
+    private model (it is not there for the caller), 403 for another's public one."""
+    manifest = registry.get(model_id)
+    if not caller.may_see(manifest.get("owner")):
+        raise Forbidden(f"`model` {model_id!r} was made by another key; only its owner or "
+                        f"an admin may {verb} it")
+    return manifest
+
+
 @router.delete("/{model_id}", status_code=204, responses=errors(403, 404, 409, 422))
 def delete_model(model_id: PathModelId, registry: RegistryDep, caller: CallerDep) -> Response:
     """Remove a derived (edited) model; base models are protected (409). A user deletes the
-    models its own jobs made (403 for another's: models are listed to every caller)."""
-    owner = registry.get(model_id).get("owner")
-    if not caller.may_see(owner):
-        raise Forbidden(f"`model` {model_id!r} was made by another key; only its owner or "
-                        "an admin may delete it")
+    models its own jobs made (403 for another key's public model, 404 for its private
+    one)."""
+    _owned(registry, model_id, caller, "delete")
     registry.remove(model_id)
     return Response(status_code=204)
