@@ -54,6 +54,9 @@ def parse_keys(spec: str) -> dict[str, Caller]:
             if not _NAME_RE.fullmatch(name):
                 raise ValueError(f"LETHE_API_KEYS entry {number}: name {name!r} must match "
                                  f"{_NAME_RE.pattern}")
+            if name == ANONYMOUS.name:
+                raise ValueError(f"LETHE_API_KEYS entry {number}: the name 'anonymous' is "
+                                 "the open service's caller; pick another")
         if role not in ROLES:
             raise ValueError(f"LETHE_API_KEYS entry {number} ({name}): role {role!r} is not "
                              f"one of {list(ROLES)}")

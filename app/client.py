@@ -316,6 +316,11 @@ class LetheClient:
     def delete_model(self, model_id: str) -> None:
         self._call("DELETE", f"/models/{model_id}")
 
+    def webhook_secret(self) -> str:
+        """A new secret for this key's webhook deliveries (``whsec_...``), replacing any
+        before it: the service shows it this once."""
+        return str(self._call("POST", "/webhooks/secret").json()["secret"])
+
     def set_visibility(self, model_id: str, visibility: str) -> ModelPublic:
         """Make a model this key made ``private`` (its owner and admins see it) or
         ``public`` (every key)."""

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         return parse_keys(self.api_keys)
 
     @property
+    def webhook_hosts(self) -> set[str]:
+        """``LETHE_WEBHOOK_ALLOW`` as a set of host names."""
+        return {h.strip() for h in self.webhook_allow.split(",") if h.strip()}
+
+    @property
     def queue_names(self) -> list[str]:
         return [q.strip() for q in self.queues.split(",") if q.strip()]
 

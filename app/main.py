@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app import jobfiles, logs
 from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
-from app.api.routes import domains, health, jobs, metrics, models, upscale, v1
+from app.api.routes import domains, health, jobs, metrics, models, upscale, v1, webhooks
 from app.config import Settings, get_settings
 from app.middleware import ApiKeys, BodySizeLimit, RequestRate, SecurityHeaders
 from app.openapi import with_error_schemas
@@ -44,7 +44,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     deliveries = None
     if settings.webhook_secret:  # without a secret no job may ask for a webhook
         deliverer = Deliverer(app.state.async_redis, settings.webhook_secret,
-                              settings.webhook_retry_base_s, settings.result_ttl_s)
+                              settings.webhook_retry_base_s, settings.result_ttl_s,
+                              allow=settings.webhook_hosts)
         deliveries = asyncio.create_task(deliverer.run())
     try:
         yield
@@ -101,6 +102,7 @@ def create_app() -> FastAPI:
     app.include_router(models.router, dependencies=protected)
     app.include_router(domains.router, dependencies=protected)
     app.include_router(metrics.router, dependencies=protected)
+    app.include_router(webhooks.router, dependencies=protected)
     app.include_router(v1.router, dependencies=protected)
     app.include_router(v1.files)
     # The web UI: static files committed as they are served (no build step), calling the

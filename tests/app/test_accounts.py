@@ -136,9 +136,10 @@ def test_a_bad_job_listing_query_is_a_422_naming_it(shared, query, field):
 def test_a_model_is_deleted_by_the_key_that_made_it_or_an_admin(shared):
     http = shared
     made = []
-    for name in ("alice-no-red", "alice-no-red-2"):
+    for name, visibility in (("alice-no-red", "public"), ("alice-no-red-2", None)):
         r = http.post("/erase", json={"base_model": "tiny-sd", "concepts": ["red"],
-                                      "iterations": 2, "name": name},
+                                      "iterations": 2, "name": name,
+                                      "visibility": visibility},
                       headers=bearer("alice"))
         assert r.status_code == 202, r.text
         made.append(r.json()["id"])
@@ -147,10 +148,15 @@ def test_a_model_is_deleted_by_the_key_that_made_it_or_an_admin(shared):
         assert wait_job(http, job_id, timeout_s=300)["status"] == "succeeded"
     http.headers.pop("Authorization")
     model = http.get("/models/alice-no-red", headers=bearer("bob")).json()
-    assert model["owner"] == "alice"  # listed to every caller, with its owner
+    assert model["visibility"] == "public" and "owner" not in model  # who made it: hidden
     r = http.delete("/models/alice-no-red", headers=bearer("bob"))
     assert r.status_code == 403 and "another key" in r.json()["error"]["message"]
     assert http.get("/models/alice-no-red", headers=bearer("bob")).status_code == 200
+    # Private by default on a service with keys: to bob it is not there at all.
+    assert http.get("/models/alice-no-red-2", headers=bearer("alice")).json()[
+        "visibility"] == "private"
+    assert http.get("/models/alice-no-red-2", headers=bearer("bob")).status_code == 404
+    assert http.delete("/models/alice-no-red-2", headers=bearer("bob")).status_code == 404
     assert http.delete("/models/alice-no-red", headers=bearer("alice")).status_code == 204
     assert http.delete("/models/alice-no-red-2", headers=bearer("root")).status_code == 204
     assert http.get("/models/alice-no-red-2", headers=bearer("alice")).status_code == 404

@@ -22,15 +22,16 @@ pytestmark = pytest.mark.slow
 
 class Receiver:
     """An HTTP server on loopback that records every delivery and answers 500 to the
-    first ``fail`` of them."""
+    first ``fail`` of them, each after ``delay_s``."""
 
-    def __init__(self, fail: int = 0):
+    def __init__(self, fail: int = 0, delay_s: float = 0.0):
         self.fail, self.got = fail, []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(delay_s)
                 receiver.got.append((dict(self.headers.items()), body))
                 self.send_response(500 if len(receiver.got) <= receiver.fail else 204)
                 self.end_headers()
@@ -56,15 +57,16 @@ class Receiver:
 @pytest.fixture
 def receiver():
     made: list[Receiver] = []
-    yield lambda fail=0: made.append(Receiver(fail)) or made[-1]
+    yield lambda fail=0, delay_s=0.0: made.append(Receiver(fail, delay_s)) or made[-1]
     for r in made:
         r.close()
 
 
-def verify(headers: dict, body: bytes) -> bool:
+def verify(headers: dict, body: bytes, secret_text: str | None = None) -> bool:
     """The documented recipe: HMAC-SHA256 over "<webhook-id>.<webhook-timestamp>.<body>"
     with the secret's base64 part, compared with the v1 signature."""
-    secret = base64.b64decode(os.environ["LETHE_WEBHOOK_SECRET"].removeprefix("whsec_"))
+    secret = base64.b64decode((secret_text or os.environ["LETHE_WEBHOOK_SECRET"]
+                               ).removeprefix("whsec_"))
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
     expected = base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
     return any(hmac.compare_digest(expected, s.removeprefix("v1,"))
@@ -160,3 +162,156 @@ def test_a_multipart_upscale_asks_for_a_webhook_with_form_fields(http, receiver)
     r = http.post("/upscale", files={"image": ("in.png", buf.getvalue(), "image/png")},
                   data={"webhook": hook.url, "webhook_events": "finished"})
     assert r.status_code == 422 and "`webhook_events`" in r.json()["error"]["message"]
+
+
+# Issue 33, finding 5: webhooks read as an attacker of a shared deployment would. These
+# run a Deliverer of their own on a database no API reads, with a resolver the test
+# answers for (a name that is global at submission and loopback at delivery).
+
+
+class Resolver:
+    """Answers ``answers[i]`` to the i-th look-up (the last one from then on), as a DNS
+    server under an attacker's control would; counts the look-ups."""
+
+    def __init__(self, *answers: list[str]):
+        self.answers, self.calls = answers, 0
+
+    def lookup(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return self.answers[min(self.calls, len(self.answers)) - 1]
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        return self.lookup(host, port)
+
+
+def _deliver_for(aredis_url: str, resolve, until, timeout_s: float = 10, **kwargs) -> None:
+    """Run a Deliverer until ``until()`` holds (or the time is out)."""
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from app.webhooks import Deliverer
+
+    async def main() -> None:
+        aredis = AsyncRedis.from_url(aredis_url)
+        task = asyncio.create_task(Deliverer(aredis, "whsec_c2VydmljZQ==", retry_base_s=0.01,
+                                             resolve=resolve, **kwargs).run())
+        deadline = time.monotonic() + timeout_s
+        while not until() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await aredis.aclose()
+
+    asyncio.run(main())
+
+
+def _queue(redis, owner: str, url: str, job_id: str, event: str = "succeeded") -> None:
+    from app.webhooks import queue_delivery
+
+    meta = {"owner": owner, "webhook": {"url": url, "events": list(
+        {"succeeded": ["completed"], "progress": ["progress"]}[event])}}
+    queue_delivery(redis, meta, job_id, event, {"status": event})
+
+
+def test_a_name_that_rebinds_to_loopback_is_never_reached(scratch_redis, receiver):
+    from app.webhooks import check_target, new_secret, record
+    from tests.conftest import scratch_redis_url
+
+    hook = receiver()
+    url = hook.url.replace("127.0.0.1", "rebind.test")
+    dns = Resolver(["93.184.216.34"], ["127.0.0.1"])
+    # At submission the name is global: accepted (nothing is connected to there).
+    assert check_target(url, set(), dns.lookup) == url
+    new_secret(scratch_redis, "alice")
+    _queue(scratch_redis, "alice", url, "job-rebind")
+    _deliver_for(scratch_redis_url(), dns,
+                 lambda: (record(scratch_redis, "job-rebind") or {}).get("attempts", 0) >= 3)
+    got = record(scratch_redis, "job-rebind")
+    assert got["attempts"] >= 3 and got["delivered"] == 0, got
+    assert got["last_status"] == "refused: not a public address"  # no port-scan oracle
+    assert dns.calls >= 4  # checked again at every attempt
+    assert hook.got == []  # nothing reached loopback
+
+
+def test_the_connection_goes_to_the_very_address_checked(scratch_redis, receiver):
+    from app.webhooks import new_secret, record
+    from tests.conftest import scratch_redis_url
+
+    hook = receiver()
+    port = hook.server.server_port
+    url = f"http://pinned.test:{port}/hook"
+    # A second look-up would answer an address where nothing listens.
+    dns = Resolver(["127.0.0.1"], ["127.0.0.9"])
+    new_secret(scratch_redis, "alice")
+    _queue(scratch_redis, "alice", url, "job-pinned")
+    _deliver_for(scratch_redis_url(), dns, lambda: len(hook.got) >= 1,
+                 allow={"pinned.test"})
+    assert len(hook.got) == 1 and dns.calls == 1
+    headers = {k.lower(): v for k, v in hook.got[0][0].items()}
+    assert headers["host"] == f"pinned.test:{port}"  # the URL's name, not the address
+    assert record(scratch_redis, "job-pinned")["delivered"] == 1
+
+
+def test_one_slow_receiver_delays_only_its_own_tenant(scratch_redis, receiver):
+    from app.webhooks import new_secret
+    from tests.conftest import scratch_redis_url
+
+    slow, fast = receiver(delay_s=2.0), receiver()
+    for owner in ("slow", "fast"):
+        new_secret(scratch_redis, owner)
+    for i in range(40):  # queued first: a flood to a receiver that takes 2 s an answer
+        _queue(scratch_redis, "slow", slow.url, f"job-slow-{i}")
+    for i in range(3):
+        _queue(scratch_redis, "fast", fast.url, f"job-fast-{i}")
+    started = time.monotonic()
+    arrived: list[float] = []
+
+    def fast_done() -> bool:
+        while len(arrived) < len(fast.got):
+            arrived.append(time.monotonic() - started)
+        return len(fast.got) >= 3
+
+    _deliver_for(scratch_redis_url(), Resolver(["127.0.0.1"]), fast_done,
+                 allow={"127.0.0.1"})
+    assert len(fast.got) == 3 and max(arrived) < 1.5, arrived
+    assert len(slow.got) <= 4  # two at a time for the slow tenant
+
+
+def test_a_tenants_outbox_is_bounded_and_what_is_dropped_counted(scratch_redis):
+    from app.webhooks import MAX_PENDING, outbox, record
+
+    for _ in range(MAX_PENDING + 50):
+        _queue(scratch_redis, "mallory", "http://127.0.0.1:9/hook", "job-flood", "progress")
+    assert scratch_redis.xlen(outbox("mallory")) == MAX_PENDING
+    assert record(scratch_redis, "job-flood")["dropped"] == 50
+    _queue(scratch_redis, "mallory", "http://127.0.0.1:9/hook", "job-flood")  # its end
+    assert scratch_redis.xlen(outbox("mallory")) == MAX_PENDING + 1
+
+
+def test_each_tenant_signs_with_its_own_secret_shown_once(worker, receiver):
+    """A delivery one tenant received no longer verifies at another's endpoint."""
+    import httpx
+
+    from tests.support import SHARED_KEYS, bearer, served
+
+    hook = receiver()
+    with served(LETHE_API_KEYS=SHARED_KEYS) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        body = {"prompt": "a red circle", "steps": 2, "webhook": hook.url}
+        r = http.post("/generate", json=body, headers=bearer("alice"))
+        assert r.status_code == 422 and "POST /webhooks/secret" in r.text, r.text
+        secrets = {}
+        for name in ("alice", "bob"):
+            r = http.post("/webhooks/secret", headers=bearer(name))
+            assert r.status_code == 201 and r.json()["secret"].startswith("whsec_"), r.text
+            secrets[name] = r.json()["secret"]
+        assert secrets["alice"] != secrets["bob"]
+        http.headers.update(bearer("alice"))
+        r = http.post("/generate", json=body)
+        assert r.status_code == 202, r.text
+        assert wait_job(http, r.json()["id"])["status"] == "succeeded"
+        headers, got = hook.wait_for(1)[0]
+        assert verify(headers, got, secrets["alice"])
+        assert not verify(headers, got, secrets["bob"])
+        assert not verify(headers, got, os.environ["LETHE_WEBHOOK_SECRET"])

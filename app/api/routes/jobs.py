@@ -72,7 +72,7 @@ def create_erase(body: EraseCreate, sub: SubmitterDep, registry: RegistryDep) ->
     spec = resolve_erase(body, registry, settings)
     return created(submit(sub, "erase", spec, request=body.model_dump(mode="json"),
                           timeout_s=settings.train_timeout_s, retries=settings.train_retries,
-                          webhook=webhooks.of_request(body, settings)))
+                          webhook=webhooks.of_request(body, sub)))
 
 
 @router.post("/evaluate", status_code=202, response_model=JobCreated, responses=CREATED)
@@ -87,7 +87,7 @@ def create_evaluate(body: EvaluateCreate, sub: SubmitterDep, registry: RegistryD
         "record": sub.caller.may_see(registry.get(spec.model).get("owner"))})
     return created(submit(sub, "evaluate", spec, request=body.model_dump(mode="json"),
                           timeout_s=settings.train_timeout_s,
-                          webhook=webhooks.of_request(body, settings)))
+                          webhook=webhooks.of_request(body, sub)))
 
 
 @router.post("/generate", status_code=202, response_model=JobCreated, responses=CREATED)
@@ -98,7 +98,7 @@ def create_generate(body: GenerateCreate, sub: SubmitterDep, registry: RegistryD
     spec = resolve_generate(body, registry, settings)
     return created(submit(sub, "generate", spec, request=body.model_dump(mode="json"),
                           timeout_s=settings.generate_timeout_s, images=spec.num_images,
-                          webhook=webhooks.of_request(body, settings)))
+                          webhook=webhooks.of_request(body, sub)))
 
 
 @router.get("/jobs", response_model=JobsPage, responses=errors(422))

@@ -26,7 +26,7 @@ from app.images import decode_base64, open_checked, save_input
 from app.openapi import errors
 from app.params import SCALE, resolve_source, resolve_upscale
 from app.schemas import HOOK_FIELDS, JobCreated, UpscaleCreate, UpscaleOptions
-from app.submissions import submit
+from app.submissions import Submitter, submit
 
 router = APIRouter(tags=["jobs"], responses=errors(401, 503))
 
@@ -48,7 +48,7 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def _form_webhook(fields: dict[str, Any], settings: Any) -> dict[str, Any] | None:
+def _form_webhook(fields: dict[str, Any], sub: Submitter) -> dict[str, Any] | None:
     """The webhook a multipart upload asks for (its form fields taken out of ``fields``):
     ``webhook_events`` comma-separated, as a form has no lists."""
     url = fields.pop("webhook", None)
@@ -62,8 +62,7 @@ def _form_webhook(fields: dict[str, Any], settings: Any) -> dict[str, Any] | Non
     if unknown or not kinds:
         raise InvalidParams(f"`webhook_events` must name some of {list(webhooks.EVENTS)}, "
                             f"got {shown(events)}")
-    return webhooks.of_request(SimpleNamespace(webhook=str(url), webhook_events=kinds),
-                               settings)
+    return webhooks.of_request(SimpleNamespace(webhook=str(url), webhook_events=kinds), sub)
 
 
 @router.post(
@@ -99,7 +98,7 @@ async def create_upscale(request: Request, sub: SubmitterDep, registry: Registry
         data = await upload.read()
         fields = {k: v for k, v in form.multi_items() if k != "image"}
         same = {"form": dict(fields), "image": hashlib.sha256(data).hexdigest()}
-        hook = await run_in_threadpool(_form_webhook, fields, settings)
+        hook = await run_in_threadpool(_form_webhook, fields, sub)
         try:
             # Form fields are text: parsed as their JSON types ("2" is a step count).
             options: UpscaleOptions = UpscaleOptions.model_validate_strings(fields)
@@ -114,7 +113,7 @@ async def create_upscale(request: Request, sub: SubmitterDep, registry: Registry
             raise _invalid(exc) from None
         options, source = body, body.source
         same = body.model_dump(mode="json")
-        hook = await run_in_threadpool(webhooks.of_request, body, settings)
+        hook = await run_in_threadpool(webhooks.of_request, body, sub)
         if body.image is not None:
             data = decode_base64(body.image)
     else:
