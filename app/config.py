@@ -47,6 +47,12 @@ class Settings(BaseSettings):
                                  "running at once.")
     max_images_per_day: int = Field(0, ge=0, description="Images a key may ask for per UTC "
                                     "day (generate counts its `n`, upscale 1).")
+    max_holds_per_key: int = Field(8, ge=1, description="Event streams and long polls "
+                                   "(`GET /jobs/{id}/events`, `?wait=`) a key may hold open "
+                                   "at once on one API process (429 past it).")
+    max_holds: int = Field(256, ge=1, description="Event streams and long polls one API "
+                           "process holds open in all (503 past it); its Redis pool for "
+                           "them is this many connections and a few more.")
     idempotency_ttl_s: int = Field(24 * 3600, ge=1, description="How long an "
                                    "`Idempotency-Key` is remembered.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines (with the "

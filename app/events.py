@@ -17,7 +17,11 @@ from typing import Any
 from redis import Redis
 
 PREFIX = "lethe:events:"
-MAX_EVENTS = 2000  # approximate trim: a long erase's progress, a generate's previews
+MAX_EVENTS = 2000  # approximate trim: a long erase's progress
+# Previews are pictures (kilobytes each, every few steps): a stream keeps the newest few,
+# enough for a late reader to see where the job is heading, so a long job with previews
+# every step does not hold megabytes in Redis.
+PREVIEWS_KEPT = 4
 TERMINAL = ("succeeded", "failed", "canceled")
 # Every event a stream may carry: ``started`` when a worker takes the job, then these.
 KINDS = ("started", "progress", "preview", *TERMINAL)
@@ -48,11 +52,25 @@ def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
     if event in TERMINAL:
         pipe.xadd(end_key(job_id), {"event": event}, maxlen=1)
         pipe.expire(end_key(job_id), ttl_s)
-    pipe.execute()
+    added = pipe.execute()[0]
+    if event == "preview":
+        connection.eval(_KEEP_NEWEST, 2, key(job_id) + ":previews", key(job_id), added,
+                        PREVIEWS_KEPT, ttl_s)
     if event in TERMINAL:
         from app import metrics
 
         metrics.safely(metrics.job_ended, connection, data, ttl_s)
+
+
+# KEYS: the list of the stream's preview ids, the stream; ARGV: the new id, how many to
+# keep, the list's lifetime. The oldest previews leave the stream.
+_KEEP_NEWEST = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+while redis.call('LLEN', KEYS[1]) > tonumber(ARGV[2]) do
+  redis.call('XDEL', KEYS[2], redis.call('LPOP', KEYS[1]))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+"""
 
 
 def decode(entries: Any) -> list[tuple[str, str, dict[str, Any]]]:

@@ -147,13 +147,22 @@ def purge(connection: Redis, job: Job) -> None:
     connection.delete(events.key(job.id), events.end_key(job.id))
 
 
+# A job canceled before it ran keeps its record this long, not the result's week: a key
+# that submits and cancels in a loop (each cancel frees its quota place) must not fill
+# Redis with records.
+CANCELED_TTL_S = 3600
+
+
 def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
     """Cancel a job: a queued one never runs, a running one stops at its next step."""
     connection.set(cancel_key(job.id), "1", ex=ttl_s)
     status = job.get_status(refresh=True)
     if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
+        ttl_s = min(ttl_s, CANCELED_TTL_S)
         job.meta["canceled"] = True
         job.save_meta()
         job.cancel()
         job.refresh()
         events.publish(connection, job.id, "canceled", describe(job), ttl_s, job.meta)
+        connection.expire(job.key, ttl_s)
+        connection.expire(cancel_key(job.id), ttl_s)

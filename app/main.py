@@ -19,6 +19,7 @@ from app.api.deps import documents_bearer
 from app.api.handlers import install_handlers
 from app.api.routes import domains, health, jobs, metrics, models, upscale, v1, webhooks
 from app.config import Settings, get_settings
+from app.holds import Holds
 from app.middleware import ApiKeys, BodySizeLimit, RequestRate, SecurityHeaders
 from app.openapi import with_error_schemas
 from app.queue import connect, connect_async
@@ -37,7 +38,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "API at one"
         )
     app.state.redis = connect(settings.redis_url)
-    app.state.async_redis = connect_async(settings.redis_url)
+    app.state.holds = Holds(settings.max_holds_per_key, settings.max_holds)
+    # The streams and long polls it holds, and a few connections more for the rest.
+    app.state.async_redis = connect_async(settings.redis_url,
+                                          max_connections=settings.max_holds + 16)
     tasks = []
     if settings.storage_url:  # copies fetched from shared storage are this host's to reap
         tasks.append(asyncio.create_task(_reap_forever(app, settings)))

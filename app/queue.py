@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
@@ -35,12 +36,19 @@ JOB_TYPES: dict[str, dict[str, str]] = {
 SUBMIT_WINDOW_MS = 1500
 
 
-def connect_async(url: str, timeout_s: float = 2.0, longest_block_s: float = 30.0
-                  ) -> AsyncRedis:
+def connect_async(url: str, timeout_s: float = 2.0, longest_block_s: float = 30.0,
+                  max_connections: int | None = None) -> AsyncRedis:
     """The API's client for reads that block in Redis (``XREAD BLOCK``): a socket timeout
-    past the longest block, so a stalled Redis still ends the read."""
-    return AsyncRedis.from_url(url, socket_connect_timeout=timeout_s,
-                               socket_timeout=longest_block_s + timeout_s)
+    past the longest block, so a stalled Redis still ends the read. With
+    ``max_connections`` its pool is bounded: a command past it waits up to ``timeout_s``
+    for a connection to come back, then fails (a 503)."""
+    if max_connections is None:
+        return AsyncRedis.from_url(url, socket_connect_timeout=timeout_s,
+                                   socket_timeout=longest_block_s + timeout_s)
+    pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
+                                      socket_connect_timeout=timeout_s,
+                                      socket_timeout=longest_block_s + timeout_s)
+    return AsyncRedis.from_pool(pool)  # closing the client closes its pool
 
 
 def connect(url: str, timeout_s: float = 2.0, blocking: bool = False) -> Redis:

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 VAE_MAX_PIXELS = 128 * 128  # images up to this size preview through the VAE
+PREVIEW_SIDE = 256
+PREVIEW_WIDTH = 1024
 _SUBCLASSES: dict[type, Any] = {}
 
 
@@ -66,10 +68,17 @@ def through_vae(height: int, width: int) -> bool:
 
 
 def png_data_url(images: np.ndarray) -> str:
-    """uint8 N×H×W×3 images side by side as a PNG data URL."""
-    strip = np.concatenate(list(images), axis=1)
+    """uint8 N×H×W×3 images side by side as a PNG data URL, at most ``PREVIEW_SIDE`` a
+    side each and ``PREVIEW_WIDTH`` wide in all: a preview is a glimpse, and each one is
+    kept in Redis while a reader may still ask for it."""
+    strip = Image.fromarray(np.concatenate(list(images), axis=1))
+    n, h, w = images.shape[:3]
+    scale = min(1.0, PREVIEW_SIDE / max(h, w), PREVIEW_WIDTH / (n * w))
+    if scale < 1.0:
+        strip = strip.resize((max(1, round(n * w * scale)), max(1, round(h * scale))),
+                             Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    Image.fromarray(strip).save(buf, format="PNG")
+    strip.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

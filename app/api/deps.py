@@ -12,6 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 from app import idempotency
 from app.accounts import Caller
 from app.config import Settings, get_settings
+from app.holds import Holds
 from app.middleware import caller_of
 from app.registry import Registry, open_registry
 from app.submissions import Submitter
@@ -29,6 +30,10 @@ def _registry(request: Request, settings: Annotated[Settings, Depends(get_settin
               ) -> Registry:
     # As the caller sees it: another key's private models are not there.
     return open_registry(settings).seen_by(caller_of(request.scope))
+
+
+def _holds(request: Request) -> Holds:
+    return request.app.state.holds
 
 
 def _caller(request: Request) -> Caller:
@@ -52,6 +57,8 @@ RedisDep = Annotated[Redis, Depends(_redis)]
 # For reads that block in Redis (event streams, long polls) without holding a thread.
 AsyncRedisDep = Annotated[AsyncRedis, Depends(_async_redis)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
+# The bound on event streams and long polls (``app.holds``).
+HoldsDep = Annotated[Holds, Depends(_holds)]
 
 
 _bearer = HTTPBearer(auto_error=False, description="A key from LETHE_API_KEYS.")

@@ -90,3 +90,81 @@ def test_only_a_models_owner_or_an_admin_adds_to_its_reports(worker):
         http.headers.update(bearer("root"))
         job = wait_job(http, http.post("/evaluate", json=body).json()["id"], timeout_s=300)
         assert [r["job"] for r in reports()][-1] == job["id"]
+
+
+def test_event_streams_and_long_polls_are_bounded_per_key_and_in_all(scratch_redis):
+    """Finding 7: each event stream and long poll holds a Redis connection, with no bound
+    per caller (a queued job's stream never ends). Jobs here are queued on a database no
+    worker reads, so they stay queued."""
+    from tests.conftest import scratch_redis_url
+
+    with served(LETHE_API_KEYS=SHARED_KEYS, LETHE_REDIS_URL=scratch_redis_url(),
+                LETHE_MAX_HOLDS_PER_KEY="2", LETHE_MAX_HOLDS="3") as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        ids = {}
+        for name in ("alice", "bob"):
+            r = http.post("/generate", json={"prompt": "a red circle"}, headers=bearer(name))
+            assert r.status_code == 202, r.text
+            ids[name] = r.json()["id"]
+
+        def stream(name: str):
+            return http.stream("GET", f"/jobs/{ids[name]}/events", headers=bearer(name))
+
+        with stream("alice") as a1, stream("alice") as a2:
+            assert a1.status_code == a2.status_code == 200
+            r = http.get(f"/jobs/{ids['alice']}/events", headers=bearer("alice"))
+            assert r.status_code == 429 and "LETHE_MAX_HOLDS_PER_KEY" in r.text, r.text
+            r = http.get(f"/jobs/{ids['alice']}", params={"wait": 5}, headers=bearer("alice"))
+            assert r.status_code == 429, r.text
+            with stream("bob") as b1:
+                assert b1.status_code == 200
+                r = http.get(f"/jobs/{ids['bob']}", params={"wait": 5}, headers=bearer("bob"))
+                assert r.status_code == 503 and "LETHE_MAX_HOLDS" in r.text, r.text
+                # What holds nothing is answered as ever.
+                assert http.get(f"/jobs/{ids['bob']}", headers=bearer("bob")).status_code == 200
+        # Closed streams give their places back.
+        r = http.get(f"/jobs/{ids['alice']}", params={"wait": 0.5}, headers=bearer("alice"))
+        assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+
+
+def test_a_job_canceled_before_it_ran_leaves_its_record_an_hour(scratch_redis):
+    """Finding 7: a canceled job freed its quota place but its record stayed a week, so
+    submitting and canceling in a loop filled Redis."""
+    from tests.conftest import scratch_redis_url
+
+    with served(LETHE_API_KEYS=SHARED_KEYS, LETHE_REDIS_URL=scratch_redis_url()) as url, \
+            httpx.Client(base_url=url, timeout=30, headers=bearer("carol")) as http:
+        job_id = http.post("/generate", json={"prompt": "a red circle"}).json()["id"]
+        assert http.delete(f"/jobs/{job_id}").status_code == 202
+        assert http.get(f"/jobs/{job_id}").json()["status"] == "canceled"
+        for key in (f"rq:job:{job_id}", f"lethe:events:{job_id}"):
+            assert 0 < scratch_redis.ttl(key) <= 3600, key
+
+
+def test_previews_held_in_redis_are_bounded_in_bytes(scratch_redis):
+    """Finding 7: a job's preview events were bounded by count (2000), not bytes: a long
+    generate with previews every step, at full size, held its every picture."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from app import events
+    from worker.previews import png_data_url
+
+    rng = np.random.default_rng(0)
+    url = png_data_url(rng.integers(0, 255, (8, 512, 512, 3), dtype=np.uint8))
+    shown = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert shown.size == (1024, 128)  # eight previews side by side, each 128 a side
+    big = png_data_url(rng.integers(0, 255, (1, 1024, 1024, 3), dtype=np.uint8))
+    assert len(big) < 300_000
+    for step in range(60):
+        events.publish(scratch_redis, "job-previews", "preview",
+                       {"step": step, "total": 60, "image": big}, 3600)
+        events.publish(scratch_redis, "job-previews", "progress", {"step": step}, 3600)
+    kept = events.decode(scratch_redis.xrange(events.key("job-previews")))
+    previews = [data["step"] for _, name, data in kept if name == "preview"]
+    assert previews == [56, 57, 58, 59]  # the newest few, the progress whole
+    assert sum(name == "progress" for _, name, _ in kept) == 60
+    assert scratch_redis.memory_usage(events.key("job-previews")) < 5 * len(big)

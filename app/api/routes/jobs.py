@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app import events, jobfiles, jobindex, jobs, webhooks
@@ -24,6 +25,7 @@ from app.accounts import Caller
 from app.api.deps import (
     AsyncRedisDep,
     CallerDep,
+    HoldsDep,
     RedisDep,
     RegistryDep,
     SettingsDep,
@@ -168,7 +170,7 @@ async def _next_events(aredis: AsyncRedis, job_id: str, after: str, block_s: flo
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404, 422))
 async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings: SettingsDep,
-                  caller: CallerDep,
+                  caller: CallerDep, holds: HoldsDep,
                   wait: float = Query(0, ge=0, le=30, description="Seconds to hold the "
                                       "answer until the job has finished (long polling); "
                                       "0 answers at once.")) -> dict:
@@ -176,7 +178,8 @@ async def get_job(job_id: str, redis: RedisDep, aredis: AsyncRedisDep, settings:
     finishes or the time is up, whichever is first: one request instead of many polls."""
     if not wait:
         return await run_in_threadpool(_read, redis, job_id, caller)
-    return await until_finished(redis, aredis, job_id, caller, settings, wait)
+    with holds.hold(caller.name):
+        return await until_finished(redis, aredis, job_id, caller, settings, wait)
 
 
 async def until_finished(redis: Redis, aredis: AsyncRedis, job_id: str, caller: Caller,
@@ -207,7 +210,8 @@ async def until_finished(redis: Redis, aredis: AsyncRedis, job_id: str, caller: 
           "`progress`, `preview` (with `previews` on a generate), then one of `succeeded`, "
           "`failed`, `canceled` carrying the job."}, **errors(404, 422)})
 async def job_events(job_id: str, redis: RedisDep, aredis: AsyncRedisDep,
-                     settings: SettingsDep, caller: CallerDep, last_event_id: str | None = Header(
+                     settings: SettingsDep, caller: CallerDep, holds: HoldsDep,
+                     last_event_id: str | None = Header(
                          None, description="Resume after this event: the id of the last "
                          "event received (browsers send it when they reconnect).")
                      ) -> EventSourceResponse:
@@ -219,12 +223,24 @@ async def job_events(job_id: str, redis: RedisDep, aredis: AsyncRedisDep,
     # a 404 before the stream starts
     view = await run_in_threadpool(_read, redis, job_id, caller)
     block_s = _block_s(settings)
+    release = holds.take(caller.name)  # 429 / 503 before the stream starts
     return EventSourceResponse(
-        _stream(redis, aredis, job_id, caller, last_event_id or "0-0", view, block_s),
-        ping=15)
+        _stream(redis, aredis, job_id, caller, last_event_id or "0-0", view, block_s,
+                release),
+        ping=15, background=BackgroundTask(release))  # if the stream never started
 
 
 async def _stream(redis: Redis, aredis: AsyncRedis, job_id: str, caller: Caller, after: str,
+                  view: dict, block_s: float, release: Callable[[], None]
+                  ) -> AsyncIterator[dict]:
+    try:
+        async for event in _events(redis, aredis, job_id, caller, after, view, block_s):
+            yield event
+    finally:
+        release()
+
+
+async def _events(redis: Redis, aredis: AsyncRedis, job_id: str, caller: Caller, after: str,
                   view: dict, block_s: float) -> AsyncIterator[dict]:
     while True:
         ended = view["status"] in FINISHED

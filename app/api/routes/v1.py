@@ -24,7 +24,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app import jobs, links
-from app.api.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep, SubmitterDep
+from app.api.deps import (
+    AsyncRedisDep,
+    HoldsDep,
+    RedisDep,
+    RegistryDep,
+    SettingsDep,
+    SubmitterDep,
+)
 from app.api.routes.jobs import image_file, until_finished
 from app.config import Settings
 from app.errors import InvalidParams, JobEndedBadly, JobUnfinished, ModelNotFound, shown
@@ -84,20 +91,24 @@ def _base_url(request: Request, settings: Settings) -> str:
 @router.post("/images/generations", response_model=ImagesResponse,
              responses=openai_errors(400, 403, 404, 409, 500, 504))
 async def create_images(body: ImageGeneration, request: Request, sub: SubmitterDep,
-                        registry: RegistryDep, aredis: AsyncRedisDep) -> Any:
+                        registry: RegistryDep, aredis: AsyncRedisDep, holds: HoldsDep
+                        ) -> Any:
     """OpenAI's `images.generate`: queues a generate job and answers once it has finished,
     with its images as signed URLs or base64 PNGs."""
     settings = sub.settings
     native = _as_generate(body)
     spec = await run_in_threadpool(resolve_generate, native, registry, settings)
-    job = await run_in_threadpool(lambda: submit(
-        sub, "generate", spec, request=body.model_dump(mode="json"),
-        timeout_s=settings.generate_timeout_s, images=spec.num_images))
-    if body.user:  # OpenAI's end-user id: for the operator's logs, beside the job
-        log.info("images.generate for end user %r", body.user,
-                 extra={"job_id": job.id, "key": sub.caller.name})
-    view = await until_finished(sub.redis, aredis, job.id, sub.caller, settings,
-                                settings.openai_wait_s)
+    # The wait is a long poll: its place is taken before the job is queued, so a caller
+    # past the bound is refused with nothing queued.
+    with holds.hold(sub.caller.name):
+        job = await run_in_threadpool(lambda: submit(
+            sub, "generate", spec, request=body.model_dump(mode="json"),
+            timeout_s=settings.generate_timeout_s, images=spec.num_images))
+        if body.user:  # OpenAI's end-user id: for the operator's logs, beside the job
+            log.info("images.generate for end user %r", body.user,
+                     extra={"job_id": job.id, "key": sub.caller.name})
+        view = await until_finished(sub.redis, aredis, job.id, sub.caller, settings,
+                                    settings.openai_wait_s)
     if view["status"] in ("queued", "running"):
         raise JobUnfinished(f"job {job.id} is still {view['status']} after "
                             f"{settings.openai_wait_s:g} s (LETHE_OPENAI_WAIT_S); it goes "
