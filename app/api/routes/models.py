@@ -232,7 +232,7 @@ def download_model(model_id: PathModelId, registry: RegistryDep, sub: SubmitterD
 
 
 @router.patch("/{model_id}", response_model=ModelPublic,
-              responses=errors(403, 404, 409, 422))
+              responses=errors(400, 403, 404, 409, 422))
 def change_model(model_id: PathModelId, body: ModelChange, registry: RegistryDep,
                  caller: CallerDep) -> ModelPublic:
     """Make a model a key made `private` or `public` (its owner or an admin). A public
