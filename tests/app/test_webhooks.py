@@ -315,3 +315,59 @@ def test_each_tenant_signs_with_its_own_secret_shown_once(worker, receiver):
         assert verify(headers, got, secrets["alice"])
         assert not verify(headers, got, secrets["bob"])
         assert not verify(headers, got, os.environ["LETHE_WEBHOOK_SECRET"])
+
+
+def test_an_https_target_is_pinned_and_its_certificate_still_checked_by_name(tmp_path):
+    """The connection goes to the checked address while TLS checks the URL's name (SNI
+    and the certificate), not the address."""
+    import asyncio
+    import shutil
+    import ssl
+    import subprocess
+
+    import httpx
+
+    from app.webhooks import pinned
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem",
+                    "-subj", "/CN=pinned.test", "-addext", "subjectAltName=DNS:pinned.test"],
+                   check=True, capture_output=True)
+    hosts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            hosts.append(self.headers["host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_port
+
+    async def main() -> tuple[int, type]:
+        trust = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        async with httpx.AsyncClient(verify=trust) as http:
+            url, host, extensions = await pinned(
+                f"https://pinned.test:{port}/hook", {"pinned.test"},
+                Resolver(["127.0.0.1"]))
+            assert url == f"https://127.0.0.1:{port}/hook"
+            ok = await http.post(url, content=b"{}", headers=host, extensions=extensions)
+            with pytest.raises(httpx.ConnectError) as refused:  # the name is what TLS checks
+                await http.post(url, content=b"{}", headers=host)
+            return ok.status_code, refused.type
+
+    try:
+        assert asyncio.run(main()) == (204, httpx.ConnectError)
+        assert hosts == [f"pinned.test:{port}"]
+    finally:
+        server.shutdown()
