@@ -49,7 +49,8 @@ class Settings(BaseSettings):
                                     "day (generate counts its `n`, upscale 1).")
     max_holds_per_key: int = Field(8, ge=1, description="Event streams and long polls "
                                    "(`GET /jobs/{id}/events`, `?wait=`) a key may hold open "
-                                   "at once on one API process (429 past it).")
+                                   "at once on one API process (429 past it), on a service "
+                                   "with keys.")
     max_holds: int = Field(256, ge=1, description="Event streams and long polls one API "
                            "process holds open in all (503 past it); its Redis pool for "
                            "them is this many connections and a few more.")

@@ -38,7 +38,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "API at one"
         )
     app.state.redis = connect(settings.redis_url)
-    app.state.holds = Holds(settings.max_holds_per_key, settings.max_holds)
+    # Per key only where there are keys: the open service's one caller has the whole.
+    app.state.holds = Holds(settings.max_holds_per_key if settings.keys else settings.max_holds,
+                            settings.max_holds)
     # The streams and long polls it holds, and a few connections more for the rest.
     app.state.async_redis = connect_async(settings.redis_url,
                                           max_connections=settings.max_holds + 16)
