@@ -233,6 +233,9 @@ class Deliverer:
         self._grouped: set[str] = set()
         self._busy: dict[str, int] = {}  # stream -> deliveries in flight
         self._tasks: set[asyncio.Task] = set()
+        # A job's events arrive in order: its deliveries take turns (a lock per job, fair,
+        # taken in the order they were read), while other jobs' go on beside them.
+        self._job_turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._claimed_at = 0.0
 
     async def _ensure_group(self, stream: str) -> None:
@@ -284,8 +287,11 @@ class Deliverer:
                 await asyncio.sleep(0.1)
             return
         # One entry per stream a read: tenants take turns, however many one has queued.
+        # The read blocks briefly: a tenant at its bound is not in ``ready`` (nor is a
+        # tenant whose first entry came during the read), and its next entry must not wait
+        # out a long block on the others.
         found: Any = await self.redis.xreadgroup(GROUP, self.name, {s: ">" for s in ready},
-                                                 count=1, block=200 if self._tasks else 1000)
+                                                 count=1, block=50 if self._tasks else 250)
         streams = found.items() if isinstance(found, dict) else (found or [])
         for stream, entries in streams:
             for entry_id, fields in entries:
@@ -337,6 +343,21 @@ class Deliverer:
     async def _deliver(self, http: httpx.AsyncClient, stream: str, entry_id: Any,
                        fields: dict) -> None:
         f = {text(k): text(v) for k, v in fields.items()}
+        job_id = f["job_id"]
+        lock, waiting = self._job_turns.get(job_id, (asyncio.Lock(), 0))
+        self._job_turns[job_id] = (lock, waiting + 1)
+        try:
+            async with lock:
+                await self._deliver_in_turn(stream, entry_id, f, http)
+        finally:
+            lock, waiting = self._job_turns[job_id]
+            if waiting <= 1:
+                del self._job_turns[job_id]
+            else:
+                self._job_turns[job_id] = (lock, waiting - 1)
+
+    async def _deliver_in_turn(self, stream: str, entry_id: Any, f: dict[str, str],
+                               http: httpx.AsyncClient) -> None:
         attempt = int(f["attempt"]) + 1
         timestamp = int(time.time())
         status, ok = await self._attempt(http, f, timestamp)

@@ -253,6 +253,16 @@ def run(seconds: float = 20.0) -> dict[str, Any]:
             break
     url = f"http://127.0.0.1:{port}"
     assert redis_url, "lethe serve did not start"
+    threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
+    deadline = time.monotonic() + 60
+    while True:  # "serving on" is printed just before uvicorn binds its port
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "lethe serve never became ready"
+        time.sleep(0.2)
     redis = Redis.from_url(redis_url)
     out: dict[str, Any] = {"phases": {}}
     fast, slow = Receiver(), Receiver(delay_s=5.0)
