@@ -8,6 +8,7 @@ RQ as failed; ``meta["canceled"]`` tells it apart.
 from __future__ import annotations
 
 import re
+import time
 from enum import Enum
 from typing import Any
 
@@ -147,10 +148,13 @@ def purge(connection: Redis, job: Job) -> None:
     connection.delete(events.key(job.id), events.end_key(job.id))
 
 
-# A job canceled before it ran keeps its record this long, not the result's week: a key
-# that submits and cancels in a loop (each cancel frees its quota place) must not fill
-# Redis with records.
+# A job canceled before it ran keeps its record this long, not the result's week, and a
+# key keeps the newest CANCELED_KEPT such records (older ones go at once): a key that
+# submits and cancels in a loop (each cancel frees its quota place) must not fill Redis
+# with records, at any rate of requests.
 CANCELED_TTL_S = 3600
+CANCELED_KEPT = 100
+CANCELED = "lethe:canceled:"  # + owner: its jobs canceled before they ran, by time
 
 
 def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
@@ -166,3 +170,18 @@ def request_cancel(connection: Redis, job: Job, ttl_s: int) -> None:
         events.publish(connection, job.id, "canceled", describe(job), ttl_s, job.meta)
         connection.expire(job.key, ttl_s)
         connection.expire(cancel_key(job.id), ttl_s)
+        _keep_newest_canceled(connection, str(job.meta.get("owner") or ""), job.id, ttl_s)
+
+
+def _keep_newest_canceled(connection: Redis, owner: str, job_id: str, ttl_s: int) -> None:
+    key = CANCELED + owner
+    connection.zadd(key, {job_id: time.time()})
+    connection.expire(key, ttl_s)
+    excess = int(connection.zcard(key)) - CANCELED_KEPT
+    # ZPOPMIN without a count pops one: ask only when there is something to drop.
+    oldest: Any = connection.zpopmin(key, excess) if excess > 0 else []
+    for old_id, _ in oldest:
+        try:
+            purge(connection, Job.fetch(events.text(old_id), connection=connection))
+        except NoSuchJobError:
+            pass

@@ -122,8 +122,9 @@ class Victim(threading.Thread):
                 if j in self.hook.got]
 
 
-def _attack_exports(http: httpx.Client, until: float) -> Counter[str]:
-    """Finding 2: every format, dtype and rank of the shipped model's export."""
+def _attack_exports(http: httpx.Client, until: float, edit: str) -> Counter[str]:
+    """Finding 2: every format, dtype and rank of a model's export (the shipped base's,
+    and the attacker's own edit's LoRA at every rank)."""
     seen: Counter[str] = Counter()
     rank = 1
     while time.monotonic() < until:
@@ -132,16 +133,25 @@ def _attack_exports(http: httpx.Client, until: float) -> Counter[str]:
             r = http.get("/models/shapes-sd/download",
                          params={"format": fmt, "dtype": dtype})
             seen[str(r.status_code)] += 1
-        r = http.get("/models/shapes-sd/download", params={"format": "lora", "rank": rank})
-        seen[f"lora {r.status_code}"] += 1
+        for dtype in ("float16", "float32"):
+            r = http.get(f"/models/{edit}/download",
+                         params={"format": "lora", "rank": rank, "dtype": dtype})
+            seen[f"lora {r.status_code}"] += 1
         rank = rank % 1024 + 1
     return seen
 
 
 def _attack_uploads(http: httpx.Client, until: float) -> Counter[str]:
-    """Finding 3: uploads past the key's storage, onto reserved ids."""
+    """Finding 3: uploads past the key's storage (declared, and streamed without a
+    length), and onto reserved ids."""
     seen: Counter[str] = Counter()
     blob = os.urandom(8 * 1024 * 1024)
+    big = os.urandom(80 * 1024 * 1024)  # past the key's 64 MB
+
+    def unsized() -> Any:  # chunked: no Content-Length to refuse it by
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+
     n = 0
     while time.monotonic() < until:
         n += 1
@@ -149,6 +159,21 @@ def _attack_uploads(http: httpx.Client, until: float) -> Counter[str]:
             r = http.post("/models", files={"id": (None, model_id),
                                             "file": ("x.safetensors", blob)})
             seen[f"{model_id.split('-')[0]} {r.status_code}"] += 1
+        try:
+            r = http.post("/models", files={"id": (None, f"alice-big-{n}"),
+                                            "file": ("x.safetensors", big)})
+            seen[f"80 MB {r.status_code}"] += 1
+        except httpx.HTTPError as exc:  # refused before the body was sent whole
+            seen[f"80 MB {type(exc).__name__}"] += 1
+        body = b"".join([b"--b\r\nContent-Disposition: form-data; name=\"id\"\r\n\r\n",
+                         f"alice-chunked-{n}".encode(), b"\r\n--b\r\nContent-Disposition: "
+                         b"form-data; name=\"file\"; filename=\"x.safetensors\"\r\n\r\n"])
+        try:
+            r = http.post("/models", content=iter([body, *unsized(), b"\r\n--b--\r\n"]),
+                          headers={"content-type": "multipart/form-data; boundary=b"})
+            seen[f"80 MB chunked {r.status_code}"] += 1
+        except httpx.HTTPError as exc:
+            seen[f"80 MB chunked {type(exc).__name__}"] += 1
     return seen
 
 
@@ -186,17 +211,17 @@ def _attack_export_cancel(http: httpx.Client, until: float, bob: httpx.Client
     """Finding 6: alice asks for an export and cancels it; bob asks for the same file."""
     seen: Counter[str] = Counter()
     params = {"format": "single-file", "dtype": "float32"}
-    r = http.get("/models/shapes-x4/download", params=params)
+    r = http.get("/models/shapes-sd/download", params=params)
     seen[f"alice export {r.status_code}"] += 1
     if r.status_code == 202:
         canceled = http.delete(f"/jobs/{r.json()['id']}")
         seen[f"alice cancel {canceled.status_code}"] += 1
-    r = bob.get("/models/shapes-x4/download", params=params)
+    r = bob.get("/models/shapes-sd/download", params=params)
     while r.status_code == 202 and time.monotonic() < until + 120:
         job = bob.get(f"/jobs/{r.json()['id']}", params={"wait": 30}).json()
         if job["status"] not in ("queued", "running"):
             seen[f"bob export job {job['status']}"] += 1
-        r = bob.get("/models/shapes-x4/download", params=params)
+        r = bob.get("/models/shapes-sd/download", params=params)
     seen[f"bob download {r.status_code} ({len(r.content)} bytes)"] += 1
     return seen
 
@@ -270,13 +295,22 @@ def run(seconds: float = 20.0) -> dict[str, Any]:
     alice = httpx.Client(base_url=url, headers=bearer("alice"), timeout=120)
     bob = httpx.Client(base_url=url, headers=bearer("bob"), timeout=120)
     bob.post("/webhooks/secret").raise_for_status()
+    # Each user's own edit: alice's for a LoRA export at every rank, bob's to find intact
+    # at the end (and never shown to alice).
+    for who, client in (("alice", alice), ("bob", bob)):
+        r = client.post("/erase", json={"base_model": "shapes-sd", "concepts": ["triangle"],
+                                        "iterations": 8, "name": f"{who}-edit",
+                                        "evaluate": False})
+        r.raise_for_status()
+        job = client.get(f"/jobs/{r.json()['id']}", params={"wait": 30}).json()
+        assert job["status"] == "succeeded", job
     phases: list[tuple[str, Callable[[float], Counter[str]] | None]] = [
         ("baseline", None),
-        ("2 exports", lambda until: _attack_exports(alice, until)),
+        ("6 export cancel", lambda until: _attack_export_cancel(alice, until, bob)),
+        ("2 exports", lambda until: _attack_exports(alice, until, "alice-edit")),
         ("3 uploads", lambda until: _attack_uploads(alice, until)),
         ("4 form parts", lambda until: _attack_form_parts(alice, until)),
         ("5 webhooks", lambda until: _attack_webhooks(alice, until, slow)),
-        ("6 export cancel", lambda until: _attack_export_cancel(alice, until, bob)),
         ("7 streams and cancels", lambda until: _attack_holds(alice, until, url)),
     ]
     try:
@@ -311,10 +345,19 @@ def run(seconds: float = 20.0) -> dict[str, Any]:
         victim.join(timeout=120)
         time.sleep(3)  # the last webhooks
         statuses = Counter(status for status, _ in victim.jobs.values())
-        listed = {j["id"] for j in bob.get("/jobs", params={"limit": 100}).json()["data"]}
+        listed: set[str] = set()
+        cursor = None
+        while True:  # every page of bob's GET /jobs
+            page = bob.get("/jobs", params={"limit": 100, **(
+                {"cursor": cursor} if cursor else {})}).json()
+            listed |= {j["id"] for j in page["data"] if j["type"] == "generate"}
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
         out["victim"] = {"jobs": dict(statuses), "errors": dict(victim.errors),
-                         "jobs_not_listed": len(set(victim.jobs) - listed)
-                         if len(victim.jobs) <= 100 else None,
+                         "jobs_not_listed": len(set(victim.jobs) - listed),
+                         "model_kept": bob.get("/models/bob-edit").status_code == 200,
+                         "model_shown_to_alice": alice.get("/models/bob-edit").status_code,
                          "webhooks_received": sum(j in fast.got for j in victim.jobs),
                          "webhook_lag_s p50": percentile(victim.webhook_lag(), 50)}
     finally:

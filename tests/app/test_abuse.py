@@ -139,6 +139,17 @@ def test_a_job_canceled_before_it_ran_leaves_its_record_an_hour(scratch_redis):
         assert http.get(f"/jobs/{job_id}").json()["status"] == "canceled"
         for key in (f"rq:job:{job_id}", f"lethe:events:{job_id}"):
             assert 0 < scratch_redis.ttl(key) <= 3600, key
+        # And however fast it goes, a key keeps its newest 100 such records.
+        used = scratch_redis.info("memory")["used_memory"]
+        ids = [job_id]
+        for _ in range(250):
+            ids.append(http.post("/generate", json={"prompt": "a red circle"}).json()["id"])
+            assert http.delete(f"/jobs/{ids[-1]}").status_code == 202
+        kept = [i for i in ids if scratch_redis.exists(f"rq:job:{i}")]
+        assert kept == ids[-100:]
+        assert http.get(f"/jobs/{ids[0]}").status_code == 404
+        assert http.get(f"/jobs/{ids[-1]}").json()["status"] == "canceled"
+        assert scratch_redis.info("memory")["used_memory"] - used < 100 * 20_000
 
 
 def test_previews_held_in_redis_are_bounded_in_bytes(scratch_redis):
