@@ -92,7 +92,7 @@ def test_only_a_models_owner_or_an_admin_adds_to_its_reports(worker):
         assert [r["job"] for r in reports()][-1] == job["id"]
 
 
-def test_event_streams_and_long_polls_are_bounded_per_key_and_in_all(scratch_redis):
+def test_event_streams_and_long_polls_are_bounded_per_key_and_in_all(tiny_model, scratch_redis):
     """Finding 7: each event stream and long poll holds a Redis connection, with no bound
     per caller (a queued job's stream never ends). Jobs here are queued on a database no
     worker reads, so they stay queued."""
@@ -127,7 +127,7 @@ def test_event_streams_and_long_polls_are_bounded_per_key_and_in_all(scratch_red
         assert r.status_code == 200 and r.json()["status"] == "queued", r.text
 
 
-def test_a_job_canceled_before_it_ran_leaves_its_record_an_hour(scratch_redis):
+def test_a_job_canceled_before_it_ran_leaves_its_record_an_hour(tiny_model, scratch_redis):
     """Finding 7: a canceled job freed its quota place but its record stayed a week, so
     submitting and canceling in a loop filled Redis."""
     from tests.conftest import scratch_redis_url
