@@ -100,7 +100,7 @@ def test_event_streams_and_long_polls_are_bounded_per_key_and_in_all(tiny_model,
 
     with served(LETHE_API_KEYS=SHARED_KEYS, LETHE_REDIS_URL=scratch_redis_url(),
                 LETHE_MAX_HOLDS_PER_KEY="2", LETHE_MAX_HOLDS="3") as url, \
-            httpx.Client(base_url=url, timeout=30) as http:
+            httpx.Client(base_url=url, timeout=10) as http:  # a stream not refused: times out
         ids = {}
         for name in ("alice", "bob"):
             r = http.post("/generate", json={"prompt": "a red circle"}, headers=bearer(name))
