@@ -10,6 +10,7 @@ the API, then the workers, then Redis.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import signal
@@ -73,12 +74,38 @@ def check_exposure(host: str, settings: Settings) -> None:
         "or pass --allow-open (LETHE_ALLOW_OPEN=1) if it is meant to be open")
 
 
+# The modules of the ``worker`` extra (pyproject.toml; tests/app/test_serve.py keeps the
+# two equal), by the name they are imported as.
+WORKER_MODULES = ("torch", "diffusers", "transformers", "safetensors", "PIL", "numpy",
+                  "accelerate", "peft")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked in sys.modules
+        return False
+
+
+def check_worker_extra() -> None:
+    """Refuse to start workers that would die on their first import: ``pip install
+    lethe`` installs the API side only."""
+    missing = [m for m in WORKER_MODULES if not _importable(m)]
+    if missing:
+        raise SystemExit(
+            f"lethe: the workers need the worker extra ({', '.join(missing)} not "
+            "installed): pip install 'lethe[worker]' (or make serve), or run the API alone "
+            "with --no-workers and workers elsewhere")
+
+
 def serve(host: str, port: int, workers: bool = True, settings: Settings | None = None
           ) -> None:
     import uvicorn
 
     settings = settings or get_settings()
     check_exposure(host, settings)
+    if workers:
+        check_worker_extra()
     settings.home.mkdir(parents=True, exist_ok=True)
     embedded = None
     if not settings.redis_url:

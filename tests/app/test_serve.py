@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,3 +261,33 @@ def test_keys_or_a_plain_allow_open_or_loopback_let_serve_start():
     check_exposure("0.0.0.0", Settings(api_keys="", allow_open=True))
     with pytest.raises(SystemExit, match="refusing to serve on 0.0.0.0"):
         check_exposure("0.0.0.0", Settings(api_keys=""))
+
+
+def test_serve_without_the_worker_extra_says_how_to_install_it_before_anything_starts(
+        tmp_path):
+    """Issue 35, item 6: `pip install lethe` then `lethe serve` — each worker died on
+    `import numpy` with a traceback. Here numpy is made unimportable in the serving
+    process, as it is where the extra was never installed."""
+    env = {k: v for k, v in os.environ.items() if k != "LETHE_REDIS_URL"}
+    env["LETHE_HOME"] = str(tmp_path)
+    code = ("import sys; sys.modules['numpy'] = None; from app.cli import main; "
+            f"main(['serve', '--port', '{free_port()}'])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("lethe: the workers need the worker extra (numpy not installed)")
+    assert "pip install 'lethe[worker]'" in last and "Traceback" not in done.stderr
+    assert not (tmp_path / "redis").exists()  # before anything started
+
+
+def test_the_worker_modules_checked_are_the_worker_extras():
+    from app.serve import WORKER_MODULES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["worker"]
+    names = {re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0] for requirement in extra}
+    imported_as = {"pillow": "PIL"}
+    assert {imported_as.get(n, n) for n in names} == set(WORKER_MODULES)
