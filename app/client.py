@@ -30,9 +30,16 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from app.schemas import Health, JobCreated, JobPublic, JobsPage, ModelPublic, ModelsPublic
+from app.schemas import (
+    FINISHED,
+    Health,
+    JobCreated,
+    JobPublic,
+    JobsPage,
+    ModelPublic,
+    ModelsPublic,
+)
 
-FINISHED = ("succeeded", "failed", "canceled")
 LONG_POLL_S = 30.0  # the most GET /jobs/{id}?wait= holds a request
 POLL_S = 0.05  # between reads when waiting for a state long polls do not wait for
 

@@ -16,15 +16,16 @@ from typing import Any
 
 from redis import Redis
 
+from app.schemas import FINISHED
+
 PREFIX = "lethe:events:"
 MAX_EVENTS = 2000  # approximate trim: a long erase's progress
 # Previews are pictures (kilobytes each, every few steps): a stream keeps the newest few,
 # enough for a late reader to see where the job is heading, so a long job with previews
 # every step does not hold megabytes in Redis.
 PREVIEWS_KEPT = 4
-TERMINAL = ("succeeded", "failed", "canceled")
 # Every event a stream may carry: ``started`` when a worker takes the job, then these.
-KINDS = ("started", "progress", "preview", *TERMINAL)
+KINDS = ("started", "progress", "preview", *FINISHED)
 
 
 def key(job_id: str) -> str:
@@ -49,14 +50,14 @@ def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
     pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAX_EVENTS,
               approximate=True)
     pipe.expire(key(job_id), ttl_s)
-    if event in TERMINAL:
+    if event in FINISHED:
         pipe.xadd(end_key(job_id), {"event": event}, maxlen=1)
         pipe.expire(end_key(job_id), ttl_s)
     added = pipe.execute()[0]
     if event == "preview":
         connection.eval(_KEEP_NEWEST, 2, key(job_id) + ":previews", key(job_id), added,
                         PREVIEWS_KEPT, ttl_s)
-    if event in TERMINAL:
+    if event in FINISHED:
         from app import metrics
 
         metrics.safely(metrics.job_ended, connection, data, ttl_s)

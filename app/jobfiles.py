@@ -23,6 +23,7 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
 from app.config import Settings
+from app.errors import ImageNotFound, JobNotFinished
 from app.storage import Storage, open_storage
 
 
@@ -159,3 +160,23 @@ def sweep(connection: Redis, settings: Settings, min_age_s: float = MIN_AGE_S) -
             continue  # queued (a retry included) or running: its files are in use
         removed.append(job_id)
     return removed
+
+
+def stored_image(settings: Settings, view: dict, index: int, field: str = ""
+                 ) -> tuple[Path, dict]:
+    """Image ``index`` of the job ``view`` (as ``GET /jobs/{id}`` shows it): its path,
+    fetched from shared storage where another host made it, and its entry. 409 before the
+    job succeeded, 404 for an index it does not have or an image no longer kept;
+    ``field`` prefixes the request's names in the messages (``source.``)."""
+    job_id = view["id"]
+    if view["status"] != "succeeded":
+        raise JobNotFinished(f"`{field}job_id` {job_id!r} is {view['status']}; a job's "
+                             "images exist once it has succeeded")
+    images = (view["result"] or {}).get("images", [])
+    if not 0 <= index < len(images):
+        raise ImageNotFound(f"`{field}index` must be between 0 and {len(images) - 1} for "
+                            f"job {job_id!r}, got {index}")
+    path = output_dir(settings, job_id) / images[index]["file"]
+    if not fetch(settings, path):
+        raise ImageNotFound(f"image {index} of job {job_id!r} is no longer stored")
+    return path, images[index]

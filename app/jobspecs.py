@@ -31,6 +31,11 @@ PRESERVE_WEIGHT = 1.0  # λ of the neighbour-holding term (worker.esd)
 DRIFT_CHECKS = 3  # neighbour drift measured this many times during training
 LORA_RANK = 4  # an erase trained as LoRA: the rank of each matrix's change
 
+# The upscalers' factor (Stability's x4 layout), and the files a reference folder's
+# images may be (POST /evaluate `reference`): read by the API's checks and the workers.
+UPSCALE_FACTOR = 4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 # An upscale's, when the upscaler's manifest says nothing (Stability's x4 card).
 UPSCALE_STEPS = 20
 UPSCALE_GUIDANCE = 0.0

@@ -17,7 +17,7 @@ from app import jobfiles, jobs
 from app import jobspecs as d
 from app.accounts import Caller
 from app.config import Settings
-from app.errors import ImageNotFound, InvalidParams, JobNotFinished, Unavailable
+from app.errors import InvalidParams, Unavailable
 from app.jobspecs import (
     RELEARN_LEARNING_RATE,
     AttackSpec,
@@ -37,7 +37,7 @@ from app.schemas import (
     UpscaleOptions,
 )
 
-SCALE = 4  # the upscalers' factor (Stability's x4 layout)
+SCALE = d.UPSCALE_FACTOR
 
 
 def _drawing_defaults(manifest: dict) -> dict[str, Any]:
@@ -236,7 +236,6 @@ def visibility(asked: Visibility | None, settings: Settings,
 # Metrics that compare with real images, and those that need the domain's classifier.
 REFERENCE_METRICS = {"fid", "precision_recall"}
 JUDGE_METRICS = {"attribute_score", "accuracy"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GENERIC = "generic"
 # What the generic domain offers (worker.domains.generic publishes the same): for a model
 # that names no domain before any worker has published.
@@ -345,7 +344,7 @@ def _check_reference(reference: str | None, info: dict, evaluator: str | None,
                             f"set `reference` to a folder name under {REFERENCES_SHOWN}")
     validate_model_id(reference, "reference")  # a plain folder name, never a path
     folder = settings.references_dir / reference
-    if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES
+    if not folder.is_dir() or not any(p.suffix.lower() in d.IMAGE_SUFFIXES
                                       for p in folder.iterdir()):
         raise InvalidParams(f"`reference` {reference!r} is not a folder of images under "
                             f"{REFERENCES_SHOWN}")
@@ -400,18 +399,8 @@ def resolve_source(source: ImageSource, redis: Redis, settings: Settings, caller
                    ) -> tuple[str, str]:
     """(input path relative to outputs/, its prompt) of a job's output image, one of
     ``caller``'s jobs (another's is not found)."""
-    job = jobs.fetch_for(redis, source.job_id, caller)
-    view = jobs.describe(job)
-    if view["status"] != "succeeded":
-        raise JobNotFinished(f"`source.job_id` {source.job_id!r} is {view['status']}; only a "
-                             "succeeded job's images can be upscaled")
-    images = (view["result"] or {}).get("images", [])
-    if not 0 <= source.index < len(images):
-        raise ImageNotFound(f"`source.index` must be between 0 and {len(images) - 1} for job "
-                            f"{source.job_id!r}, got {source.index}")
-    entry = images[source.index]
-    rel = f"{source.job_id}/{entry['file']}"
-    if not jobfiles.fetch(settings, settings.outputs_dir / rel):
-        raise ImageNotFound(f"image {source.index} of job {source.job_id!r} is no longer stored")
+    view = jobs.describe(jobs.fetch_for(redis, source.job_id, caller))
+    path, entry = jobfiles.stored_image(settings, view, source.index, "source.")
+    rel = path.relative_to(settings.outputs_dir).as_posix()
     check_input_size(entry["width"], entry["height"], settings, "source")
     return rel, (view["params"] or {}).get("prompt", "")

@@ -43,6 +43,11 @@ def _not_blank(v: str) -> str:
 Prompt = Annotated[str, AfterValidator(_not_blank)]
 
 
+# A job's states, and the three it ends in: one definition for the API, the job events the
+# workers write and the SDK.
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FINISHED: tuple[str, ...] = ("succeeded", "failed", "canceled")
+
 class _Strict(BaseModel):
     # An unknown field is a typo the user wants to hear about, not silently ignore; a value
     # of the wrong JSON type (`"steps": "3"`, `"evaluate": 0`) is refused, not coerced.
@@ -353,7 +358,7 @@ class JobPublic(BaseModel):
     id: str
     type: str
     owner: str | None = Field(None, description="The name of the key that queued it.")
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     progress: Progress | None = None
     created_at: str | None = None
     started_at: str | None = None

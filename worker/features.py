@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.params import IMAGE_SUFFIXES
+from app.jobspecs import IMAGE_SUFFIXES
 from worker.metrics import clip_score
 
 

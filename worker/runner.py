@@ -31,6 +31,7 @@ from rq.worker import WorkerStatus
 from app import events, jobfiles, jobs, logs, workers
 from app.config import Settings
 from app.queue import connect
+from app.schemas import FINISHED
 from worker.context import get_context
 from worker.defaults import ensure_default_models
 from worker.domains import register_from_setting
@@ -191,7 +192,7 @@ def _announce_end(job: Job) -> None:
     try:
         job.refresh()
         view = jobs.describe(job)
-        if view["status"] in events.TERMINAL:
+        if view["status"] in FINISHED:
             events.publish(job.connection, job.id, view["status"], view,
                            get_context().settings.result_ttl_s, job.meta)
     except (RedisError, NoSuchJobError):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.params import SCALE
+from app.jobspecs import UPSCALE_FACTOR as SCALE
 from worker.pipelines import rebuild
 
 

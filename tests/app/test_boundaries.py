@@ -30,3 +30,43 @@ def test_the_maths_and_the_job_specs_never_import_the_web_framework():
 
 def test_the_check_sees_a_module_that_is_loaded():
     assert loaded("json", ("json", "torch")) == ["json"]
+
+
+# The HTTP process's own modules: how a request becomes a job, and what answers it. A
+# worker needs none of them (it gets the typed spec), so none may be imported there.
+API_ONLY = ("app.main", "app.api", "app.params", "app.submissions", "app.idempotency",
+            "app.quotas", "app.uploads", "app.middleware", "app.openapi", "app.links",
+            "app.holds", "app.images", "app.cli", "app.serve", "app.client")
+
+
+def imports_of(path) -> set[str]:
+    """Every module a file names in an import, ``from app import x`` as ``app.x``."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_workers_import_none_of_the_http_processs_modules():
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    wrong = {f"{path.relative_to(root)}: {name}"
+             for path in sorted((root / "worker").rglob("*.py"))
+             for name in imports_of(path)
+             if any(name == m or name.startswith(m + ".") for m in API_ONLY)}
+    assert wrong == set()
+
+
+def test_the_import_check_sees_a_wrong_way_import(tmp_path):
+    wrong = tmp_path / "upscale.py"
+    wrong.write_text("from app.params import SCALE\n")
+    assert "app.params" in imports_of(wrong)
+    wrong.write_text("from app import jobfiles, params\n")
+    assert {"app.params", "app.jobfiles"} <= imports_of(wrong)

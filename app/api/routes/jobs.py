@@ -32,11 +32,12 @@ from app.api.deps import (
     SubmitterDep,
 )
 from app.config import Settings
-from app.errors import ImageNotFound, InvalidParams, JobNotFinished, shown
+from app.errors import InvalidParams, JobNotFinished, shown
 from app.openapi import errors
 from app.params import resolve_erase, resolve_evaluate, resolve_generate
 from app.queue import JOB_TYPES
 from app.schemas import (
+    FINISHED,
     EraseCreate,
     EvaluateCreate,
     GenerateCreate,
@@ -128,9 +129,6 @@ def list_jobs(redis: RedisDep, caller: CallerDep,
     found, next_cursor = jobindex.page(redis, whose, limit=limit, cursor=cursor, keep=keep)
     return JobsPage(data=[JobPublic(**jobs.describe(job)) for job in found],
                     next_cursor=next_cursor)
-
-
-FINISHED = events.TERMINAL
 
 
 def _block_s(settings: Settings) -> float:
@@ -274,20 +272,8 @@ def get_image(job_id: str, index: int, redis: RedisDep, settings: SettingsDep,
 
 
 def image_file(view: dict, settings: Settings, index: int) -> Path:
-    """Where image ``index`` of the job ``view`` is stored; 409 before the job succeeded,
-    404 for an index it does not have or an image no longer kept."""
-    job_id = view["id"]
-    if view["status"] != "succeeded":
-        raise JobNotFinished(f"job {job_id!r} is {view['status']}; images exist once it succeeded")
-    images = (view["result"] or {}).get("images", [])
-    if not 0 <= index < len(images):
-        raise ImageNotFound(
-            f"`index` must be between 0 and {len(images) - 1} for job {job_id!r}, got {index}"
-        )
-    path = jobfiles.output_dir(settings, job_id) / images[index]["file"]
-    if not jobfiles.fetch(settings, path):  # another host's, from shared storage
-        raise ImageNotFound(f"image {index} of job {job_id!r} is no longer stored")
-    return path
+    """Where image ``index`` of the job ``view`` is stored (``jobfiles.stored_image``)."""
+    return jobfiles.stored_image(settings, view, index)[0]
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic, status_code=202,
