@@ -31,6 +31,16 @@ PRESERVE_WEIGHT = 1.0  # λ of the neighbour-holding term (worker.esd)
 DRIFT_CHECKS = 3  # neighbour drift measured this many times during training
 LORA_RANK = 4  # an erase trained as LoRA: the rank of each matrix's change
 
+# What the generic domain (any Stable Diffusion model: worker.domains.generic) offers,
+# written once here: its workers publish it, and the API reads it for a model that names
+# no domain before any worker has published.
+GENERIC = "generic"
+CONCEPT_KINDS = ("object", "style", "unsafe")
+GENERIC_OFFER: dict[str, Any] = {
+    "prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
+    "judge_metrics": [], "reference": None, "preserve": True,
+    "concept_kinds": list(CONCEPT_KINDS)}
+
 # The upscalers' factor (Stability's x4 layout), and the files a reference folder's
 # images may be (POST /evaluate `reference`): read by the API's checks and the workers.
 UPSCALE_FACTOR = 4

@@ -92,13 +92,13 @@ def _domain(registry: Registry, manifest: dict) -> tuple[str | None, dict[str, A
     """A model's domain (its own, else its base's) and what the workers published about it
     (``worker.domains``: prompt sets, default metrics, judge, references, preservation)."""
     name = _lineage_value(manifest, registry, "domain")
-    info = registry.domains().get(name or GENERIC)
+    info = registry.domains().get(name or d.GENERIC)
     if info is None:
         if name is not None:
             raise Unavailable(f"model {manifest['id']!r} belongs to domain {name!r}, which no "
                               "worker has published; start a worker that knows it "
                               "(LETHE_DOMAINS)")
-        info = GENERIC_INFO  # no worker has started yet: what any model offers
+        info = d.GENERIC_OFFER  # no worker has started yet: what any model offers
     return name, info
 
 
@@ -197,7 +197,7 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
     kinds = info.get("concept_kinds") or []
     if body.concept_kind is not None and body.concept_kind not in kinds:
         raise InvalidParams(f"`concept_kind` {body.concept_kind!r} means nothing to model "
-                            f"{base_id!r}'s domain ({params['domain'] or GENERIC}), which "
+                            f"{base_id!r}'s domain ({params['domain'] or d.GENERIC}), which "
                             f"knows {kinds or 'no kinds'}")
     gen = _drawing_defaults(manifest)
     params["height"], params["width"] = gen["height"], gen["width"]
@@ -236,15 +236,6 @@ def visibility(asked: Visibility | None, settings: Settings,
 # Metrics that compare with real images, and those that need the domain's classifier.
 REFERENCE_METRICS = {"fid", "precision_recall"}
 JUDGE_METRICS = {"attribute_score", "accuracy"}
-GENERIC = "generic"
-# What the generic domain offers (worker.domains.generic publishes the same): for a model
-# that names no domain before any worker has published.
-GENERIC_INFO: dict[str, Any] = {
-    "prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
-    "judge_metrics": [], "reference": None, "preserve": True,
-    "concept_kinds": ["object", "style", "unsafe"]}
-
-
 def _lineage_value(manifest: dict, registry: Registry, key: str) -> Any:
     """``key`` from a manifest, else from its base's (an edit measures like its base)."""
     if manifest.get(key) is not None or not manifest.get("base"):
@@ -265,10 +256,10 @@ def resolve_evaluate(body: EvaluateCreate, registry: Registry, settings: Setting
     if (metrics and body.prompts is None and body.prompt_set is None
             and not info["default_prompt_set"]):
         raise InvalidParams(f"`prompts` is required for model {model_id!r}: its domain "
-                            f"({domain or GENERIC}) has no default prompt set")
+                            f"({domain or d.GENERIC}) has no default prompt set")
     if body.prompt_set is not None and body.prompt_set not in sets:
         raise InvalidParams(f"`prompt_set` {body.prompt_set!r} is not a set of model "
-                            f"{model_id!r}'s domain ({domain or GENERIC}), which has "
+                            f"{model_id!r}'s domain ({domain or d.GENERIC}), which has "
                             f"{sorted(sets) or 'none'}")
     if "clip_score" in metrics and settings.clip_model_path is None:
         raise InvalidParams("`metrics` asks for 'clip_score' but no CLIP model is configured: "

@@ -6,7 +6,7 @@ from tests.worker.test_features import clip_folder  # noqa: F401  (a fixture)
 
 
 def test_what_the_worker_publishes_is_what_its_domains_draw_and_the_api_reads(tmp_path):
-    from app.params import GENERIC_INFO
+    from app.jobspecs import GENERIC_OFFER
     from app.registry import Registry
     from worker.domains import get_domain, published
 
@@ -19,7 +19,7 @@ def test_what_the_worker_publishes_is_what_its_domains_draw_and_the_api_reads(tm
         assert facts["default_prompt_set"] in (None, *facts["prompt_sets"])
     assert info["shapes"]["prompt_sets"] == {"shapes-color": 24, "shapes-full": 72,
                                              "shapes-shape": 4}
-    assert info["generic"] == GENERIC_INFO  # the API's fallback before any worker published
+    assert info["generic"] == GENERIC_OFFER  # the API's fallback before any worker published
     registry = Registry(tmp_path)
     registry.publish_domains({"shapes": info["shapes"]})
     registry.publish_domains({"generic": info["generic"]})  # a second worker adds, keeps

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-GENERIC = "generic"
+from app.jobspecs import GENERIC
 
 # Name -> "module:Class", imported on first use.
 DOMAINS: dict[str, str] = {

@@ -20,11 +20,14 @@ Its judge, where the operator gives a CLIP folder, is CLIP zero-shot (``judge.py
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 
-KINDS = ("object", "style", "unsafe")
+from app.jobspecs import CONCEPT_KINDS, GENERIC_OFFER
+
+KINDS = CONCEPT_KINDS
 TEMPLATES = {
     "object": ("{}", "a photo of a {}", "a {}", "{} in a field", "a close-up of a {}",
                "a drawing of a {}", "an image of a {}", "a picture with a {} in it"),
@@ -58,9 +61,7 @@ class GenericDomain:
     report_protocol = 0
 
     def info(self) -> dict[str, Any]:
-        return {"prompt_sets": {}, "default_prompt_set": None, "default_metrics": ["clip_score"],
-                "judge_metrics": [], "reference": None, "preserve": True,
-                "concept_kinds": list(KINDS)}
+        return copy.deepcopy(GENERIC_OFFER)  # written once, in app.jobspecs; a copy to change
 
     def prompt_set(self, name: str) -> list[str]:
         raise KeyError(f"the generic domain has no prompt set {name!r}")
