@@ -16,7 +16,10 @@ from typing import Any
 
 from redis import Redis
 
+from app import metrics
+from app.queue import text
 from app.schemas import FINISHED
+from app.webhooks import queue_delivery
 
 PREFIX = "lethe:events:"
 MAX_EVENTS = 2000  # approximate trim: a long erase's progress
@@ -43,8 +46,6 @@ def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
     """Append ``event`` to the job's stream; the stream lives as long as the job record.
     With the job's ``job_meta``, the event also goes to its webhook if it asked for it."""
     if job_meta and job_meta.get("webhook"):
-        from app.webhooks import queue_delivery
-
         queue_delivery(connection, job_meta, job_id, event, data)
     pipe = connection.pipeline(transaction=False)
     pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAX_EVENTS,
@@ -58,8 +59,6 @@ def publish(connection: Redis, job_id: str, event: str, data: dict[str, Any],
         connection.eval(_KEEP_NEWEST, 2, key(job_id) + ":previews", key(job_id), added,
                         PREVIEWS_KEPT, ttl_s)
     if event in FINISHED:
-        from app import metrics
-
         metrics.safely(metrics.job_ended, connection, data, ttl_s)
 
 
@@ -90,11 +89,6 @@ def decode_read(found: Any) -> list[tuple[str, str, dict[str, Any]]]:
     if not found:
         return []
     return decode(next(iter(found.values())) if isinstance(found, dict) else found[0][1])
-
-
-def text(value: Any) -> str:
-    """A Redis reply's bytes as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def newest(entries: Any) -> str:

@@ -21,7 +21,7 @@ from rq.registry import StartedJobRegistry
 from app import events, webhooks
 from app.accounts import Caller
 from app.errors import JobNotFound, shown
-from app.queue import cancel_key
+from app.queue import cancel_key, text
 
 
 class JobState(str, Enum):
@@ -182,6 +182,6 @@ def _keep_newest_canceled(connection: Redis, owner: str, job_id: str, ttl_s: int
     oldest: Any = connection.zpopmin(key, excess) if excess > 0 else []
     for old_id, _ in oldest:
         try:
-            purge(connection, Job.fetch(events.text(old_id), connection=connection))
+            purge(connection, Job.fetch(text(old_id), connection=connection))
         except NoSuchJobError:
             pass

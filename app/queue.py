@@ -36,6 +36,11 @@ JOB_TYPES: dict[str, dict[str, str]] = {
 SUBMIT_WINDOW_MS = 1500
 
 
+def text(value: Any) -> str:
+    """A Redis reply's bytes as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def connect_async(url: str, timeout_s: float = 2.0, longest_block_s: float = 30.0,
                   max_connections: int | None = None) -> AsyncRedis:
     """The API's client for reads that block in Redis (``XREAD BLOCK``): a socket timeout

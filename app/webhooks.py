@@ -51,7 +51,7 @@ from redis.asyncio import Redis as AsyncRedis
 from app import metrics
 from app.accounts import ANONYMOUS
 from app.errors import InvalidParams, shown
-from app.events import text
+from app.queue import text
 
 if TYPE_CHECKING:
     from app.submissions import Submitter
