@@ -121,4 +121,8 @@ def test_erase_shows_progress_and_the_loss_then_its_report(page, live_url, shots
     page.goto(f"{live_url}/ui/#models")
     page.wait_for_selector("#models td.child")
     assert "↳ no-red-ui" in page.inner_text("#models")  # lineage: under its base
+    # Who sees it: an open service's edits are public.
+    row = page.locator("#models tr", has_text="no-red-ui").inner_text()
+    assert "every key" in row
+    page.screenshot(path=str(shots / "ui-models.png"), full_page=True)
     LetheClient(http=http).delete_model("no-red-ui")
