@@ -181,14 +181,8 @@ class Registry:
         return self._manifest(model_id).get("visibility", "public")
 
     def public_children(self, model_id: str) -> list[str]:
-        return [c for c in self.children(model_id) if self.visibility_of(c) == "public"]
-
-    def _visible(self, model_id: str) -> bool:
-        try:
-            self.get(model_id)
-        except ModelNotFound:
-            return False
-        return True
+        return [m["id"] for m in self.children(model_id)
+                if m.get("visibility", "public") == "public"]
 
     def free_id(self, stem: str) -> str:
         """``stem``, or ``stem-2``, ``stem-3``... whichever no model has yet."""
@@ -197,10 +191,10 @@ class Registry:
             name, n = f"{stem}-{n}", n + 1
         return name
 
-    def children(self, model_id: str) -> list[str]:
-        # Every key's: a base stays while anyone's edit, private or not, derives from it.
-        return [m["id"] for m in self._manifests()
-                if (m.get("base") or {}).get("id") == model_id]
+    def children(self, model_id: str) -> list[dict[str, Any]]:
+        """The manifests of the models made from ``model_id``: every key's (a base stays
+        while anyone's edit, private or not, derives from it)."""
+        return [m for m in self._manifests() if (m.get("base") or {}).get("id") == model_id]
 
     @contextmanager
     def create(self, model_id: str, manifest: dict[str, Any]) -> Iterator[Path]:
@@ -278,7 +272,7 @@ class Registry:
     def _remove_checked(self, model_id: str) -> None:
         children = self.children(model_id)
         if children:
-            shown_ids = [c for c in children if self._visible(c)]
+            shown_ids = [m["id"] for m in children if self._as_seen(m) is not None]
             hidden = len(children) - len(shown_ids)
             raise ModelProtected(
                 f"`model` {model_id!r} is the base of {shown_ids}"

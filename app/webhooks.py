@@ -140,9 +140,7 @@ async def pinned(url: str, allow: set[str], resolve: Resolve
     netloc = f"[{address}]" if ":" in address else address
     if parts.port:
         netloc += f":{parts.port}"
-    named = host if parts.port is None else f"{host}:{parts.port}"
-    if ":" in host:  # an IPv6 literal in the URL
-        named = f"[{host}]" + (f":{parts.port}" if parts.port else "")
+    named = parts.netloc.rpartition("@")[2]  # host[:port] as the URL wrote it
     return (urlunsplit(parts._replace(netloc=netloc)), {"host": named},
             {"sni_hostname": host} if https else {})
 
