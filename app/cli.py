@@ -88,6 +88,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     domain = get_domain(args.domain)
     if not hasattr(domain, "train"):
         raise SystemExit(f"domain {args.domain!r} has no models of its own to train")
+    if args.without:
+        from worker import reference
+
+        try:
+            manifest, made = reference.train(open_registry(get_settings()), domain, args.without,
+                                             seed=args.seed, threads=args.threads,
+                                             scale=args.scale)
+        except ValueError as e:
+            raise SystemExit(f"lethe train: {e}") from None
+        print(f"{manifest['id']}: {'trained' if made else 'already in the registry'} "
+              f"(the reference for {args.without!r} from {manifest['reference_for']['base']!r})")
+        return
+    if not args.out:
+        raise SystemExit("lethe train: --out is required (or --without CONCEPT)")
     trained = domain.train(Path(args.out), seed=args.seed, threads=args.threads,
                            scale=args.scale)
     for model_id, path in trained.items():
@@ -276,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a domain's own models from scratch")
     p.add_argument("domain", help="a domain that ships models of its own (worker.domains)")
-    p.add_argument("--out", required=True, help="folder for the trained model folders")
+    p.add_argument("--out", help="folder for the trained model folders")
+    p.add_argument("--without", metavar="CONCEPT",
+                   help="instead: retrain the domain's model without CONCEPT and add it to "
+                   "the registry (LETHE_HOME) as the reference its erasures are measured "
+                   "against (<base>-without-<concept>; made once, reused)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every step count and data size (0.01 for a smoke run)")

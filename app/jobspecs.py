@@ -52,8 +52,9 @@ UPSCALE_GUIDANCE = 0.0
 UPSCALE_NOISE_LEVEL = 20
 
 
-Attack = Literal["inversion", "conditioning", "relearning", "prompt_search"]
-ATTACKS: tuple[Attack, ...] = ("inversion", "conditioning", "relearning", "prompt_search")
+Attack = Literal["inversion", "conditioning", "relearning", "prompt_search", "image_inversion"]
+ATTACKS: tuple[Attack, ...] = ("inversion", "conditioning", "relearning", "prompt_search",
+                               "image_inversion")
 RELEARN_LEARNING_RATE = 1e-4  # relearning a model that records no learning rate of its own
 
 Budget = Annotated[float, Field(gt=0, le=10)]
@@ -99,6 +100,10 @@ class AttackSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     control: bool = Field(True, description="Also run every attack on the base model: the "
                           "control that shows each attack works (about half the time).")
+    reference: bool = Field(True, description="Also run them on the model retrained without "
+                            "the concept, where the registry has one (`lethe train DOMAIN "
+                            "--without CONCEPT`): the report's gap is the edit's rate less "
+                            "that model's. Its rates are kept on its manifest and reused.")
 
 
 class JobSpec(BaseModel):

@@ -212,7 +212,7 @@ class ObjectRegistry(Registry):
                 os.replace(staging / rel, blob)
                 self._stamp(blob)
 
-    def _modify(self, model_id: str, change: Callable[[dict[str, Any]], None]
+    def modify(self, model_id: str, change: Callable[[dict[str, Any]], None]
                 ) -> dict[str, Any]:
         # One writer at a time on this host; manifests change rarely (reports, a preview
         # map) and only by appending or setting fields.

@@ -225,7 +225,7 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _modify(self, model_id: str, change: Callable[[dict[str, Any]], None]
+    def modify(self, model_id: str, change: Callable[[dict[str, Any]], None]
                 ) -> dict[str, Any]:
         """Read, ``change`` in place and atomically rewrite a manifest, one writer at a time
         across processes: two reports written at once must both land (a read-modify-write
@@ -245,12 +245,12 @@ class Registry:
 
     def update_manifest(self, model_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into a manifest (metrics, reports), replacing the file atomically."""
-        return self._modify(model_id, lambda m: m.update(fields))
+        return self.modify(model_id, lambda m: m.update(fields))
 
     def add_report(self, model_id: str, report: dict[str, Any]) -> dict[str, Any]:
         """Append an evaluation report to the manifest's ``reports`` (its newest
         ``MAX_REPORTS`` kept: a manifest is read whole on every request that names it)."""
-        return self._modify(model_id, lambda m: m.update(
+        return self.modify(model_id, lambda m: m.update(
             reports=[*m.get("reports", []), report][-MAX_REPORTS:]))
 
     def remove(self, model_id: str) -> None:

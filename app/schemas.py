@@ -387,6 +387,10 @@ class ModelPublic(BaseModel):
     edit: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     defaults: dict[str, Any] | None = None
+    reference_for: dict[str, str] | None = Field(
+        None, description="Set on a model retrained without a concept (`lethe train DOMAIN "
+        "--without CONCEPT`): `{base, concept}`. Attack and erasure reports on that base's "
+        "edits give their gap to it.")
     created_at: str
     digest: str
 

@@ -16,11 +16,18 @@ found and the domain's judge says how many of those images show the concept:
   after each of ``relearn_steps`` (how cheaply does the knowledge come back?);
 - ``prompt_search``: the words nearest the concept in the text encoder's token embeddings,
   each put in the concept's place, judged on a few images; the worst few are drawn again
-  with fresh seeds, since the best of many noisy rates overstates itself.
+  with fresh seeds, since the best of many noisy rates overstates itself;
+- ``image_inversion``: no words at all. The base's own images of the concept are run
+  backwards through the attacked model's DDIM sampler to the noise it would draw them from
+  (under the empty prompt, and under the concept's prompts with the concept taken out), and
+  the model draws from that noise. "Memories of Forgotten Concepts" (Rusanovsky et al.,
+  CVPR 2025) and TINA (CVPR 2026) bring back most erased concepts this way. A model that
+  never learned the concept may redraw it too (an ODE run back and forth returns near what
+  it was given): the reference's rate (``worker.reference``) is what tells the two apart.
 
 Every attack runs on the base too, the control that says the attack itself works. Nothing
 here changes a model it is given: the inversion trains a copy of the text encoder, the
-relearning a copy of the UNet, the offset touches no weight.
+relearning a copy of the UNet, the offset and the image inversion touch no weight.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from worker.pipelines import rebuild
 from worker.prompts import replace
 
 TOKEN = "<lethe-attack-{}>"
+# The image inversion's prompts: the empty one, and the concept's with the concept taken out.
+IMAGE_PROMPTS = ("empty", "concept")
 NO_JUDGE = ("this model's domain has no judge of its own: set LETHE_CLIP_MODEL_PATH to a "
             "local CLIP folder to judge its attacks with CLIP zero-shot")
 
@@ -117,6 +126,16 @@ class Attacker:
         self.on_progress = on_progress or (lambda stage: None)
         self.device = edited.unet.device
         self._train: tuple[torch.Tensor, list[str]] | None = None
+        self._images: torch.Tensor | None = None
+
+    def on(self, edited: Any) -> Attacker:
+        """The same attacks on another model (the reference retrained without the concept),
+        learning from the same images of the base, without the control run again."""
+        other = Attacker(self.base, edited, self.concept, self.texts, self.verdict,
+                         self.cfg.model_copy(update={"control": False}), self.drawing,
+                         self.trained, lambda stage: self.on_progress(f"{stage}, reference"))
+        other._train, other._images = self._train, self._images
+        return other
 
     # Drawing and judging.
     def _seeds(self, n: int, offset: int = 0) -> list[int]:
@@ -128,9 +147,11 @@ class Attacker:
 
     def draw(self, pipe: Any, n: int, prompts: list[str] | None = None,
              embeds: torch.Tensor | None = None, offset: int = 10_000,
-             output: str = "np") -> Any:
+             output: str = "np", latents: torch.Tensor | None = None,
+             guidance: float | None = None) -> Any:
         """``n`` images (or latents) of the concept's prompts, or of ``embeds`` (one row a
-        prompt, cycled), with seeds apart from the training images'."""
+        prompt, cycled), with seeds apart from the training images' (or from ``latents``,
+        one a row, as the starting noise)."""
         from worker.pipelines import with_scheduler
 
         d, out = self.drawing, []
@@ -141,9 +162,12 @@ class Attacker:
             kwargs: dict[str, Any] = (
                 {"prompt": [prompts[j] for j in rows]} if embeds is None else
                 {"prompt_embeds": torch.stack([embeds[j % len(embeds)] for j in rows])})
+            if latents is not None:
+                kwargs["latents"] = latents[i:i + len(rows)].to(pipe.unet.dtype)
             with torch.inference_mode():
                 images = with_scheduler(pipe, "ddim")(
-                    num_inference_steps=d.steps, guidance_scale=d.guidance,
+                    num_inference_steps=d.steps,
+                    guidance_scale=d.guidance if guidance is None else guidance,
                     height=d.height, width=d.width, output_type=output,
                     generator=[torch.Generator("cpu").manual_seed(seeds[j]) for j in rows],
                     **kwargs).images
@@ -320,6 +344,27 @@ class Attacker:
         rates = [w["rate"] for w in worst if w["rate"] is not None]
         return {"tried": len(tried), "worst": worst, "rate": max(rates) if rates else None}
 
+    def _originals(self) -> torch.Tensor:
+        """The base's latents of the concept's prompts that the image inversion starts from
+        (``judge_images`` of them, seeds apart from the other attacks')."""
+        if self._images is None:
+            self._images = self.draw(self.base, self.cfg.judge_images, offset=30_000,
+                                     output="latent").float()
+        return self._images
+
+    def image_inversion(self, pipe: Any, without: str) -> float | None:
+        """The base's images of the concept inverted to noise by ``pipe`` and drawn back by
+        it, both under ``without``: "empty" (the empty prompt) or "concept" (the concept's
+        prompts with the concept taken out); the rate of what it draws."""
+        prompts = self._prompts(self.cfg.judge_images)
+        texts = ([""] * len(prompts) if without == "empty" else
+                 [replace(p, self.concept, "") or "" for p in prompts])
+        cond = self._encode(pipe, texts)
+        noise = ddim_invert(pipe, self._originals(), cond, self.drawing.steps)
+        images = self.draw(pipe, len(prompts), embeds=cond.to(pipe.unet.dtype), latents=noise,
+                           guidance=1.0)
+        return self.verdict(images)
+
     def run(self) -> dict[str, Any]:
         """Every attack of the config on the edit and on the base: the report."""
         cfg, t0 = self.cfg, time.perf_counter()
@@ -351,6 +396,13 @@ class Attacker:
             self.on_progress("relearning")
             report["relearning"] = {"edit": self.relearning(self.edited),
                                     "base": report["plain"]["base"]}
+        if "image_inversion" in cfg.attacks:
+            report["image_inversion"] = []
+            for without in IMAGE_PROMPTS:
+                self.on_progress(f"image inversion, {without} prompt")
+                report["image_inversion"].append({
+                    "prompt": without, "edit": self.image_inversion(self.edited, without),
+                    "base": control(self.image_inversion, without)})
         if "prompt_search" in cfg.attacks:
             self.on_progress("prompt search")
             report["prompt_search"] = {"edit": self.prompt_search(self.edited),
@@ -363,10 +415,14 @@ class Attacker:
 
 def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str | None,
                     classifier: Any, drawing: Drawing, trained: list[str],
-                    kind: str | None, reporter: Any) -> list[dict[str, Any]]:
+                    kind: str | None, reporter: Any,
+                    references: Any = None) -> list[dict[str, Any]]:
     """Every concept of ``spec`` attacked on ``edited`` and ``base``, judged by the judge
     of the domain ``domain_name`` around ``classifier`` (its classifier, or for the generic
-    domain the operator's CLIP model; none: every rate null), with the job's progress."""
+    domain the operator's CLIP model; none: every rate null), with the job's progress.
+
+    ``references``: where to look for the models retrained without each concept
+    (``worker.reference.References``); with one, the report has the gap to it."""
     from worker.domains import get_domain
 
     domain = get_domain(domain_name)
@@ -378,12 +434,32 @@ def attack_concepts(base: Any, edited: Any, spec: AttackSpec, domain_name: str |
             reporter.check()
             reporter.progress(i, len(concepts), f"attacking {concept!r}: {name}", force=True)
 
-        report = Attacker(base, edited, concept, domain.training_texts(concept, kind),
-                          judged(judge, concept), spec, drawing, trained,
-                          on_progress=stage).run()
+        attacker = Attacker(base, edited, concept, domain.training_texts(concept, kind),
+                            judged(judge, concept), spec, drawing, trained, on_progress=stage)
+        report = attacker.run()
+        if spec.reference and references is not None:
+            report = references.beside(report, attacker, domain)
         out.append(report | {"judge": judge_name(judge, concept)} | (
             {} if judge else {"judge_note": NO_JUDGE}))
     return out
+
+
+def ddim_invert(pipe: Any, latents: torch.Tensor, cond: torch.Tensor, steps: int
+                ) -> torch.Tensor:
+    """The noise ``pipe``'s DDIM sampler of ``steps`` steps, without guidance, would turn
+    into ``latents`` under ``cond`` (one encoding a row): the sampler's ODE run backwards
+    (diffusers' ``DDIMInverseScheduler``, the inverse of the ``ddim`` scheduler ``draw``
+    uses). Nothing of ``pipe`` changes."""
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(steps, device=latents.device)
+    x = latents.to(pipe.unet.dtype)
+    with torch.inference_mode():
+        for t in inverse.timesteps:
+            eps = pipe.unet(x, t, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
+            x = inverse.step(eps, t, x).prev_sample
+    return x.float()
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -400,7 +476,8 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
 def worst_rate(report: dict[str, Any]) -> float | None:
     """The highest rate any inference-time attack reached on the edit (relearning, which
     changes the weights, is reported apart)."""
-    rates = [r["edit"] for r in report.get("inversion", []) + report.get("conditioning", [])]
+    rates = [r["edit"] for r in report.get("inversion", []) + report.get("conditioning", [])
+             + report.get("image_inversion", [])]
     if "prompt_search" in report:
         rates.append(report["prompt_search"]["edit"]["rate"])
     rates = [r for r in rates if r is not None]

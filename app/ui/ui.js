@@ -252,6 +252,10 @@ async function erase(event) {
   }
 }
 
+// A rate as a percentage, a gap in points; "—" where the judge gave none.
+const pct = (v) => (v == null ? "—" : `${(100 * v).toFixed(0)}%`);
+const points = (v) => (v == null ? "—" : `${v >= 0 ? "+" : ""}${(100 * v).toFixed(0)} points`);
+
 async function showReport(job, box) {
   const model = await api("GET", `/models/${job.result.model}`);
   const heading = document.createElement("h3");
@@ -265,6 +269,25 @@ async function showReport(job, box) {
     const acc = Object.entries(erasure.after.accuracy || {})
       .map(([k, v]) => `${k} ${(100 * v).toFixed(0)}%`).join(", ");
     lines.push(`Accuracy after: ${acc}`);
+    // The standard: the model retrained without the concept (lethe train --without).
+    for (const [concept, ref] of Object.entries(erasure.references || {})) {
+      if (!ref.model) {
+        lines.push(`Against a model that never learned ${concept}: ${ref.note}`);
+        continue;
+      }
+      lines.push(`Against ${ref.model}, retrained without ${concept}: drawn ${
+        pct(erasure.after.accuracy[concept])} by the edit, ${pct(ref.accuracy[concept])} by the ` +
+        `reference (gap ${points(ref.gap[concept])})`);
+    }
+  }
+  for (const attack of model.attacks || []) {
+    if (attack.reference) {
+      lines.push(`Attacks on ${attack.concept}: worst ${pct(attack.worst)}, ` +
+        `worst gap to ${attack.reference.model} ${points(attack.worst_gap)}`);
+    } else if (attack.reference_note) {
+      lines.push(`Attacks on ${attack.concept}: worst ${pct(attack.worst)}; ` +
+        attack.reference_note);
+    }
   }
   const list = document.createElement("ul");
   for (const text of lines) {

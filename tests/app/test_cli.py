@@ -90,3 +90,20 @@ def test_serve_with_a_malformed_setting_stops_naming_it(monkeypatch):
         get_settings.cache_clear()
     assert str(stopped.value) == ("lethe: invalid settings:\n  LETHE_API_KEYS: LETHE_API_KEYS "
                                   "entry 1 (alice): role 'boss' is not one of ['user', 'admin']")
+
+
+def test_train_without_a_concept_adds_the_reference_once(registry, capsys):
+    # A smoke-sized recipe (0.2% of the steps and scenes): the path, not the model.
+    main(["train", "shapes", "--without", "triangle", "--scale", "0.002"])
+    assert "shapes-sd-without-triangle: trained" in capsys.readouterr().out
+    made = registry.get("shapes-sd-without-triangle")
+    assert made["reference_for"] == {"base": "shapes-sd", "concept": "triangle"}
+    assert made["domain"] == "shapes" and made["training"]["without"] == "triangle"
+    main(["train", "shapes", "--without", "triangle"])  # made once, then reused
+    assert "already in the registry" in capsys.readouterr().out
+    assert registry.get("shapes-sd-without-triangle")["digest"] == made["digest"]
+    with pytest.raises(SystemExit, match="got 'hexagon'"):
+        main(["train", "shapes", "--without", "hexagon"])
+    with pytest.raises(SystemExit, match="--out is required"):
+        main(["train", "shapes"])
+    assert [m["id"] for m in registry.models()] == ["shapes-sd-without-triangle"]

@@ -9,7 +9,7 @@ import torch
 
 from app.errors import InvalidParams
 from app.jobspecs import AttackSpec
-from worker.attacks import TOKEN, Attacker, Drawing, judged, worst_rate
+from worker.attacks import TOKEN, Attacker, Drawing, ddim_invert, judged, worst_rate
 from worker.esd import ESDConfig, ESDTrainer
 from worker.tiny import tiny_pipeline, tiny_sdxl_pipeline
 from worker.variants import build_variant
@@ -29,6 +29,11 @@ class DarkShare:
 
 @pytest.fixture(scope="module")
 def pipes():
+    return tiny_edit()
+
+
+def tiny_edit():
+    """The tiny base, its ESD edit of "red" and the parameters the edit trained."""
     base = tiny_pipeline(seed=0)
     trainer = ESDTrainer(base, ESDConfig(concepts=("red",), iterations=2, block=2))
     trainer.train()
@@ -86,10 +91,44 @@ def test_relearning_tunes_a_copy_of_the_edits_parameters(pipes):
     assert unchanged(edited, before)
 
 
+def test_the_image_inversion_changes_nothing_in_the_model(pipes):
+    base, edited, _ = pipes
+    before, base_before = snapshot(edited), snapshot(base)
+    rates = [attacker(pipes).image_inversion(edited, w) for w in ("empty", "concept")]
+    assert all(r is not None and 0.0 <= r <= 1.0 for r in rates)
+    assert unchanged(edited, before) and unchanged(base, base_before)
+
+
+def test_ddim_inversion_returns_the_noise_a_trained_model_draws_an_image_from():
+    """On the shipped shapes-sd (a trained model: the sampler's ODE is smooth enough to run
+    backwards), an image it drew, inverted to noise and drawn again, comes back."""
+    from diffusers import StableDiffusionPipeline
+
+    from worker.domains.shapes.domain import DEMO_DIR
+    from worker.esd import encode_prompts
+    from worker.pipelines import with_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO_DIR / "shapes-sd", safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    draw = with_scheduler(pipe, "ddim")
+    drawn = draw(prompt=["a red triangle"] * 2, num_inference_steps=30, guidance_scale=4.0,
+                 height=32, width=32, output_type="latent",
+                 generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    cond = encode_prompts(pipe, ["a red"] * 2)
+    noise = ddim_invert(pipe, drawn, cond, 30)
+    assert 0.8 < float(noise.std()) < 1.2  # noise-like, not the image scaled
+    again = draw(prompt_embeds=cond, latents=noise, num_inference_steps=30, guidance_scale=1.0,
+                 output_type="latent").images
+    error = float((again - drawn).abs().mean() / drawn.abs().mean())
+    assert error < 0.15, error  # 0.07 measured here
+
+
 def test_a_whole_report_on_the_edit_and_the_base(pipes):
     report = attacker(pipes).run()
     assert set(report) >= {"plain", "inversion", "conditioning", "relearning",
-                           "prompt_search", "worst", "settings"}
+                           "prompt_search", "image_inversion", "worst", "settings"}
+    assert [r["prompt"] for r in report["image_inversion"]] == ["empty", "concept"]
     assert report["conditioning"][0]["budget"] == 0.5
     assert report["prompt_search"]["edit"]["tried"] == 3  # two words and the concept twice
     assert report["worst"] == worst_rate(report)

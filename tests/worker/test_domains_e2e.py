@@ -8,24 +8,23 @@ import pytest
 from app.testing import start_worker, stop_worker
 from tests.conftest import session_registry
 from tests.support import wait_job
+from worker.defaults import TINY_MANIFEST
 
 pytestmark = pytest.mark.slow
 
 PLUGIN = "toy=tests.worker.toy_domain:ToyDomain"
+TOY_MANIFEST = {**TINY_MANIFEST, "domain": "toy", "evaluator": "toy-clf"}
 
 
 @pytest.fixture
 def toy_worker(home, worker, monkeypatch):
     """The only worker while the test runs: the session's knows no toy domain."""
-    from worker.defaults import TINY_MANIFEST
-
     registry = session_registry()
     if not registry.exists("toy-sd"):
         with registry.create("toy-clf", {"kind": "classifier", "format": "toy-classifier",
                                          "domain": "toy", "base": None}) as staging:
             (staging / "weights.txt").write_text("brightness: no weights\n")
-        registry.import_folder(registry.path("tiny-sd"), "toy-sd",
-                               {**TINY_MANIFEST, "domain": "toy", "evaluator": "toy-clf"})
+        registry.import_folder(registry.path("tiny-sd"), "toy-sd", TOY_MANIFEST)
     stop_worker(worker.proc)
     monkeypatch.setenv("LETHE_DOMAINS", PLUGIN)
     proc = start_worker("test-toy", log=home / "worker-toy.log")
@@ -53,7 +52,11 @@ def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
     r = http.post("/evaluate", json={"model": "toy-sd", "prompt_set": "shapes-color"})
     assert r.status_code == 422 and "toy-pair" in r.json()["error"]["message"]
 
-    # erase: the domain's training prompts and neighbours, and its report before and after.
+    # erase: the domain's training prompts and neighbours, and its report before and after,
+    # beside a model that never learned the concept where the registry has one.
+    if not toy_worker.exists("toy-sd-without-light"):
+        toy_worker.import_folder(toy_worker.path("tiny-sd"), "toy-sd-without-light", {
+            **TOY_MANIFEST, "reference_for": {"base": "toy-sd", "concept": "light"}})
     r = http.post("/erase", json={"base_model": "toy-sd", "concepts": ["light"],
                                   "iterations": 6, "name": "toy-no-light"})
     assert r.status_code == 202, r.text
@@ -67,6 +70,13 @@ def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
     erasure = model["metrics"]["erasure"]
     assert erasure["before"]["protocol"] == erasure["after"]["protocol"] == 1
     assert set(erasure["after"]["accuracy"]) == {"light", "dark"}
+    reference = erasure["references"]["light"]
+    assert reference["model"] == "toy-sd-without-light"
+    assert reference["gap"]["light"] == pytest.approx(
+        erasure["after"]["accuracy"]["light"] - reference["accuracy"]["light"], abs=1e-4)
+    # The reference's report is kept on it, as the base's is on the base.
+    assert "base:light" in http.get("/models/toy-sd-without-light").json()[
+        "metrics"]["erasure_baselines"]
     # The neighbour's rows, and its same-seed drift between the base and the edit.
     evidence = model["evidence"]
     assert [r["kind"] for r in evidence["rows"]] == ["erased", "erased", "neighbour"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import session_registry
 from tests.support import wait_job
+from worker.defaults import TINY_MANIFEST
 from worker.domains import get_domain
 from worker.prompts import replace
+from worker.tiny import save_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -81,4 +84,24 @@ def test_attacks_run_through_the_generic_domain_on_tiny_sd(http):
     # relearned at the edit's own step (tiny-sd's erase default), as recorded
     assert attacked["settings"]["relearn_lr"] == 1e-3
     assert http.get("/models/tiny-attacked").json()["reports"][-1]["attacks"] == [attacked]
+    # No model retrained without red: the report says so (tiny-sd's domain trains nothing).
+    assert attacked["reference"] is None and "cannot train" in attacked["reference_note"]
+    # With one in the registry, the same attacks run on it and each rate has its gap.
+    registry = session_registry()
+    with registry.create("tiny-sd-without-red", {**TINY_MANIFEST, "reference_for": {
+            "base": "tiny-sd", "concept": "red"}}) as staging:
+        save_tiny_pipeline(staging, seed=1)
+    try:
+        job = evaluate(http, model="tiny-attacked", metrics=[], steps=2, attack={
+            **small, "attacks": ["conditioning", "image_inversion"]})
+        [gapped] = job["result"]["report"]["attacks"]
+        assert gapped["reference"]["model"] == "tiny-sd-without-red"
+        assert [r["prompt"] for r in gapped["image_inversion"]] == ["empty", "concept"]
+        assert all(set(r) >= {"edit", "reference", "gap"}
+                   for r in gapped["conditioning"] + gapped["image_inversion"])
+        kept = http.get("/models/tiny-sd-without-red").json()
+        assert kept["reference_for"] == {"base": "tiny-sd", "concept": "red"}
+        assert len(kept["metrics"]["attacks"]) == 1  # kept, and reused by the next report
+    finally:
+        registry.force_remove("tiny-sd-without-red")
     assert http.delete("/models/tiny-attacked").status_code == 204

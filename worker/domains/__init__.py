@@ -83,7 +83,10 @@ class Domain(Protocol):
 
 
 # A domain may also ship models in its package: ``shipped()`` -> {id: (folder, manifest)},
-# registered at a worker's first start (worker.defaults).
+# registered at a worker's first start (worker.defaults). One that trains its own models
+# has ``train(out, ...)`` (``lethe train``), and may retrain one without a concept for the
+# erasure reports' reference (``worker.reference``): ``retrains``, the id of the model it
+# retrains, and ``train_without(concept, ...)`` -> (that id, the pipeline, its manifest).
 
 
 def register(name: str, target: str) -> None:

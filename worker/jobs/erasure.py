@@ -36,47 +36,67 @@ def drift_points(iterations: int, checks: int) -> list[int]:
                   - {0, iterations})
 
 
-def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob, base_manifest: dict,
+def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob,
                       edited: Any, reporter: Reporter) -> dict:
     """Every concept's accuracy, and FID / precision / recall on the prompts the edit should
-    leave alone, for the base (cached on its manifest), the edit, and the base with the
-    concepts as a negative prompt: the inference-time way to avoid them, which the paper
-    compares fine-tuning with."""
+    leave alone, for the base (cached on its manifest), the edit, the base with the concepts
+    as a negative prompt (the inference-time way to avoid them, which the paper compares
+    fine-tuning with) and, where the registry has one, the model retrained without each
+    concept (``worker.reference``: cached on its manifest), with the edit's gap to it."""
     from worker.domains import get_domain
+    from worker.reference import find, missing
 
     domain = get_domain(spec.domain)
     assert spec.evaluator is not None  # the API sets evaluate only with an evaluator
     clf, _ = ctx.cache.get(spec.evaluator)
-    base, _ = ctx.cache.get(spec.base_model)
     concepts = list(spec.concepts)
     negative = ", ".join(concepts)
-    metrics = base_manifest.get("metrics") or {}
 
-    def cached(kind: str, negative_prompt: str | None) -> dict:
+    def cached(model_id: str, kind: str, negative_prompt: str | None) -> dict:
         # Per set of erased concepts: the untouched prompts, and so the report, depend on it.
-        nonlocal metrics
         key = f"{kind}:{','.join(sorted(concepts))}"
-        reports = metrics.get("erasure_baselines") or {}
-        report = reports.get(key)
+        report = ((ctx.registry.get(model_id).get("metrics") or {})
+                  .get("erasure_baselines") or {}).get(key)
         if (not report or report.get("protocol") != domain.report_protocol
                 or report.get("per_prompt") != EVAL_PER_PROMPT
                 or report.get("guidance") != spec.draw_guidance):
-            report = domain.erasure_report(base, clf, concepts, EVAL_PER_PROMPT,
-                                           spec.draw_guidance, negative_prompt=negative_prompt)
-            metrics = metrics | {"erasure_baselines": reports | {key: report}}
-            ctx.registry.update_manifest(spec.base_model, metrics=metrics)
+            report = domain.erasure_report(ctx.cache.get(model_id)[0], clf, concepts,
+                                           EVAL_PER_PROMPT, spec.draw_guidance,
+                                           negative_prompt=negative_prompt)
+
+            def keep(manifest: dict) -> None:
+                metrics = manifest.get("metrics") or {}
+                manifest["metrics"] = metrics | {"erasure_baselines": (
+                    metrics.get("erasure_baselines") or {}) | {key: report}}
+            ctx.registry.modify(model_id, keep)
         return report
 
-    reporter.progress(0, 3, "evaluating", force=True)
-    before = cached("base", None)
+    found = {c: find(ctx.registry, spec.base_model, c) for c in concepts}
+    total = 3 + sum(m is not None for m in found.values())
+    reporter.progress(0, total, "evaluating", force=True)
+    before = cached(spec.base_model, "base", None)
     reporter.check()
-    reporter.progress(1, 3, "evaluating", force=True)
-    negative_baseline = cached("negative_prompt", negative)
+    reporter.progress(1, total, "evaluating", force=True)
+    negative_baseline = cached(spec.base_model, "negative_prompt", negative)
     reporter.check()
-    reporter.progress(2, 3, "evaluating", force=True)
+    reporter.progress(2, total, "evaluating", force=True)
     after = domain.erasure_report(edited, clf, concepts, EVAL_PER_PROMPT, spec.draw_guidance)
+    references: dict[str, Any] = {}
+    for concept, manifest in found.items():
+        if manifest is None:
+            references[concept] = {"model": None,
+                                   "note": missing(domain, spec.base_model, concept)}
+            continue
+        reporter.check()
+        reporter.progress(2 + len(references), total, "evaluating the reference", force=True)
+        theirs = cached(manifest["id"], "base", None)
+        references[concept] = {"model": manifest["id"], "accuracy": theirs["accuracy"],
+                               "gap": {c: round(after["accuracy"][c] - v, 4)
+                                       for c, v in theirs["accuracy"].items()
+                                       if after["accuracy"].get(c) is not None
+                                       and v is not None}}
     return {"before": before, "after": after, "negative_prompt": negative_baseline,
-            "erased": concepts}
+            "erased": concepts, "references": references}
 
 
 def _save_checkpoint(trainer: Any, drift: list[dict], path: Path) -> None:
@@ -224,7 +244,7 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     }
     if spec.evaluate and spec.evaluator:
         manifest["metrics"] = {
-            "erasure": _evaluate_erasure(ctx, spec, base_manifest, edited, reporter)}
+            "erasure": _evaluate_erasure(ctx, spec, edited, reporter)}
     grid_entry, manifest["evidence"] = _erase_evidence(ctx, spec, pipe, edited, drawing, this,
                                                        reporter)
     final = manifest["evidence"]["drift"]
@@ -245,15 +265,19 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
 
 def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,
             delta: dict[str, torch.Tensor], reporter: Reporter) -> list[dict]:
-    """The attacks asked for on the new edit, the base as the control (worker.attacks)."""
+    """The attacks asked for on the new edit, the base as the control (worker.attacks), and
+    the gap to the base's reference without each concept (worker.reference)."""
     from worker.attacks import Drawing, attack_concepts
     from worker.esd import full_delta
+    from worker.reference import References
 
     assert spec.attack is not None
     return attack_concepts(pipe, edited, spec.attack, spec.domain,
                            ctx.judge_model(spec.evaluator),
                            Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
-                           sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter)
+                           sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter,
+                           References(ctx.registry, lambda m: ctx.cache.get(m)[0],
+                                      spec.base_model))
 
 
 def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,

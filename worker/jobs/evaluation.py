@@ -48,9 +48,11 @@ def evaluate(spec: EvaluateJob, reporter: Reporter) -> dict:
 
 
 def _attacks(spec: EvaluateJob, pipe: Any, reporter: Reporter) -> list[dict]:
-    """Each erased concept attacked on the model and on its base (``worker.attacks``)."""
+    """Each erased concept attacked on the model and on its base (``worker.attacks``), and
+    on the base's reference retrained without it where there is one (``worker.reference``)."""
     from worker.attacks import Drawing, attack_concepts
     from worker.esd import full_delta
+    from worker.reference import References
     from worker.variants import load_delta
 
     assert spec.attack is not None and spec.attack_base is not None
@@ -61,4 +63,6 @@ def _attacks(spec: EvaluateJob, pipe: Any, reporter: Reporter) -> list[dict]:
                if manifest.get("format") == "delta" else [])
     return attack_concepts(base, pipe, spec.attack, spec.domain, ctx.judge_model(spec.evaluator),
                            Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width),
-                           trained, (manifest.get("edit") or {}).get("concept_kind"), reporter)
+                           trained, (manifest.get("edit") or {}).get("concept_kind"), reporter,
+                           References(ctx.registry, lambda m: ctx.cache.get(m)[0],
+                                      spec.attack_base))

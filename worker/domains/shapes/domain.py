@@ -132,6 +132,30 @@ class ShapesDomain:
         cfg = DemoConfig(seed=seed, threads=threads)
         return train_demo(out, cfg.scaled(scale) if scale != 1.0 else cfg)
 
+    retrains = "shapes-sd"  # the model train_without makes a reference of
+
+    def train_without(self, concept: str, seed: int = 0, threads: int = 0, scale: float = 1.0,
+                      log: Any = print) -> tuple[str, Any, dict[str, Any]]:
+        """``lethe train shapes --without CONCEPT``: ``shapes-sd``'s recipe with every scene
+        of ``concept`` dropped, on its shipped VAE and tokenizer (``retrained``); the base's
+        id, the pipeline, and the manifest it is served with (the base's own, less its
+        source)."""
+        from diffusers import StableDiffusionPipeline
+
+        from worker.domains.shapes.retrained import MODEL, retrain
+
+        if concept not in SHAPES and concept not in COLORS:
+            raise ValueError(f"`--without` must be a shape {list(SHAPES)} or a colour "
+                             f"{list(COLORS)}, got {concept!r}")
+        from worker.domains.shapes.train import DemoConfig
+
+        shipped = StableDiffusionPipeline.from_pretrained(
+            DEMO_DIR / MODEL, torch_dtype=torch.float32, safety_checker=None,
+            requires_safety_checker=False)
+        cfg = DemoConfig(seed=seed, threads=threads, n_hires=16)  # 128 px: the upscaler's
+        pipe = retrain(shipped, concept, cfg.scaled(scale) if scale != 1.0 else cfg, log)
+        return MODEL, pipe, {k: v for k, v in DEMO_MANIFESTS[MODEL].items() if k != "source"}
+
     def shipped(self) -> dict[str, tuple[Path, dict[str, Any]]]:
         """The trained models in this package, with their manifests, for first start."""
         quality = DEMO_DIR / "quality.json"
