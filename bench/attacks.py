@@ -48,6 +48,12 @@ METHODS: dict[str, dict[str, Any]] = {
                                          "iterations": 400, "anchor": "neighbour"},
     "esd-x robust, neighbour anchor": {"method": "esd-x", "robust": True,
                                        "anchor": "neighbour"},
+    # Distilled from the model retrained without the concept (``lethe train --without``):
+    # θ learns that model's prediction for each trained prompt instead of ESD's target.
+    "to the reference": {"to_reference": True},
+    "to the reference, robust": {"to_reference": True, "robust": True},
+    "esd-u to the reference, robust": {"method": "esd-u", "to_reference": True,
+                                       "robust": True, "iterations": 400},
 }
 # The attacks' settings: the service's defaults but the smallest budget and half the
 # searched words (the table's run time); the budget the acceptance bar names (1.0) stays.
@@ -81,14 +87,22 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     from worker.esd import ESDTrainer, full_delta
     from worker.evidence import Drawing
     from worker.jobs.erasure import esd_config
+    from worker.reference import References, find
     from worker.variants import build_variant
 
+    fields = dict(fields)
+    to_reference = fields.pop("to_reference", False)
     spec = erase_spec(ctx.registry, ctx.settings, model, concept, fields, smoke)
     base, _ = ctx.cache.get(model)
     clf = ctx.judge_model(spec.evaluator)
     domain = get_domain(spec.domain)
+    found = find(ctx.registry, model, concept) if to_reference else None
+    if to_reference and found is None:
+        raise SystemExit(f"{name!r} erases to the model retrained without {concept!r}: "
+                         f"make it first (lethe train --without {concept})")
     t0 = time.perf_counter()
-    trainer = ESDTrainer(base, esd_config(spec))
+    trainer = ESDTrainer(base, esd_config(spec),
+                         reference=ctx.cache.get(found["id"])[0] if found else None)
     trainer.train()
     seconds = time.perf_counter() - t0
     delta = trainer.delta()
@@ -100,14 +114,18 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     judge = domain.judge(clf, spec.concept_kind)
     cfg = AttackSpec(**{**attack_options, "control": control,
                         "relearn_lr": spec.learning_rate})
-    attacks = Attacker(base, edited, concept, domain.training_texts(concept, spec.concept_kind),
-                       judged(judge, concept), cfg,
-                       AttackDrawing(spec.draw_guidance, spec.draw_steps, spec.height,
-                                     spec.width),
-                       trained=sorted(full_delta(base.unet, delta))).run()
+    attacker = Attacker(base, edited, concept,
+                        domain.training_texts(concept, spec.concept_kind), judged(judge, concept),
+                        cfg, AttackDrawing(spec.draw_guidance, spec.draw_steps, spec.height,
+                                           spec.width),
+                        trained=sorted(full_delta(base.unet, delta)))
+    # Beside the model retrained without the concept where the registry has one (its
+    # rates kept on its manifest: measured once for every method).
+    attacks = References(ctx.registry, lambda m: ctx.cache.get(m)[0], model).beside(
+        attacker.run(), attacker, domain)
     settings = {k: getattr(spec, k) for k in (
         "method", "iterations", "learning_rate", "negative_guidance", "preserve_weight",
-        "robust", "anchor")}
+        "robust", "anchor")} | ({"target": found["id"]} if found else {})
     return {"concept": concept, "method": name, "settings": settings,
             "train_s": round(seconds, 1), "report": report,
             "neighbours": domain.neighbours(concept, [concept], spec.concept_kind),
@@ -128,6 +146,32 @@ def base_report(ctx: Any, model: str, concept: str, per_prompt: int) -> dict[str
         manifest["defaults"]["guidance_scale"])
 
 
+def reference_report(ctx: Any, model: str, concept: str, per_prompt: int
+                     ) -> dict[str, Any] | None:
+    """The erasure report (where the model has an evaluator) and same-seed drift of
+    ``model`` retrained without ``concept`` (``lethe train --without``), where the registry
+    has it: the column the edits should match."""
+    from worker.domains import get_domain
+    from worker.evidence import Drawing
+    from worker.reference import find
+
+    found = find(ctx.registry, model, concept)
+    if found is None:
+        return None
+    manifest = ctx.registry.get(model)
+    domain = get_domain(manifest.get("domain"))
+    pipe, base = ctx.cache.get(found["id"])[0], ctx.cache.get(model)[0]
+    d = manifest["defaults"]
+    drift = Drawing(base, domain, [concept], d["guidance_scale"], d["steps"],
+                    (d["height"], d["width"])).drift(pipe) or {}
+    report = None
+    if manifest.get("evaluator"):
+        report = domain.erasure_report(pipe, ctx.cache.get(manifest["evaluator"])[0], [concept],
+                                       per_prompt, d["guidance_scale"])
+    return {"id": found["id"], "train_s": (found.get("training") or {}).get("seconds"),
+            "report": report, "drift": {"psnr": drift.get("psnr"), "ssim": drift.get("ssim")}}
+
+
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.1f}%"
 
@@ -136,8 +180,28 @@ def num(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[str]:
-    """One concept's markdown table: a column per method, the base first."""
+def points(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:+.1f}"
+
+
+def as_edit(report: dict[str, Any]) -> dict[str, Any]:
+    """An attack report with its reference's rates in the edit's place (the reference's
+    column reads as any edit's does)."""
+    out = {"plain": {"edit": report["plain"]["reference"]}}
+    for name in ("inversion", "conditioning", "image_inversion"):
+        if name in report:
+            out[name] = [r | {"edit": r["reference"]} for r in report[name]]
+    if "relearning" in report and "reference" in report["relearning"]:
+        out["relearning"] = {"edit": report["relearning"]["reference"]}
+    if "prompt_search" in report:
+        out["prompt_search"] = {"edit": report["prompt_search"]["reference"]}
+    return out
+
+
+def table(concept: str, base: dict | None, rows: list[dict[str, Any]],
+          reference: dict | None = None) -> list[str]:
+    """One concept's markdown table: a column per method, the base first and the model
+    retrained without the concept next (where there is one), each method's gap to it."""
     control = rows[0]["attacks"]  # the first method's run attacked the base too
 
     def accuracy(report: dict | None, of: list[str]) -> float | None:
@@ -155,9 +219,11 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[s
             out[f"inversion, {run['tokens']} token(s)"] = pct(run[who])
         for run in a.get("conditioning", []):
             out[f"conditioning, budget {run['budget']}"] = pct(run[who])
-        if who == "edit":  # the base has nothing to relearn
-            for run in (a.get("relearning") or {}).get("edit") or []:
-                out[f"relearning, {run['steps']} steps"] = pct(run["rate"])
+        for run in a.get("image_inversion", []):
+            out[f"image inversion, {run['prompt']} prompt"] = pct(run[who])
+        relearned = (a.get("relearning") or {}).get(who) if who != "base" else None
+        for run in relearned or []:  # the base has nothing to relearn
+            out[f"relearning, {run['steps']} steps"] = pct(run["rate"])
         if "prompt_search" in a:
             found = a["prompt_search"][who]
             if isinstance(found, dict):  # the edit's: which words did worst
@@ -166,6 +232,14 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[s
             else:
                 out["prompt search, worst"] = pct(found)
         return out
+
+    def gaps(a: dict[str, Any]) -> dict[str, str]:
+        if not a.get("reference"):
+            return {}
+        half = (a.get("relearning") or {}).get("steps_to_half") or {}
+        return {"**worst gap to the reference (points)**": points(a.get("worst_gap")),
+                "relearning: steps to 50% (edit / reference)":
+                    f"{half.get('edit') or '–'} / {half.get('reference') or '–'}"}
 
     neighbours = rows[0]["neighbours"]
     columns: list[tuple[str, dict[str, str]]] = [("base", {
@@ -178,6 +252,19 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[s
         "FID on kept prompts (floor)": f"{num(kept(base, 'fid'))} "
                                        f"({num(kept(base, 'fid_floor'))})",
     } | attack(control, "base"))]
+    if reference is not None and control.get("reference"):
+        rep = reference["report"]
+        columns.append((f"never saw it ({reference['id']})", {
+            "training time (s)": num(reference["train_s"], 0),
+            "erased concept's accuracy": pct(accuracy(rep, [concept])),
+            "… on its long prompts": pct(((rep or {}).get("accuracy_full_prompts") or {})
+                                         .get(concept)),
+            "neighbours' accuracy (mean)": pct(accuracy(rep, neighbours)),
+            "neighbours' drift PSNR (dB) / SSIM": f"{num(reference['drift']['psnr'], 1)} / "
+                                                  f"{num(reference['drift']['ssim'], 3)}",
+            "FID on kept prompts (floor)": num(kept(rep, "fid")),
+        } | attack(as_edit(control), "edit")
+          | {"**worst inference-time attack**": pct(control["reference"]["worst"])}))
     for r in rows:
         rep, a = r["report"], r["attacks"]
         columns.append((r["method"], {
@@ -189,7 +276,8 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]]) -> list[s
             "neighbours' drift PSNR (dB) / SSIM": f"{num(r['drift']['psnr'], 1)} / "
                                                   f"{num(r['drift']['ssim'], 3)}",
             "FID on kept prompts (floor)": num(kept(rep, "fid")),
-        } | attack(a, "edit") | {"**worst inference-time attack**": pct(a.get("worst"))}))
+        } | attack(a, "edit") | {"**worst inference-time attack**": pct(a.get("worst"))}
+          | gaps(a)))
     figures = list(dict.fromkeys(k for _, col in columns for k in col))
     lines = [f"| '{concept}' | " + " | ".join(name for name, _ in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
@@ -232,7 +320,8 @@ def run(model: str, concepts: list[str], methods: list[str], attack_options: dic
             rows.append(row)
             if on_row:
                 on_row(row)
-        lines += table(concept, base_report(ctx, model, concept, per_prompt), rows)
+        lines += table(concept, base_report(ctx, model, concept, per_prompt), rows,
+                       reference_report(ctx, model, concept, per_prompt))
     return lines
 
 

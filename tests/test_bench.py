@@ -35,19 +35,32 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
 
 
 def test_the_attack_table_runs_each_method_as_a_job_would(tmp_path):
+    from app.registry import Registry
+    from worker.defaults import TINY_MANIFEST
+    from worker.tiny import save_tiny_pipeline
+
+    # A model "retrained without red" (another seed's tiny model: the path, not the numbers).
+    with Registry(tmp_path / "registry").create("tiny-sd-without-red", {
+            **TINY_MANIFEST, "reference_for": {"base": "tiny-sd", "concept": "red"}}) as staging:
+        save_tiny_pipeline(staging, seed=1)
     out = tmp_path / "attacks.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
     proc = subprocess.run([sys.executable, "-m", "bench.attacks", "--smoke", "--model", "tiny-sd",
                            "--concepts", "red", "--methods", "default", "esd-x robust",
-                           "--out", str(out)], cwd=ROOT, env=env | {"LETHE_HOME": str(tmp_path)},
+                           "to the reference", "--out", str(out)], cwd=ROOT,
+                          env=env | {"LETHE_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "| 'red' | base | default | esd-x robust |" in text
+    assert ("| 'red' | base | never saw it (tiny-sd-without-red) | default | esd-x robust | "
+            "to the reference |") in text
     # resolved as POST /erase resolves them: tiny-sd's default is plain esd-x
     assert "default: method esd-x, iterations 2" in text and "robust False" in text
     assert "esd-x robust: method esd-x, iterations 2" in text and "robust True" in text
+    assert "target tiny-sd-without-red" in text  # distilled from the reference
     assert "| **worst inference-time attack** |" in text  # every attack ran
+    assert "| **worst gap to the reference (points)** |" in text
+    assert "| image inversion, empty prompt |" in text
 
 
 def test_reach_says_how_far_the_conditioning_budgets_go(tmp_path):

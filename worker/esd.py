@@ -238,8 +238,13 @@ def encode_conditioning(pipe: Any, prompts: list[str]
 class ESDTrainer:
     """Train a copy of ``pipe.unet`` to forget ``cfg.concepts``; ``pipe`` itself is unchanged."""
 
-    def __init__(self, pipe: Any, cfg: ESDConfig):
+    def __init__(self, pipe: Any, cfg: ESDConfig, reference: Any = None):
         self.pipe, self.cfg = pipe, cfg
+        # The model retrained without the concept (``worker.reference``): given, θ learns its
+        # prediction for c_from instead of ESD's target (the edit erases to what a model
+        # that never saw the concept draws; its text encoder encodes its own prompts).
+        self.reference = reference
+        self._ref_emb: dict[str, torch.Tensor] = {}
         self.frozen: UNet2DConditionModel = pipe.unet  # θ*: never written to
         if cfg.parameterization not in PARAMETERIZATIONS:
             raise InvalidParams(f"`parameterization` must be one of {list(PARAMETERIZATIONS)}, "
@@ -393,13 +398,32 @@ class ESDTrainer:
                  for j, r in enumerate(rows) for r_i in range(len(r))]
         eps = self._teacher(x[owner], ts[owner], [e for r in rows for e in r]).split(
             [len(r) for r in rows])
+        taught = self._reference_targets(x[:n], ts[:n], [self._from(p) for p in prompts])
         out: list[Sample] = []
         for j, e in enumerate(eps):
-            target = esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
+            target = (esd_target(e[0:1], e[1:2], e[2:3], cfg.negative_guidance)
+                      if taught is None else taught[j:j + 1])
             keep_x = x[own_x[j]:own_x[j] + 1] if j in own_x else None
             out.append((x[j:j + 1], ts[j:j + 1], target, e[3:4] if len(e) > 3 else None,
                         keep_x, e[2:3]))
         return out
+
+    @torch.no_grad()
+    def _reference_targets(self, x: torch.Tensor, t: torch.Tensor, texts: list[str]
+                           ) -> torch.Tensor | None:
+        """The reference's predictions for rows of (x, t, prompt), its own encoder's
+        encodings; None without a reference."""
+        ref = self.reference
+        if ref is None:
+            return None
+        new = [t_ for t_ in dict.fromkeys(texts) if t_ not in self._ref_emb]
+        if new:
+            self._ref_emb.update(zip(new, encode_prompts(ref, new), strict=True))
+        step = self.max_rows
+        return torch.cat([ref.unet(x[i:i + step].to(ref.unet.dtype), t[i:i + step],
+                                   encoder_hidden_states=torch.stack(
+                                       [self._ref_emb[s] for s in texts[i:i + step]])).sample
+                          for i in range(0, len(x), step)]).to(self.dtype)
 
     def _search_offsets(self, samples: list[Sample], first: int) -> None:
         """Robust training's adversary: for each c_from text of the block, the offset on its

@@ -145,7 +145,8 @@ def compare(edit: dict[str, Any], reference: dict[str, Any], model_id: str) -> d
             "steps_to_half": {"edit": steps_to_half(mine), "reference": steps_to_half(theirs)}}
     known = [g for g in gaps if g is not None]
     out["worst_gap"] = max(known) if known else None
-    out["reference"] = {"model": model_id, "reused": reference.get("reused", False),
+    out["reference"] = {"model": model_id, "worst": reference.get("worst"),
+                        "reused": reference.get("reused", False),
                         "seconds": reference.get("seconds")}
     return out
 
