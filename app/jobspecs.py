@@ -178,8 +178,9 @@ class EraseJob(JobSpec):
     lora_rank: int = LORA_RANK
     robust: bool = False
     visibility: Visibility = "public"
-    anchor: Literal["without", "neighbour"] = "without"
+    anchor: Literal["without", "neighbour", "reference"] = "without"
     anchor_concept: str | None = None
+    reference: str | None = None  # anchor "reference": the model retrained without it
 
 
 class EvaluateJob(JobSpec):

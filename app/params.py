@@ -120,10 +120,23 @@ def _resolve_preserve(body: EraseCreate, domain: str | None, info: dict, base_id
     return known if body.preserve is None else body.preserve
 
 
-def _resolve_anchor(body: EraseCreate, defaults: dict, info: dict) -> str:
+def _resolve_anchor(body: EraseCreate, defaults: dict, info: dict,
+                    reference: dict | None) -> str:
     """The request's anchor (``anchor_concept`` implies neighbour), else the model's where
-    a neighbour is known, else "without"."""
+    it can be had (a neighbour known; the ``reference`` retrained without the concept, for
+    one concept), else "without"."""
     asked = body.anchor or ("neighbour" if body.anchor_concept else None)
+    if asked == "reference" and (reference is None or len(body.concepts) != 1):
+        raise InvalidParams(
+            f"`anchor` 'reference' teaches the edit what the model retrained without the "
+            f"concept draws: it erases one concept of a model that has one (`lethe train "
+            f"DOMAIN --without CONCEPT`), got concepts {body.concepts} on "
+            f"{body.base_model or 'the default model'!r}, which has "
+            f"{'one' if reference else 'none'}")
+    if asked is None and defaults.get("anchor") == "reference":
+        if reference is not None and len(body.concepts) == 1:
+            return "reference"
+        defaults = {k: v for k, v in defaults.items() if k != "anchor"}
     if body.anchor_concept is not None:
         if asked != "neighbour":
             raise InvalidParams(f"`anchor_concept` {body.anchor_concept!r} is the neighbour "
@@ -188,11 +201,14 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         params["robust"] = bool(defaults.get("robust", False))
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
-    params["anchor"] = _resolve_anchor(body, defaults, info)
+    reference = registry.reference_for(base_id, body.concepts[0]) if body.concepts else None
+    params["anchor"] = _resolve_anchor(body, defaults, info, reference)
+    params["reference"] = reference["id"] if params["anchor"] == "reference" and reference \
+        else None
     if body.negative_guidance is None:
         # A neighbour anchor is the drawing wanted in the concept's place: nothing to steer
         # away from beyond it.
-        params["negative_guidance"] = 0.0 if params["anchor"] == "neighbour" else (
+        params["negative_guidance"] = 0.0 if params["anchor"] in ("neighbour", "reference") else (
             defaults.get("negative_guidance", d.ERASE_NEGATIVE_GUIDANCE))
     kinds = info.get("concept_kinds") or []
     if body.concept_kind is not None and body.concept_kind not in kinds:

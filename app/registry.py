@@ -191,6 +191,13 @@ class Registry:
             name, n = f"{stem}-{n}", n + 1
         return name
 
+    def reference_for(self, base: str, concept: str) -> dict[str, Any] | None:
+        """The manifest of the model retrained from ``base``'s recipe without ``concept``
+        (``lethe train DOMAIN --without CONCEPT``: the standard its erasures are measured
+        against, ``worker.reference``), None where there is none."""
+        wanted = {"base": base, "concept": concept}
+        return next((m for m in self.models() if m.get("reference_for") == wanted), None)
+
     def children(self, model_id: str) -> list[dict[str, Any]]:
         """The manifests of the models made from ``model_id``: every key's (a base stays
         while anyone's edit, private or not, derives from it)."""

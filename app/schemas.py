@@ -246,14 +246,16 @@ class EraseCreate(_Hooked):
         "stay): a delta of kilobytes. esd-x and esd-x-strict only.")
     lora_rank: int = Field(LORA_RANK, ge=1, le=256, description="The rank of each matrix's "
                            "change with `parameterization` lora.")
-    anchor: Literal["without", "neighbour"] | None = Field(
+    anchor: Literal["without", "neighbour", "reference"] | None = Field(
         None, description="What each trained prompt is steered to. without: the prompt "
         "without the concept, moved away from it by η (ESD). neighbour: the same prompt "
         "with a neighbouring concept in its place (`anchor_concept`), so the "
         "concept's prompts draw that neighbour instead, as in concept ablation (Kumari et al., "
         "ICCV 2023); η 0 unless asked. Needs varied train_prompts and a neighbour: "
-        "`anchor_concept`, preserve_prompts, or a domain that knows neighbours. "
-        "Default: the model's `erase_defaults` where a neighbour is known, else without.")
+        "`anchor_concept`, preserve_prompts, or a domain that knows neighbours. reference: "
+        "what the model retrained without the concept draws for each prompt (`lethe train "
+        "DOMAIN --without CONCEPT`; one concept a job). Default: the model's "
+        "`erase_defaults` where it can be had, else without.")
     anchor_concept: Concept | None = Field(
         None, description="The neighbour drawn in the erased concept's place in every "
         "prompt (\"orange\" for \"red\"); implies anchor neighbour. Default: the "

@@ -50,9 +50,9 @@ METHODS: dict[str, dict[str, Any]] = {
                                        "anchor": "neighbour"},
     # Distilled from the model retrained without the concept (``lethe train --without``):
     # θ learns that model's prediction for each trained prompt instead of ESD's target.
-    "to the reference": {"to_reference": True},
-    "to the reference, robust": {"to_reference": True, "robust": True},
-    "esd-u to the reference, robust": {"method": "esd-u", "to_reference": True,
+    "to the reference": {"anchor": "reference"},
+    "to the reference, robust": {"anchor": "reference", "robust": True},
+    "esd-u to the reference, robust": {"method": "esd-u", "anchor": "reference",
                                        "robust": True, "iterations": 400},
 }
 # The attacks' settings: the service's defaults but the smallest budget and half the
@@ -87,22 +87,16 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     from worker.esd import ESDTrainer, full_delta
     from worker.evidence import Drawing
     from worker.jobs.erasure import esd_config
-    from worker.reference import References, find
+    from worker.reference import References
     from worker.variants import build_variant
 
-    fields = dict(fields)
-    to_reference = fields.pop("to_reference", False)
     spec = erase_spec(ctx.registry, ctx.settings, model, concept, fields, smoke)
     base, _ = ctx.cache.get(model)
     clf = ctx.judge_model(spec.evaluator)
     domain = get_domain(spec.domain)
-    found = find(ctx.registry, model, concept) if to_reference else None
-    if to_reference and found is None:
-        raise SystemExit(f"{name!r} erases to the model retrained without {concept!r}: "
-                         f"make it first (lethe train --without {concept})")
     t0 = time.perf_counter()
-    trainer = ESDTrainer(base, esd_config(spec),
-                         reference=ctx.cache.get(found["id"])[0] if found else None)
+    trainer = ESDTrainer(base, esd_config(spec), reference=ctx.cache.get(spec.reference)[0]
+                         if spec.reference else None)
     trainer.train()
     seconds = time.perf_counter() - t0
     delta = trainer.delta()
@@ -125,7 +119,7 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
         attacker.run(), attacker, domain)
     settings = {k: getattr(spec, k) for k in (
         "method", "iterations", "learning_rate", "negative_guidance", "preserve_weight",
-        "robust", "anchor")} | ({"target": found["id"]} if found else {})
+        "robust", "anchor")} | ({"target": spec.reference} if spec.reference else {})
     return {"concept": concept, "method": name, "settings": settings,
             "train_s": round(seconds, 1), "report": report,
             "neighbours": domain.neighbours(concept, [concept], spec.concept_kind),
@@ -153,9 +147,7 @@ def reference_report(ctx: Any, model: str, concept: str, per_prompt: int
     has it: the column the edits should match."""
     from worker.domains import get_domain
     from worker.evidence import Drawing
-    from worker.reference import find
-
-    found = find(ctx.registry, model, concept)
+    found = ctx.registry.reference_for(model, concept)
     if found is None:
         return None
     manifest = ctx.registry.get(model)

@@ -42,7 +42,7 @@ def train(registry: Registry, domain: Any, concept: str, seed: int = 0, threads:
     if not hasattr(domain, "train_without"):
         raise ValueError(f"the domain {domain.name!r} does not train its models, so it cannot "
                          f"retrain one without {concept!r}")
-    made = find(registry, domain.retrains, concept)
+    made = registry.reference_for(domain.retrains, concept)
     if made is not None:
         return made, False
     t0 = time.perf_counter()
@@ -54,12 +54,6 @@ def train(registry: Registry, domain: Any, concept: str, seed: int = 0, threads:
                          "scale": scale, "without": concept}}) as staging:
         save_pipeline(pipe, staging)
     return registry.get(reference_id(base, concept)), True
-
-
-def find(registry: Registry, base: str, concept: str) -> dict[str, Any] | None:
-    """The manifest of the model retrained from ``base``'s recipe without ``concept``."""
-    wanted = {"base": base, "concept": concept}
-    return next((m for m in registry.models() if m.get("reference_for") == wanted), None)
 
 
 def missing(domain: Any, base: str, concept: str) -> str:
@@ -161,7 +155,7 @@ class References:
     def beside(self, report: dict[str, Any], attacker: Any, domain: Any) -> dict[str, Any]:
         """``report`` (``attacker``'s on the edit) with the gap to the reference for its
         concept, or a note saying there is none and how to make one."""
-        found = find(self.registry, self.base, attacker.concept)
+        found = self.registry.reference_for(self.base, attacker.concept)
         if found is None:
             return report | {"reference": None,
                              "reference_note": missing(domain, self.base, attacker.concept)}

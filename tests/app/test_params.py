@@ -96,3 +96,25 @@ def test_a_neighbour_anchor_needs_a_neighbour_and_steers_no_further(registry, tm
     spec = erase(registry, tmp_path, base_model="tuned-sd", method="esd-all",
                  train_prompts="plain")
     assert (spec.anchor, spec.negative_guidance) == ("without", 2.0)
+
+
+def test_a_reference_anchor_needs_the_model_retrained_without_the_concept(registry, tmp_path):
+    with pytest.raises(InvalidParams, match="`anchor` 'reference' .* got concepts \\['red'\\] "
+                                            "on 'tuned-sd', which has none"):
+        erase(registry, tmp_path, base_model="tuned-sd", anchor="reference")
+    with registry.create("tuned-sd-without-red", {
+            "kind": "text-to-image", "format": "diffusers", "base": None,
+            "reference_for": {"base": "tuned-sd", "concept": "red"}}):
+        pass
+    spec = erase(registry, tmp_path, base_model="tuned-sd", anchor="reference")
+    assert (spec.anchor, spec.reference, spec.negative_guidance) == (
+        "reference", "tuned-sd-without-red", 0.0)
+    with pytest.raises(InvalidParams, match="one concept of a model that has one"):
+        resolve_erase(EraseCreate(concepts=["red", "blue"], base_model="tuned-sd",
+                                  anchor="reference"), registry, Settings(home=tmp_path))
+    # As a model's default: taken where there is a reference, else ESD's own anchor.
+    registry.update_manifest("tuned-sd", erase_defaults=ERASE_DEFAULTS | {"anchor": "reference"})
+    assert erase(registry, tmp_path, base_model="tuned-sd").reference == "tuned-sd-without-red"
+    spec = resolve_erase(EraseCreate(concepts=["blue"], base_model="tuned-sd"), registry,
+                         Settings(home=tmp_path))
+    assert (spec.anchor, spec.reference, spec.negative_guidance) == ("without", None, 2.0)

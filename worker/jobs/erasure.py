@@ -44,7 +44,7 @@ def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob,
     fine-tuning with) and, where the registry has one, the model retrained without each
     concept (``worker.reference``: cached on its manifest), with the edit's gap to it."""
     from worker.domains import get_domain
-    from worker.reference import find, missing
+    from worker.reference import missing
 
     domain = get_domain(spec.domain)
     assert spec.evaluator is not None  # the API sets evaluate only with an evaluator
@@ -71,7 +71,7 @@ def _evaluate_erasure(ctx: WorkerContext, spec: EraseJob,
             ctx.registry.modify(model_id, keep)
         return report
 
-    found = {c: find(ctx.registry, spec.base_model, c) for c in concepts}
+    found = {c: ctx.registry.reference_for(spec.base_model, c) for c in concepts}
     total = 3 + sum(m is not None for m in found.values())
     reporter.progress(0, total, "evaluating", force=True)
     before = cached(spec.base_model, "base", None)
@@ -132,7 +132,7 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
         "method", "concepts", "iterations", "learning_rate", "negative_guidance",
         "erase_from", "seed", "ddim_steps", "start_guidance", "train_prompts", "preserve",
         "preserve_weight", "concept_kind", "preserve_prompts", "parameterization", "robust",
-        "anchor", "anchor_concept"})
+        "anchor", "anchor_concept", "reference"})
     if spec.parameterization == "lora":
         edit["lora_rank"] = spec.lora_rank
     edit["prompts"] = [{"prompt": p.prompt, "anchor": p.anchor}
@@ -181,7 +181,9 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     pipe, _ = ctx.cache.get(spec.base_model)
     cfg = esd_config(spec)
     prompts = cfg.prompts
-    trainer = ESDTrainer(pipe, cfg)
+    # anchor "reference": the model retrained without the concept teaches the edit.
+    trainer = ESDTrainer(pipe, cfg, reference=ctx.cache.get(spec.reference)[0]
+                         if spec.reference else None)
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
     resumed_from = None
     drift: list[dict] = []  # the neighbours' drift at each check during training
