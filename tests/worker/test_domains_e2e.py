@@ -83,3 +83,14 @@ def test_a_plugin_domain_serves_evaluate_and_erase(http, toy_worker):
     assert evidence["drift"]["prompts"] == ["a dark scene"]
     assert evidence["drift"]["psnr"] > 0 and -1 <= evidence["drift"]["ssim"] <= 1
     assert http.delete("/models/toy-no-light").status_code == 204
+    # Taught by that reference instead of ESD's target (anchor "reference").
+    r = http.post("/erase", json={"base_model": "toy-sd", "concepts": ["light"], "iterations": 4,
+                                  "anchor": "reference", "name": "toy-to-reference",
+                                  "evaluate": False})
+    assert r.status_code == 202, r.text
+    job = wait_job(http, r.json()["id"], timeout_s=300)
+    assert job["status"] == "succeeded", job
+    edit = http.get("/models/toy-to-reference").json()["edit"]
+    assert (edit["anchor"], edit["reference"], edit["negative_guidance"]) == (
+        "reference", "toy-sd-without-light", 0.0)
+    assert http.delete("/models/toy-to-reference").status_code == 204
