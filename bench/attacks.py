@@ -234,6 +234,19 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]],
                     f"{half.get('edit') or '–'} / {half.get('reference') or '–'}"}
 
     neighbours = rows[0]["neighbours"]
+
+    def drawn(r: dict[str, Any]) -> dict[str, str]:
+        """How a trained model (a method's edit, the reference) draws without attack."""
+        rep = r["report"]
+        return {"training time (s)": num(r["train_s"], 0),
+                "erased concept's accuracy": pct(accuracy(rep, [concept])),
+                "… on its long prompts": pct(((rep or {}).get("accuracy_full_prompts") or {})
+                                             .get(concept)),
+                "neighbours' accuracy (mean)": pct(accuracy(rep, neighbours)),
+                "neighbours' drift PSNR (dB) / SSIM": f"{num(r['drift']['psnr'], 1)} / "
+                                                      f"{num(r['drift']['ssim'], 3)}",
+                "FID on kept prompts (floor)": num(kept(rep, "fid"))}
+
     columns: list[tuple[str, dict[str, str]]] = [("base", {
         "training time (s)": "–",
         "erased concept's accuracy": pct(accuracy(base, [concept])),
@@ -245,31 +258,14 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]],
                                        f"({num(kept(base, 'fid_floor'))})",
     } | attack(control, "base"))]
     if reference is not None and control.get("reference"):
-        rep = reference["report"]
-        columns.append((f"never saw it ({reference['id']})", {
-            "training time (s)": num(reference["train_s"], 0),
-            "erased concept's accuracy": pct(accuracy(rep, [concept])),
-            "… on its long prompts": pct(((rep or {}).get("accuracy_full_prompts") or {})
-                                         .get(concept)),
-            "neighbours' accuracy (mean)": pct(accuracy(rep, neighbours)),
-            "neighbours' drift PSNR (dB) / SSIM": f"{num(reference['drift']['psnr'], 1)} / "
-                                                  f"{num(reference['drift']['ssim'], 3)}",
-            "FID on kept prompts (floor)": num(kept(rep, "fid")),
-        } | attack(as_edit(control), "edit")
-          | {"**worst inference-time attack**": pct(control["reference"]["worst"])}))
+        columns.append((f"never saw it ({reference['id']})", drawn(reference)
+                        | attack(as_edit(control), "edit")
+                        | {"**worst inference-time attack**":
+                           pct(control["reference"]["worst"])}))
     for r in rows:
-        rep, a = r["report"], r["attacks"]
-        columns.append((r["method"], {
-            "training time (s)": f"{r['train_s']:.0f}",
-            "erased concept's accuracy": pct(accuracy(rep, [concept])),
-            "… on its long prompts": pct(((rep or {}).get("accuracy_full_prompts") or {})
-                                         .get(concept)),
-            "neighbours' accuracy (mean)": pct(accuracy(rep, neighbours)),
-            "neighbours' drift PSNR (dB) / SSIM": f"{num(r['drift']['psnr'], 1)} / "
-                                                  f"{num(r['drift']['ssim'], 3)}",
-            "FID on kept prompts (floor)": num(kept(rep, "fid")),
-        } | attack(a, "edit") | {"**worst inference-time attack**": pct(a.get("worst"))}
-          | gaps(a)))
+        a = r["attacks"]
+        columns.append((r["method"], drawn(r) | attack(a, "edit")
+                        | {"**worst inference-time attack**": pct(a.get("worst"))} | gaps(a)))
     figures = list(dict.fromkeys(k for _, col in columns for k in col))
     lines = [f"| '{concept}' | " + " | ".join(name for name, _ in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
@@ -392,9 +388,13 @@ def main() -> None:
     lines = run(args.model, args.concepts, args.methods, options,
                 1 if args.smoke else args.per_prompt, args.smoke,
                 on_row=lambda row: print(json.dumps(row), flush=True))
-    text = "\n".join(lines)
-    if args.out:
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out)
+
+
+def emit(text: str, out: Path | None) -> None:
+    """A bench's markdown: to ``out``, or to stdout."""
+    if out:
+        out.write_text(text)
     else:
         print(text)
 

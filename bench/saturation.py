@@ -95,7 +95,7 @@ def table(points: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
-    from bench.attacks import METHODS
+    from bench.attacks import METHODS, emit
 
     parser = argparse.ArgumentParser(prog="python -m bench.saturation")
     parser.add_argument("--model", default="shapes-sd")
@@ -111,11 +111,7 @@ def main() -> None:
         print(f"{time.strftime('%H:%M:%S')} bench.saturation: {concept}", file=sys.stderr,
               flush=True)
         points += run(args.model, concept, args.method, args.knobs)
-    text = "\n".join(table(points))
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+    emit("\n".join(table(points)), args.out)
 
 
 if __name__ == "__main__":
