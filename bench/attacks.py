@@ -3,6 +3,7 @@
     python -m bench.attacks [--model shapes-sd] [--concepts triangle red] [--out F]
                             [--methods default esd-x ...] [--attack-options JSON] [--smoke]
     python -m bench.attacks --reach [--model shapes-sd] [--concepts triangle red]
+    python -m bench.attacks --train-only REPEATS [--methods ...]
 
 Each method is resolved as ``POST /erase`` resolves it (the model's ``erase_defaults`` and
 their ``by_method`` settings; "esd-x robust" is esd-x with ``"robust": true``) and trained
@@ -13,6 +14,9 @@ the neighbours' same-seed drift against the base, and every attack of ``worker.a
 judged by the domain's judge, the base attacked once per concept as the control. The
 markdown table goes to ``--out`` (default: stdout), one JSON line per edit to stdout.
 ``--smoke`` proves the path on tiny settings (numbers that mean nothing).
+
+``--train-only`` trains each method and attacks nothing: its training time, the best of a few
+runs one after the other in this process, as a ratio to the default's.
 
 ``--reach`` trains nothing: it says how far the conditioning attack's budgets reach in the
 text encoder's output — each neighbour's and the empty prompt's encodings, and the domain's
@@ -277,6 +281,35 @@ def table(concept: str, base: dict | None, rows: list[dict[str, Any]],
     return lines + ["", f"Settings ({concept}): {settings}. Judge: {control['judge']}.", ""]
 
 
+def timings(model: str, concepts: list[str], methods: list[str], repeats: int) -> list[str]:
+    """The ``--train-only`` table: each method's training time alone, one after the other in
+    this process (the best of ``repeats``), and its ratio to the default's."""
+    from worker.context import get_context
+    from worker.defaults import ensure_default_models
+    from worker.esd import ESDTrainer
+    from worker.jobs.erasure import esd_config
+
+    ctx = get_context()
+    ensure_default_models(ctx.registry)
+    base, _ = ctx.cache.get(model)
+    lines = ["| concept | method | training (s), best of "
+             f"{repeats} | × the default's |", "| --- | --- | --- | --- |"]
+    for concept in concepts:
+        seconds: dict[str, float] = {}
+        for name in ["default", *(m for m in methods if m != "default")]:
+            spec = erase_spec(ctx.registry, ctx.settings, model, concept, METHODS[name], False)
+            reference = ctx.cache.get(spec.reference)[0] if spec.reference else None
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                ESDTrainer(base, esd_config(spec), reference=reference).train()
+                best = min(best, time.perf_counter() - t0)
+            seconds[name] = best
+            lines.append(f"| {concept} | {name} | {best:.1f} | "
+                         f"{best / seconds['default']:.2f} |")
+    return lines
+
+
 def run(model: str, concepts: list[str], methods: list[str], attack_options: dict[str, Any],
         per_prompt: int, smoke: bool, on_row: Any = None) -> list[str]:
     """The section: a table per concept."""
@@ -375,6 +408,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reach", action="store_true",
                         help="train nothing: how far the conditioning budgets reach")
+    parser.add_argument("--train-only", type=int, metavar="REPEATS", default=0,
+                        help="only time each method's training (the best of REPEATS runs)")
     args = parser.parse_args()
     if "LETHE_HOME" not in os.environ:  # a registry of its own, the demo models in it
         os.environ["LETHE_HOME"] = tempfile.mkdtemp(prefix="lethe-bench-attacks-")
@@ -382,6 +417,10 @@ def main() -> None:
         from app.jobspecs import AttackSpec
 
         print("\n".join(reach(args.model, args.concepts, AttackSpec().budgets)))
+        return
+    if args.train_only:
+        emit("\n".join(timings(args.model, args.concepts, args.methods, args.train_only)),
+             args.out)
         return
     options = args.attack_options if args.attack_options is not None else (
         SMOKE_ATTACKS if args.smoke else ATTACK_OPTIONS)
