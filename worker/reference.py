@@ -61,28 +61,28 @@ def missing(domain: Any, base: str, concept: str) -> str:
     if not hasattr(domain, "train_without"):
         return (f"no model retrained without {concept!r}: the domain {domain.name!r} cannot "
                 f"train its models, so the gap to one that never learned it is not measured")
-    return (f"no model retrained without {concept!r} from {base!r}'s recipe, so the gap to "
+    return (f"no model retrained without {concept!r} from the recipe of {base!r}, so the gap to "
             f"one that never learned it is not measured: make one with `lethe train "
             f"{domain.name} --without {concept}` (it is kept and reused)")
 
 
-def attack_key(attacker: Any) -> str:
+def attack_key(attacker: Any, base_digest: str | None) -> str:
     """The settings an attack report on a reference depends on, as one digest: the attacks'
     own (less which concepts and models they run on), the drawing, the parameters relearning
-    tunes, the concept and its prompts."""
+    tunes, the concept and its prompts, and the base whose images the attacks learn from."""
     settings = attacker.cfg.model_dump(exclude={"concepts", "control", "reference"})
     text = json.dumps({"attacks": settings, "drawing": asdict(attacker.drawing),
                        "trained": attacker.trained, "concept": attacker.concept,
-                       "prompts": attacker.texts}, sort_keys=True)
+                       "prompts": attacker.texts, "base": base_digest}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def attacked(registry: Registry, model_id: str, load: Callable[[str], Any], attacker: Any
-             ) -> dict[str, Any]:
+def attacked(registry: Registry, model_id: str, load: Callable[[str], Any], attacker: Any,
+             base_digest: str | None = None) -> dict[str, Any]:
     """``attacker``'s attacks run on the reference ``model_id`` (loaded by ``load``; no
     control: the base was the edit's), or the report kept from an earlier run with the same
     settings."""
-    key = attack_key(attacker)
+    key = attack_key(attacker, base_digest)
     kept = ((registry.get(model_id).get("metrics") or {}).get("attacks") or {}).get(key)
     if kept is not None:
         return kept | {"reused": True}
@@ -159,5 +159,7 @@ class References:
         if found is None:
             return report | {"reference": None,
                              "reference_note": missing(domain, self.base, attacker.concept)}
-        theirs = attacked(self.registry, found["id"], self.load, attacker)
+        base_digest = (self.registry.get(self.base) if self.registry.exists(self.base)
+                       else {}).get("digest")
+        theirs = attacked(self.registry, found["id"], self.load, attacker, base_digest)
         return compare(report, theirs, found["id"])
