@@ -201,7 +201,10 @@ def resolve_erase(body: EraseCreate, registry: Registry, settings: Settings) -> 
         params["robust"] = bool(defaults.get("robust", False))
     params["domain"], info = _domain(registry, manifest)  # prompt forms, neighbours
     params["preserve"] = _resolve_preserve(body, params["domain"], info, base_id)
-    reference = registry.reference_for(base_id, body.concepts[0]) if body.concepts else None
+    # Read every manifest only where a reference anchor is asked for or is the default.
+    wanted = body.anchor == "reference" or (body.anchor is None and body.anchor_concept is None
+                                            and defaults.get("anchor") == "reference")
+    reference = registry.reference_for(base_id, body.concepts[0]) if wanted else None
     params["anchor"] = _resolve_anchor(body, defaults, info, reference)
     params["reference"] = reference["id"] if params["anchor"] == "reference" and reference \
         else None

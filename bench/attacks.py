@@ -7,7 +7,7 @@
 
 Each method is resolved as ``POST /erase`` resolves it (the model's ``erase_defaults`` and
 their ``by_method`` settings; "esd-x robust" is esd-x with ``"robust": true``) and trained
-as an erase job trains it (``worker.jobs.erasure.esd_config``), one after the other in this
+as an erase job trains it (``worker.jobs.erasure.esd_trainer``), one after the other in this
 process. Then, per edit: the model's erasure report (the erased concept's accuracy on its
 plain and its long prompts, its neighbours', FID on the prompts naming no erased concept),
 the neighbours' same-seed drift against the base, and every attack of ``worker.attacks``
@@ -88,9 +88,9 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     from worker.attacks import Attacker, judge_name, judged
     from worker.attacks import Drawing as AttackDrawing
     from worker.domains import get_domain
-    from worker.esd import ESDTrainer, full_delta
+    from worker.esd import full_delta
     from worker.evidence import Drawing
-    from worker.jobs.erasure import esd_config
+    from worker.jobs.erasure import esd_trainer
     from worker.reference import References
     from worker.variants import build_variant
 
@@ -99,8 +99,7 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
     clf = ctx.judge_model(spec.evaluator)
     domain = get_domain(spec.domain)
     t0 = time.perf_counter()
-    trainer = ESDTrainer(base, esd_config(spec), reference=ctx.cache.get(spec.reference)[0]
-                         if spec.reference else None)
+    trainer = esd_trainer(ctx, spec, base)
     trainer.train()
     seconds = time.perf_counter() - t0
     delta = trainer.delta()
@@ -119,8 +118,7 @@ def measure(ctx: Any, model: str, concept: str, name: str, fields: dict[str, Any
                         trained=sorted(full_delta(base.unet, delta)))
     # Beside the model retrained without the concept where the registry has one (its
     # rates kept on its manifest: measured once for every method).
-    attacks = References(ctx.registry, lambda m: ctx.cache.get(m)[0], model).beside(
-        attacker.run(), attacker, domain)
+    attacks = References.in_context(ctx, model).beside(attacker.run(), attacker, domain)
     settings = {k: getattr(spec, k) for k in (
         "method", "iterations", "learning_rate", "negative_guidance", "preserve_weight",
         "robust", "anchor")} | ({"target": spec.reference} if spec.reference else {})
@@ -286,8 +284,7 @@ def timings(model: str, concepts: list[str], methods: list[str], repeats: int) -
     this process (the best of ``repeats``), and its ratio to the default's."""
     from worker.context import get_context
     from worker.defaults import ensure_default_models
-    from worker.esd import ESDTrainer
-    from worker.jobs.erasure import esd_config
+    from worker.jobs.erasure import esd_trainer
 
     ctx = get_context()
     ensure_default_models(ctx.registry)
@@ -298,11 +295,12 @@ def timings(model: str, concepts: list[str], methods: list[str], repeats: int) -
         seconds: dict[str, float] = {}
         for name in ["default", *(m for m in methods if m != "default")]:
             spec = erase_spec(ctx.registry, ctx.settings, model, concept, METHODS[name], False)
-            reference = ctx.cache.get(spec.reference)[0] if spec.reference else None
+            if spec.reference:
+                ctx.cache.get(spec.reference)  # loaded before the clock starts
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                ESDTrainer(base, esd_config(spec), reference=reference).train()
+                esd_trainer(ctx, spec, base).train()
                 best = min(best, time.perf_counter() - t0)
             seconds[name] = best
             lines.append(f"| {concept} | {name} | {best:.1f} | "

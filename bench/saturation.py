@@ -50,15 +50,14 @@ def run(model: str, concept: str, method: str, knobs: list[str], per_knob: Any =
     from worker.context import get_context
     from worker.defaults import ensure_default_models
     from worker.domains import get_domain
-    from worker.esd import ESDTrainer
-    from worker.jobs.erasure import esd_config
+    from worker.jobs.erasure import esd_trainer
     from worker.variants import build_variant
 
     ctx = get_context()
     ensure_default_models(ctx.registry)
     spec = erase_spec(ctx.registry, ctx.settings, model, concept, METHODS[method], False)
     base, _ = ctx.cache.get(model)
-    trainer = ESDTrainer(base, esd_config(spec))
+    trainer = esd_trainer(ctx, spec, base)
     trainer.train()
     edited = build_variant(base, trainer.delta(), model).pipe
     domain = get_domain(spec.domain)

@@ -152,6 +152,11 @@ class References:
     def __init__(self, registry: Registry, load: Callable[[str], Any], base: str):
         self.registry, self.load, self.base = registry, load, base
 
+    @classmethod
+    def in_context(cls, ctx: Any, base: str) -> References:
+        """``base``'s references as a worker finds them: its registry and pipeline cache."""
+        return cls(ctx.registry, lambda model_id: ctx.cache.get(model_id)[0], base)
+
     def beside(self, report: dict[str, Any], attacker: Any, domain: Any) -> dict[str, Any]:
         """``report`` (``attacker``'s on the edit) with the gap to the reference for its
         concept, or a note saying there is none and how to make one."""

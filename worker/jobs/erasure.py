@@ -141,6 +141,16 @@ def _edit_record(spec: EraseJob, prompts: tuple) -> dict[str, Any]:
     return edit | {"algorithm": "ESD (Gandikota et al., ICCV 2023)"}
 
 
+def esd_trainer(ctx: WorkerContext, spec: EraseJob, pipe: Any) -> Any:
+    """The trainer an erase job runs: ``spec``'s settings (``esd_config``) on ``pipe``, taught
+    by the model retrained without the concept for anchor "reference". bench.attacks trains
+    each method through it."""
+    from worker.esd import ESDTrainer
+
+    return ESDTrainer(pipe, esd_config(spec), reference=ctx.cache.get(spec.reference)[0]
+                      if spec.reference else None)
+
+
 def esd_config(spec: EraseJob) -> Any:
     """How an erase job trains: ``spec``'s ESD settings and prompts, with the job's
     sampling (``worker.esd.JOB_SAMPLING``). bench.attacks trains each method through it."""
@@ -166,7 +176,6 @@ def esd_config(spec: EraseJob) -> Any:
 def erase(spec: EraseJob, reporter: Reporter) -> dict:
     """ESD fine-tune of ``base_model`` that writes model ``name`` (a UNet delta)."""
     from worker.domains import get_domain
-    from worker.esd import ESDTrainer
     from worker.evidence import Drawing
     from worker.variants import build_variant
 
@@ -179,11 +188,8 @@ def erase(spec: EraseJob, reporter: Reporter) -> dict:
     total = spec.iterations
     reporter.progress(0, total, "loading", force=True)
     pipe, _ = ctx.cache.get(spec.base_model)
-    cfg = esd_config(spec)
-    prompts = cfg.prompts
-    # anchor "reference": the model retrained without the concept teaches the edit.
-    trainer = ESDTrainer(pipe, cfg, reference=ctx.cache.get(spec.reference)[0]
-                         if spec.reference else None)
+    trainer = esd_trainer(ctx, spec, pipe)
+    prompts = trainer.cfg.prompts
     ckpt = jobfiles.checkpoint_path(ctx.settings, this)
     resumed_from = None
     drift: list[dict] = []  # the neighbours' drift at each check during training
@@ -278,8 +284,7 @@ def _attack(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,
                            ctx.judge_model(spec.evaluator),
                            Drawing(spec.draw_guidance, spec.draw_steps, spec.height, spec.width),
                            sorted(full_delta(pipe.unet, delta)), spec.concept_kind, reporter,
-                           References(ctx.registry, lambda m: ctx.cache.get(m)[0],
-                                      spec.base_model))
+                           References.in_context(ctx, spec.base_model))
 
 
 def _erase_evidence(ctx: WorkerContext, spec: EraseJob, pipe: Any, edited: Any,

@@ -64,5 +64,4 @@ def _attacks(spec: EvaluateJob, pipe: Any, reporter: Reporter) -> list[dict]:
     return attack_concepts(base, pipe, spec.attack, spec.domain, ctx.judge_model(spec.evaluator),
                            Drawing(spec.guidance_scale, spec.steps, spec.height, spec.width),
                            trained, (manifest.get("edit") or {}).get("concept_kind"), reporter,
-                           References(ctx.registry, lambda m: ctx.cache.get(m)[0],
-                                      spec.attack_base))
+                           References.in_context(ctx, spec.attack_base))
